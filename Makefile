@@ -1,0 +1,49 @@
+# The whole pipeline, and the C runner's builds.
+#   make demo    install, write the offline corpus, train a tokenizer and a small model on
+#                the CPU, and print a story (a few minutes)
+#   make test    the test suite
+#   make run     build ./run (then: ./run out/model.bin)
+PYTHON ?= python3
+CC ?= gcc
+TORCH ?= torch==2.13.0
+VOCAB ?= 1024
+
+# the demo model: small enough to train on a laptop CPU in about five minutes
+DEMO_DATA = --dataset=synth --vocab_size=$(VOCAB)
+DEMO_MODEL = --dim=128 --n_layers=4 --n_heads=4 --n_kv_heads=2 --max_seq_len=256
+DEMO_TRAIN = $(DEMO_DATA) $(DEMO_MODEL) --device=cpu --compile=False --batch_size=32 \
+	--gradient_accumulation_steps=1 --learning_rate=2e-3 --min_lr=2e-4 --warmup_iters=50 \
+	--max_iters=600 --eval_interval=200 --eval_iters=20 --log_interval=20
+
+.PHONY: install demo test testc bench fuzz clean
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH)
+	$(PYTHON) -m pip install -q -r requirements.txt
+
+demo: install
+	$(PYTHON) preprocess.py synth
+	$(PYTHON) preprocess.py train_vocab $(DEMO_DATA)
+	$(PYTHON) preprocess.py pretokenize $(DEMO_DATA)
+	$(PYTHON) train.py $(DEMO_TRAIN) --out_dir=out
+	$(PYTHON) sample.py --checkpoint=out/ckpt.pt --device=cpu --start="Once upon a time" --temperature=0.8
+
+test:
+	$(PYTHON) -m pytest -q -rs test_all.py
+
+# ---------------------------------------------------------------------------
+# run.c
+run: run.c
+	$(CC) -O3 -o run run.c -lm
+
+runfast: run.c
+	$(CC) -Ofast -o run run.c -lm
+
+runomp: run.c
+	$(CC) -Ofast -fopenmp -march=native -o run run.c -lm
+
+rundebug: run.c
+	$(CC) -g -O0 -o run run.c -lm
+
+clean:
+	rm -f run runasan

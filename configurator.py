@@ -1,0 +1,95 @@
+"""
+Command-line overrides for scripts whose config is a block of plain globals
+(nanoGPT's configurator.py, made strict). Usage inside a script:
+
+    batch_size = 32          # every knob is a module-level global with a default
+    ...
+    config = configure(globals())   # parses sys.argv, returns the resolved config dict
+
+Arguments are `--key=value` (the value is parsed as a Python literal, else kept as a
+string), `--key` alone for a boolean set to True, or a path to a Python file whose
+top-level assignments are applied the same way. Unlike nanoGPT's exec() version, an
+unknown key or a value of the wrong type stops the program with one line that names it,
+instead of silently creating a new variable nobody reads.
+"""
+
+import ast
+import difflib
+import sys
+
+CONFIG_TYPES = (int, float, bool, str)
+
+
+def config_keys(g):
+    """The globals that are knobs: lowercase names bound to int/float/bool/str."""
+    return [k for k, v in g.items()
+            if not k.startswith('_') and k.islower() and type(v) in CONFIG_TYPES]
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def coerce(key, value, default):
+    """Return value converted to the type of default, or stop with a message."""
+    want = type(default)
+    if want is bool and str(value).lower() in ('true', 'false'):
+        return str(value).lower() == 'true'
+    if want is float and type(value) is int:
+        return float(value)
+    if want is str and type(value) is not str:
+        return str(value)       # --start=42 is the string "42" when start is a string knob
+    if type(value) is not want:
+        fail(f"--{key}={value!r}: expected {want.__name__} (default {default!r}), "
+             f"got {type(value).__name__}")
+    return value
+
+
+def parse_value(s):
+    try:
+        return ast.literal_eval(s)
+    except (ValueError, SyntaxError):
+        return s  # a bare word such as --device=cpu is a string
+
+
+def configure(g, argv=None, positional=0):
+    """Apply overrides from argv to the globals dict g. Returns (config, positionals):
+    config is {key: value} for every knob, positionals the first `positional` non-flag
+    arguments (e.g. the STAGE of preprocess.py), which are not treated as config files."""
+    argv = sys.argv[1:] if argv is None else argv
+    keys = config_keys(g)
+    positionals = []
+
+    def apply(key, value):
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            fail(f"unknown option --{key}{hint}; valid options: "
+                 + " ".join(f"--{k}" for k in sorted(keys)))
+        g[key] = coerce(key, value, g[key])
+
+    for arg in argv:
+        if arg.startswith('--'):
+            key, eq, val = arg[2:].partition('=')
+            key = key.replace('-', '_')
+            if not eq:
+                if key in keys and type(g[key]) is not bool:
+                    fail(f"--{key} needs a value: --{key}=...")
+                apply(key, True)
+            else:
+                apply(key, parse_value(val))
+        elif len(positionals) < positional:
+            positionals.append(arg)
+        else:
+            # a config file, nanoGPT style: plain Python assignments
+            try:
+                src = open(arg).read()
+            except OSError as e:
+                fail(f"cannot read config file {arg}: {e.strerror}")
+            scope = {}
+            exec(compile(src, arg, 'exec'), {}, scope)
+            for key, value in scope.items():
+                if not key.startswith('_'):
+                    apply(key, value)
+    return {k: g[k] for k in keys}, positionals

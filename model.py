@@ -1,0 +1,288 @@
+"""
+A Llama 2 decoder, as in llama2.c: RMSNorm, rotary position embeddings (RoPE),
+grouped-query attention, a SwiGLU feed-forward, tied input/output embeddings, and a
+key/value cache so generation costs one token's work per step.
+
+The parameter names are llama2.c's (tok_embeddings, layers.N.attention.wq, ...), so its
+tools and ours read the same checkpoints. This file imports nothing of ours.
+"""
+
+import math
+import pickle
+import zipfile
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 288
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 4        # < n_heads: grouped-query attention, a smaller KV cache
+    vocab_size: int = 4096
+    hidden_dim: int = 0        # 0: derived from dim and multiple_of, as in Llama
+    multiple_of: int = 32      # the feed-forward width is rounded up to a multiple of this
+    norm_eps: float = 1e-5
+    max_seq_len: int = 256
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if not self.n_kv_heads:
+            self.n_kv_heads = self.n_heads
+        if not self.hidden_dim:  # 4*dim, times 2/3 because SwiGLU has three matrices
+            h = int(2 * 4 * self.dim / 3)
+            self.hidden_dim = self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+        assert self.dim % self.n_heads == 0, "n_heads must divide dim"
+        assert self.n_heads % self.n_kv_heads == 0, "n_kv_heads must divide n_heads"
+        assert (self.dim // self.n_heads) % 2 == 0, "RoPE needs an even head_dim"
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 even under bf16 autocast: the mean of squares needs range
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def precompute_freqs(head_dim, end, theta=10000.0):
+    """cos and sin of the rotation angle pos * theta^(-2i/head_dim): (end, head_dim/2)"""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(end).float(), freqs)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rotary_emb(x, freqs_cos, freqs_sin):
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its position's angle,
+    as llama2.c's run.c does. x (B, T, H, head_dim), freqs (T, head_dim/2)."""
+    xr, xi = x.float().reshape(x.shape[:-1] + (-1, 2)).unbind(-1)  # (B, T, H, head_dim/2)
+    cos, sin = freqs_cos[None, :, None, :], freqs_sin[None, :, None, :]
+    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).flatten(3)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.resid_dropout = nn.Dropout(args.dropout)
+        self.dropout = args.dropout
+
+    def forward(self, x, freqs_cos, freqs_sin, cache=None, start_pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, freqs_cos, freqs_sin), apply_rotary_emb(k, freqs_cos, freqs_sin)
+        if cache is not None:  # write this step's keys/values, attend over all so far
+            cache_k, cache_v = cache  # (B, max_len, n_kv_heads, head_dim)
+            cache_k[:B, start_pos:start_pos + T] = k
+            cache_v[:B, start_pos:start_pos + T] = v
+            k, v = cache_k[:B, :start_pos + T], cache_v[:B, :start_pos + T]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T or S, head_dim)
+        S = k.size(2)
+        mask = None
+        if T > 1 and S > T:  # a new block after cached tokens: causal, shifted by S - T
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        # flash attention on CUDA; enable_gqa lets n_heads/n_kv_heads query heads share a
+        # key/value head without materialising repeated copies
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T),
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_heads != self.n_kv_heads)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x):  # SwiGLU: a gate (silu(w1 x)) times a value (w3 x)
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, freqs_cos, freqs_sin, cache=None, start_pos=0):
+        h = x + self.attention(self.attention_norm(x), freqs_cos, freqs_sin, cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class Transformer(nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        self.params = params
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        self.dropout = nn.Dropout(params.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, params.norm_eps)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        # tied weights: the classifier reuses the embedding table (fewer parameters,
+        # and llama2.c's file format stores the shared matrix once)
+        self.tok_embeddings.weight = self.output.weight
+        cos, sin = precompute_freqs(params.dim // params.n_heads, params.max_seq_len)
+        self.register_buffer("freqs_cos", cos, persistent=False)
+        self.register_buffer("freqs_sin", sin, persistent=False)
+        self.cache = None
+        self.apply(self._init_weights)
+        # the two projections that write into the residual stream get a smaller init, so
+        # the stream's variance does not grow with depth (GPT-2's scaled init)
+        for name, p in self.named_parameters():
+            if name.endswith('wo.weight') or name.endswith('w2.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * params.n_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens, targets=None, start_pos=None):
+        """tokens (B, T). With targets (B, T): all logits and the mean cross-entropy over
+        targets that are not -1. Without: logits of the last position only, (B, 1, V).
+        With start_pos (after init_cache): tokens sit at positions start_pos.. and the
+        keys/values of earlier positions come from the cache."""
+        B, T = tokens.shape
+        pos = start_pos or 0
+        if pos + T > self.params.max_seq_len:
+            raise ValueError(f"positions {pos}..{pos + T - 1} exceed max_seq_len "
+                             f"{self.params.max_seq_len}")
+        h = self.dropout(self.tok_embeddings(tokens))
+        cos, sin = self.freqs_cos[pos:pos + T], self.freqs_sin[pos:pos + T]
+        for i, layer in enumerate(self.layers):
+            cache = self.cache[i] if start_pos is not None else None
+            h = layer(h, cos, sin, cache, pos)
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h[:, [-1], :]), None
+        logits = self.output(h)
+        # a mean over the counted targets; clamp so a row with nothing to learn gives 0
+        n = (targets != -1).sum().clamp(min=1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                               ignore_index=-1, reduction='sum') / n
+        return logits, loss
+
+    def init_cache(self, batch_size, max_len=None):
+        """Allocate one (keys, values) buffer pair per layer: (B, max_len, n_kv_heads, head_dim)."""
+        p = self.params
+        max_len = min(max_len or p.max_seq_len, p.max_seq_len)
+        w = self.output.weight
+        shape = (batch_size, max_len, p.n_kv_heads, p.dim // p.n_heads)
+        self.cache = [(torch.zeros(shape, dtype=w.dtype, device=w.device),
+                       torch.zeros(shape, dtype=w.dtype, device=w.device)) for _ in self.layers]
+
+    # -------------------------------------------------------------------------
+    # training helpers
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # decay the 2-D weights (matmuls, embeddings); not the norms' gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                                 fused=device_type == 'cuda')
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+        """Model FLOPs utilization: achieved FLOP/s over peak_flops (PaLM, appendix B)."""
+        N = sum(p.numel() for p in self.parameters())
+        p = self.params
+        L, H, Q, T = p.n_layers, p.n_heads, p.dim // p.n_heads, p.max_seq_len
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    @torch.inference_mode()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=0.0,
+                 stop_id=None, generator=None):
+        """Continue idx (B, T) by up to max_new_tokens tokens (fewer if the context fills
+        up), with the KV cache: the prompt is processed in one pass, then one token per
+        step. temperature 0 is greedy. stop_id: an id or a set of ids; generation ends
+        when every row has produced one (rows that stopped are padded with it)."""
+        B, T = idx.shape
+        stops = {stop_id} if isinstance(stop_id, int) else set(stop_id or ())
+        max_new_tokens = min(max_new_tokens, self.params.max_seq_len - T)
+        self.init_cache(B, T + max_new_tokens)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        logits, _ = self(idx, start_pos=0)
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if stops:
+                pad = next(iter(stops))
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                done |= torch.isin(nxt, torch.tensor(sorted(stops), device=idx.device))
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            if stops and bool(done.all()) or step == max_new_tokens - 1:
+                break
+            logits, _ = self(nxt[:, None], start_pos=T + step)
+        self.cache = None
+        return idx
+
+
+def sample_next(logits, temperature, top_k=0, top_p=0.0, generator=None):
+    """logits (B, V) -> next ids (B,). Greedy at temperature 0; otherwise top-k and then
+    top-p (nucleus) filtering of the tempered distribution."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    probs = F.softmax(logits, dim=-1)
+    if 0 < top_p < 1:  # keep the smallest set of tokens whose probability exceeds top_p
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def load_checkpoint(path, device='cpu'):
+    """Read a checkpoint as data (weights_only: no pickled code runs) and rebuild the
+    model. A missing, truncated or foreign file ends the program with one line."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path} not found — train a model first (python train.py)")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({first[:160]}) — "
+                         "was it truncated, or written by another program?")
+    if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= ckpt.keys():
+        raise SystemExit(f"error: {path} has no 'model' and 'model_args' — not a checkpoint of ours")
+    known = {f.name for f in fields(ModelArgs)}
+    model = Transformer(ModelArgs(**{k: v for k, v in ckpt['model_args'].items() if k in known}))
+    state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
+    model.load_state_dict(state)
+    return model.to(device), ckpt

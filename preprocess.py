@@ -1,0 +1,547 @@
+"""
+Data: download or write a corpus, train the tokenizer, and turn text into token shards.
+
+    python preprocess.py download                      # TinyStories (~1.5 GB) into data/
+    python preprocess.py synth                         # the embedded offline corpus instead
+    python preprocess.py train_vocab --vocab_size=4096 [--dataset=...]
+    python preprocess.py pretokenize --vocab_size=4096 [--dataset=...]
+    python preprocess.py sft --vocab_size=4096 --dataset=synth|chats.jsonl
+    python preprocess.py dpo --vocab_size=4096 --dataset=synth|prefs.jsonl
+
+--dataset is `tinystories` (default), `synth`, or a path: a .txt file (documents separated
+by a line `<|endoftext|>`, TinyStories' own format, or else by blank lines), a .jsonl file
+with a "text" field per line, or a folder of such files. Shards go to
+data/{name}/tok{vocab_size}/: train_000.bin ... and val.bin, uint16 token ids (uint32 when
+the vocabulary does not fit), every document starting with BOS. The validation set is the
+slice documents[::val_every] (every 100th document, starting with the first); training
+gets all the others. meta.json records the dtype and counts, and a copy of the tokenizer
+travels with the shards so training always stores the tokenizer that made them.
+
+The loaders train.py uses (pretraining windows, SFT rows, DPO pairs) are at the bottom.
+"""
+
+import glob
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+import tarfile
+import time
+
+import numpy as np
+
+from configurator import configure
+from tokenizer import Tokenizer, train_tokenizer
+
+# -----------------------------------------------------------------------------
+# config: python preprocess.py STAGE --key=value
+dataset = 'tinystories'  # tinystories | synth | path to a .txt/.jsonl file or a folder
+vocab_size = 4096        # tokenizer size; shards go to data/{name}/tok{vocab_size}
+data_dir = 'data'
+url = 'https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz'
+num_stories = 20000      # synth: how many distinct stories
+zh_fraction = 0.1        # synth: share of Chinese stories
+num_chats = 6000         # synth sft/dpo: how many training conversations / pairs
+seed = 0                 # synth: the corpus is a function of this seed
+val_every = 100          # documents[::val_every] form the validation set
+shard_docs = 100_000     # documents per train shard
+character_coverage = 0.9995  # tokenizer: share of characters kept (the rest -> bytes)
+input_sentence_size = 200_000  # tokenizer: documents sampled for training, bounds memory
+num_workers = 0          # pretokenize processes; 0 = all cores
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+# -----------------------------------------------------------------------------
+# download, resumable, with a safe unpack
+
+def download_file(src, dst, chunk=1 << 16):
+    """Stream src to dst through dst.part, resuming a partial file with a Range request;
+    dst only appears once the whole file is there."""
+    import requests
+    part = dst + '.part'
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    headers = {'Range': f'bytes={have}-'} if have else {}
+    try:
+        r = requests.get(src, stream=True, headers=headers, timeout=30)
+    except requests.exceptions.ConnectionError:
+        die(f"cannot reach {src} (offline?) — run `python preprocess.py synth` for the "
+            "embedded corpus, or pass your own text with --dataset=path/to/file.txt")
+    if r.status_code == 416:  # the partial file is already complete
+        total = have
+    else:
+        if r.status_code not in (200, 206):
+            die(f"{src}: HTTP {r.status_code}")
+        if r.status_code == 200:
+            have = 0  # the server ignored the Range header: start over
+        total = have + int(r.headers.get('content-length', 0))
+        t0, done = time.time(), 0
+        with open(part, 'ab' if have else 'wb') as f:
+            try:
+                for block in r.iter_content(chunk):
+                    f.write(block)
+                    done += len(block)
+                    rate = done / max(time.time() - t0, 1e-6)
+                    eta = (total - have - done) / rate if total else 0
+                    print(f"\r{(have + done) / 1e6:9.1f} / {total / 1e6:.1f} MB  "
+                          f"{rate / 1e6:6.1f} MB/s  ETA {eta:5.0f}s", end='', flush=True)
+            except requests.exceptions.RequestException:
+                print()
+                die(f"the download of {src} broke off after {(have + done) / 1e6:.1f} MB — "
+                    "run the same command again to resume")
+        print()
+    if total and os.path.getsize(part) != total:
+        die(f"{dst}: got {os.path.getsize(part)} of {total} bytes — run again to resume")
+    os.replace(part, dst)
+
+
+def safe_extract(archive, target):
+    """Unpack a .tar(.gz), refusing any member that would land outside target."""
+    root = os.path.realpath(target)
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for m in members:
+            path = os.path.realpath(os.path.join(root, m.name))
+            bad = not (path == root or path.startswith(root + os.sep))
+            if m.issym() or m.islnk():
+                link = os.path.realpath(os.path.join(os.path.dirname(path), m.linkname))
+                bad = bad or not link.startswith(root + os.sep)
+            if bad or not (m.isfile() or m.isdir()):
+                die(f"{archive}: refusing member {m.name!r}, it would be written outside "
+                    f"{target} — the archive is corrupt or malicious")
+        os.makedirs(root, exist_ok=True)
+        tar.extractall(root, members=members)
+
+
+def download():
+    os.makedirs(data_dir, exist_ok=True)
+    name = os.path.basename(url.split('?')[0])
+    dst = os.path.join(data_dir, name)
+    if not os.path.exists(dst):
+        print(f"downloading {url} to {dst}")
+        download_file(url, dst)
+    target = os.path.join(data_dir, re.sub(r'\.(tar\.gz|tgz|tar)$', '', name))
+    safe_extract(dst, target)
+    print(f"unpacked {len(os.listdir(target))} files into {target}")
+
+
+# -----------------------------------------------------------------------------
+# reading documents from any corpus
+
+def dataset_name(ds):
+    return ds if ds in ('tinystories', 'synth') else re.sub(
+        r'\W+', '_', os.path.splitext(os.path.basename(ds.rstrip('/')))[0])
+
+
+def read_txt(path):
+    text = open(path, encoding='utf-8').read()
+    sep = r'\n?^<\|endoftext\|>$\n?' if re.search(r'^<\|endoftext\|>$', text, re.M) else r'\n\s*\n'
+    return [d.strip() for d in re.split(sep, text, flags=re.M) if d.strip()]
+
+
+def read_jsonl(path, field='text'):
+    """Yields (line_number, value); lines that are not JSON or lack the field are
+    counted and reported, never silently dropped."""
+    bad = []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                value = row[field] if field else row
+            except (ValueError, KeyError, TypeError):
+                bad.append(n)
+                continue
+            yield n, value
+    if bad:
+        print(f"warning: {path}: skipped {len(bad)} line(s) that are not JSON or have no "
+              f"{field!r} field (first: line {bad[0]})", file=sys.stderr)
+
+
+def iter_documents(ds):
+    if ds == 'tinystories':
+        files = sorted(glob.glob(os.path.join(data_dir, 'TinyStories_all_data', '*.json')))
+        if not files:
+            die(f"no TinyStories in {data_dir}/TinyStories_all_data — run "
+                "`python preprocess.py download` (or use --dataset=synth offline)")
+        for fn in files:
+            for ex in json.load(open(fn)):
+                yield ex['story'].strip()
+        return
+    if ds == 'synth':
+        ds = os.path.join(data_dir, 'synth', 'stories.txt')
+        if not os.path.exists(ds):
+            die(f"{ds} not found — run `python preprocess.py synth` first")
+    if os.path.isdir(ds):
+        files = sorted(glob.glob(os.path.join(ds, '**', '*.txt'), recursive=True)
+                       + glob.glob(os.path.join(ds, '**', '*.jsonl'), recursive=True))
+        if not files:
+            die(f"{ds}: no .txt or .jsonl files in this folder")
+    elif os.path.isfile(ds):
+        files = [ds]
+    else:
+        die(f"dataset {ds!r} is neither tinystories, synth, nor an existing file or folder")
+    for fn in files:
+        if fn.endswith('.jsonl'):
+            yield from (str(t) for _, t in read_jsonl(fn) if str(t).strip())
+        else:
+            yield from read_txt(fn)
+
+
+# -----------------------------------------------------------------------------
+# stages: synth, train_vocab, pretokenize
+
+def tokenizer_path():
+    return os.path.join(data_dir, f'tok{vocab_size}.model')
+
+
+def shard_dir(ds=None, kind='tok'):
+    return os.path.join(data_dir, dataset_name(ds or dataset), f'{kind}{vocab_size}')
+
+
+def write_array(path, arr):
+    arr.tofile(path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def synth():
+    import synth as grammar
+    out = os.path.join(data_dir, 'synth', 'stories.txt')
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    docs = grammar.stories(num_stories, seed=seed, zh_fraction=zh_fraction)
+    with open(out + '.tmp', 'w', encoding='utf-8') as f:
+        f.write(''.join(d + '\n<|endoftext|>\n' for d in docs))
+    os.replace(out + '.tmp', out)
+    print(f"wrote {len(docs)} stories ({os.path.getsize(out) / 1e6:.1f} MB) to {out}")
+
+
+def train_vocab():
+    def pieces():  # SentencePiece skips documents over 16 KB: feed long ones in parts
+        for doc in iter_documents(dataset):
+            while len(doc) > 4000:
+                cut = doc.rfind('\n', 0, 4000) + 1 or 4000
+                yield doc[:cut]
+                doc = doc[cut:]
+            yield doc
+    try:
+        train_tokenizer(pieces(), vocab_size, tokenizer_path(), character_coverage,
+                        input_sentence_size)
+    except (RuntimeError, ValueError) as e:
+        die(f"training a {vocab_size}-token tokenizer on {dataset} failed: {str(e).strip()}"
+            " — try another --vocab_size")
+    print(f"wrote {tokenizer_path()}")
+
+
+_tok = None
+
+
+def _init_worker(model_bytes):
+    global _tok
+    _tok = Tokenizer(model_bytes)
+
+
+def _encode_batch(batch):
+    """batch: [(is_val, document)] -> (train ids, val ids, train docs, val docs)"""
+    out = {True: [], False: []}
+    for is_val, doc in batch:
+        out[is_val].append(_tok.encode(doc, bos=True))
+    flat = lambda docs: np.array([i for t in docs for i in t], dtype=np.uint32)
+    return flat(out[False]), flat(out[True]), len(out[False]), len(out[True])
+
+
+def batched(items, n):
+    batch = []
+    for x in items:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def pretokenize():
+    if not os.path.exists(tokenizer_path()):
+        die(f"{tokenizer_path()} not found — run `python preprocess.py train_vocab "
+            f"--vocab_size={vocab_size} --dataset={dataset}` first")
+    tok = Tokenizer(tokenizer_path())
+    dtype = np.uint16 if tok.n_words <= 1 << 16 else np.uint32
+    out = shard_dir()
+    os.makedirs(out, exist_ok=True)
+    for old in glob.glob(os.path.join(out, '*.bin')) + glob.glob(os.path.join(out, 'meta.json')):
+        os.remove(old)
+    t0, shard, train, val = time.time(), 0, [], []
+    docs = {'train': 0, 'val': 0}
+    tokens = {'train': 0, 'val': 0}
+
+    def flush():  # write the pending training documents as the next shard
+        nonlocal shard, train
+        if train:
+            arr = np.concatenate(train).astype(dtype)
+            write_array(os.path.join(out, f'train_{shard:03d}.bin'), arr)
+            tokens['train'] += len(arr)
+            shard, train = shard + 1, []
+
+    # documents[::val_every] are the validation set. Batches of 500 documents are encoded
+    # in parallel and come back in order, so the shards never depend on the core count.
+    tagged = ((i % val_every == 0, d) for i, d in enumerate(iter_documents(dataset)))
+    with mp.Pool(num_workers or os.cpu_count() or 1, initializer=_init_worker,
+                 initargs=(tok.model_bytes,)) as pool:
+        for t_ids, v_ids, n_t, n_v in pool.imap(_encode_batch, batched(tagged, 500)):
+            train.append(t_ids)
+            val.append(v_ids)
+            docs['train'] += n_t
+            docs['val'] += n_v
+            if docs['train'] >= shard_docs * (shard + 1):
+                flush()
+    flush()
+    if docs['train'] + docs['val'] == 0:
+        die(f"{dataset}: the corpus has no documents")
+    val = np.concatenate(val).astype(dtype)
+    write_array(os.path.join(out, 'val.bin'), val)
+    tokens['val'] = len(val)
+    shutil.copyfile(tokenizer_path(), os.path.join(out, 'tokenizer.model'))
+    meta = dict(dataset=dataset, vocab_size=tok.n_words, dtype=np.dtype(dtype).name,
+                bos_id=tok.bos_id, val_every=val_every, documents=docs, tokens=tokens,
+                tokenizer_sha256=hashlib.sha256(tok.model_bytes).hexdigest())
+    with open(os.path.join(out, 'meta.json'), 'w') as f:
+        json.dump(meta, f, indent=1)
+    dt = time.time() - t0
+    print(f"{docs['train']} + {docs['val']} documents -> {tokens['train']} train + "
+          f"{tokens['val']} val tokens in {out} ({dt:.1f}s)")
+
+
+# -----------------------------------------------------------------------------
+# stages: sft and dpo (conversations and preferences -> token ids + loss mask)
+
+ROLES = {'system': 'system', 'user': 'user', 'human': 'user', 'assistant': 'assistant',
+         'gpt': 'assistant', 'bot': 'assistant'}
+
+
+def to_messages(row):
+    """Both common shapes: [{"role", "content"}] (or {"messages": [...]}) and ShareGPT's
+    {"conversations": [{"from": "human"|"gpt", "value"}]}."""
+    if isinstance(row, dict) and 'conversations' in row:
+        row = [{'role': m['from'], 'content': m['value']} for m in row['conversations']]
+    elif isinstance(row, dict):
+        row = row['messages']
+    msgs = [{'role': ROLES[m['role']], 'content': str(m['content'])} for m in row]
+    if not any(m['role'] == 'assistant' for m in msgs):
+        raise ValueError('no assistant message')
+    return msgs
+
+
+def to_preference(row):
+    """{"prompt": str or messages, "chosen": str or messages, "rejected": ...}"""
+    answer = lambda a: a if isinstance(a, str) else to_messages(a if isinstance(a, list) else [a])[-1]['content']
+    prompt = row['prompt']
+    prompt = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else [
+        {'role': ROLES[m['role']], 'content': str(m['content'])} for m in prompt]
+    return prompt, answer(row['chosen']), answer(row['rejected'])
+
+
+def read_rows(path, convert):
+    rows = []
+    for n, row in read_jsonl(path, field=None):
+        try:
+            rows.append(convert(row))
+        except (KeyError, TypeError, ValueError) as e:
+            print(f"warning: {path}:{n}: skipped, not a usable row ({e!r})", file=sys.stderr)
+    if not rows:
+        die(f"{path}: no usable rows")
+    return rows
+
+
+def save_sequences(path, seqs):
+    """seqs: [(ids, mask)] -> one .npz with the ids, masks and offsets of every sequence"""
+    offsets = np.cumsum([0] + [len(i) for i, _ in seqs])
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, tokens=np.array([t for i, _ in seqs for t in i], dtype=np.int32),
+             mask=np.array([m for _, k in seqs for m in k], dtype=np.uint8), offsets=offsets)
+    os.replace(tmp, path)
+
+
+def chat_data(kind):
+    """Rows for sft or dpo: (train, val). The synth sets are written to jsonl first, so
+    they go through the same reader as yours."""
+    if dataset == 'synth':
+        import synth as grammar
+        os.makedirs(os.path.join(data_dir, 'synth'), exist_ok=True)
+        files = []
+        for split, n, held in (('train', num_chats, False), ('val', max(num_chats // 20, 50), True)):
+            fn = os.path.join(data_dir, 'synth', f'{kind}_{split}.jsonl')
+            with open(fn, 'w', encoding='utf-8') as f:
+                if kind == 'sft':
+                    rows = [{'messages': m} for m, _ in grammar.instructions(n, seed, held)]
+                else:
+                    rows = [{k: p[k] for k in ('prompt', 'chosen', 'rejected')}
+                            for p in grammar.preferences(n, seed, held)]
+                f.write(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
+            files.append(fn)
+        convert = to_messages if kind == 'sft' else to_preference
+        return read_rows(files[0], convert), read_rows(files[1], convert)
+    if not os.path.isfile(dataset):
+        die(f"{dataset}: not a file — give --dataset=synth or a .jsonl file")
+    rows = read_rows(dataset, to_messages if kind == 'sft' else to_preference)
+    return [r for i, r in enumerate(rows) if i % val_every], rows[::val_every]
+
+
+def chats(kind):
+    """preprocess.py sft|dpo: write data/{name}/{kind}{N}/train.npz and val.npz"""
+    tok = Tokenizer(tokenizer_path())
+    out = shard_dir(kind=kind)
+    os.makedirs(out, exist_ok=True)
+    for split, rows in zip(('train', 'val'), chat_data(kind)):
+        if kind == 'sft':
+            seqs = [tok.encode_chat(m) for m in rows]
+        else:  # a pair becomes two sequences: prompt + chosen, prompt + rejected
+            seqs = []
+            for prompt, chosen, rejected in rows:
+                p_ids, p_mask = tok.encode_chat(prompt)
+                for answer in (chosen, rejected):
+                    a_ids, a_mask = tok.encode_message('assistant', answer)
+                    seqs.append((p_ids + a_ids, [0] * len(p_ids) + a_mask))
+        save_sequences(os.path.join(out, f'{split}.npz'), seqs)
+        print(f"{split}: {len(rows)} {'conversations' if kind == 'sft' else 'pairs'}, "
+              f"{sum(len(i) for i, _ in seqs)} tokens -> {out}/{split}.npz")
+    shutil.copyfile(tokenizer_path(), os.path.join(out, 'tokenizer.model'))
+
+
+# -----------------------------------------------------------------------------
+# loaders for train.py: batch k is a pure function of (seed, rank, k), so a resumed run
+# draws exactly the batches an uninterrupted one would, and no two ranks or DataLoader
+# workers draw the same stream
+
+import torch  # noqa: E402  (only the loaders need it)
+
+
+class Batches(torch.utils.data.IterableDataset):
+    def __init__(self, batch_size, max_seq_len, seed=0, rank=0, start=0):
+        super().__init__()
+        self.B, self.T, self.seed, self.rank, self.start = batch_size, max_seq_len, seed, rank, start
+
+    def rng(self, k):
+        return np.random.default_rng([self.seed, self.rank, k])
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        k = self.start + worker  # worker w makes batches w, w+W, ...: the DataLoader
+        while True:              # takes them round robin, so they arrive in order
+            yield self.batch(self.rng(k))
+            k += workers
+
+    def batch(self, rng):
+        raise NotImplementedError
+
+
+def load_shards(folder, split):
+    meta_path = os.path.join(folder, 'meta.json')
+    if not os.path.exists(meta_path):
+        die(f"no pretokenized data in {folder} — run `python preprocess.py pretokenize` "
+            "with the same --dataset and --vocab_size")
+    meta = json.load(open(meta_path))
+    files = sorted(glob.glob(os.path.join(folder, 'train_*.bin'))) if split == 'train' \
+        else [os.path.join(folder, 'val.bin')]
+    return [np.memmap(f, dtype=meta['dtype'], mode='r') for f in files], files
+
+
+class PretokWindows(Batches):
+    """Random windows of max_seq_len + 1 tokens from memory-mapped shards: x, y (B, T)."""
+    def __init__(self, folder, split, *args, **kw):
+        super().__init__(*args, **kw)
+        self.shards, files = load_shards(folder, split)
+        starts = [max(len(s) - self.T, 0) for s in self.shards]  # valid window starts
+        self.cum = np.cumsum([0] + starts)
+        if self.cum[-1] == 0:
+            die(f"{', '.join(files) or folder}: fewer than max_seq_len+1 = {self.T + 1} tokens "
+                f"for the {split} split — use a smaller --max_seq_len or more data")
+
+    def batch(self, rng):
+        at = rng.integers(0, self.cum[-1], self.B)
+        shard = np.searchsorted(self.cum, at, side='right') - 1
+        rows = np.stack([self.shards[s][o:o + self.T + 1] for s, o in zip(shard, at - self.cum[shard])])
+        rows = torch.from_numpy(rows.astype(np.int64))
+        return rows[:, :-1], rows[:, 1:]
+
+
+def load_sequences(path):
+    if not os.path.exists(path):
+        die(f"{path} not found — run `python preprocess.py sft` (or dpo) with the same "
+            "--dataset and --vocab_size")
+    d = np.load(path)
+    o = d['offsets']
+    return [(d['tokens'][a:b], d['mask'][a:b]) for a, b in zip(o[:-1], o[1:])]
+
+
+def rows_of(seqs, length):
+    """Pad (or cut) each sequence to length; targets are -1 wherever the mask is 0, so
+    prompts and padding never contribute to the loss."""
+    tok = np.zeros((len(seqs), length), dtype=np.int64)
+    tgt = np.full((len(seqs), length), -1, dtype=np.int64)
+    for r, (ids, mask) in enumerate(seqs):
+        ids, mask = ids[:length + 1], mask[:length + 1]
+        tok[r, :len(ids) - 1] = ids[:-1]
+        tgt[r, :len(ids) - 1] = np.where(mask[1:] == 1, ids[1:], -1)
+    return torch.from_numpy(tok), torch.from_numpy(tgt)
+
+
+class ChatRows(Batches):
+    """SFT: conversations packed whole, in file order, into rows of max_seq_len + 1."""
+    def __init__(self, path, *args, **kw):
+        super().__init__(*args, **kw)
+        rows, cur, cut = [], [], 0
+        for ids, mask in load_sequences(path):
+            cut += len(ids) > self.T + 1
+            if cur and sum(len(i) for i, _ in cur) + len(ids) > self.T + 1:
+                rows.append(cur)
+                cur = []
+            cur.append((ids, mask))
+        rows.append(cur)
+        if cut:
+            print(f"note: {path}: {cut} conversation(s) longer than max_seq_len+1 are cut")
+        self.x, self.y = rows_of([(np.concatenate([i for i, _ in r]), np.concatenate([m for _, m in r]))
+                                  for r in rows], self.T)
+
+    def batch(self, rng):
+        i = rng.integers(0, len(self.x), self.B)
+        return self.x[i], self.y[i]
+
+
+class PreferencePairs(Batches):
+    """DPO: B pairs -> x, y (2B, T): rows 0..B-1 the chosen answers, B..2B-1 the rejected."""
+    def __init__(self, path, *args, **kw):
+        super().__init__(*args, **kw)
+        seqs = load_sequences(path)
+        self.x, self.y = rows_of(seqs, self.T)
+        self.n = len(seqs) // 2
+
+    def pairs(self, i):
+        return torch.cat([self.x[2 * i], self.x[2 * i + 1]]), torch.cat([self.y[2 * i], self.y[2 * i + 1]])
+
+    def batch(self, rng):
+        return self.pairs(rng.integers(0, self.n, self.B))
+
+    def in_order(self):
+        for a in range(0, self.n, self.B):
+            yield self.pairs(np.arange(a, min(a + self.B, self.n)))
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    stages = dict(download=download, synth=synth, train_vocab=train_vocab,
+                  pretokenize=pretokenize, sft=lambda: chats('sft'), dpo=lambda: chats('dpo'))
+    config, args = configure(globals(), positional=1)
+    if not args or args[0] not in stages:
+        die(f"usage: python preprocess.py STAGE [--key=value ...]; STAGE is one of "
+            f"{', '.join(stages)}")
+    stages[args[0]]()

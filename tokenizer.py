@@ -1,0 +1,177 @@
+"""
+The tokenizer: SentencePiece BPE with byte fallback, for English and Chinese.
+
+    python tokenizer.py -t data/tok4096.model    # writes data/tok4096.bin for run.c
+
+Training is done by `python preprocess.py train_vocab --vocab_size=N`, which calls
+train_tokenizer() below on a sample of the corpus. The ids are laid out like Llama 2's:
+
+    0 <unk>  1 <s> (BOS)  2 </s> (EOS)  3 <|im_start|>  4 <|im_end|>
+    5..260 <0x00>..<0xFF> (byte fallback)  261.. learned merges, best first
+
+The chat template lives here too (encode_chat), because it is a tokenizer matter: the two
+chat tokens are reserved from the start, so fine-tuning never needs a new tokenizer.
+"""
+
+import os
+import struct
+import sys
+
+import sentencepiece as spm
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# One chat template (ChatML), used by SFT data, sample.py --chat, run.c -m chat and the
+# Hugging Face export. A conversation is BOS followed by messages rendered as:
+CHAT_TEMPLATE = IM_START + "{role}\n{content}" + IM_END + "\n"
+GENERATION_PROMPT = IM_START + "assistant\n"
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def train_tokenizer(sentences, vocab_size, model_path, character_coverage=0.9995,
+                    input_sentence_size=200_000):
+    """Train a BPE model on an iterator of strings (documents) and write model_path.
+
+    input_sentence_size makes SentencePiece keep a random sample of that many documents
+    (reservoir sampling) instead of all of them: the seed tutorials saw 135 GB peaks
+    training on a whole multi-GB corpus without it."""
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size={vocab_size} is too small: 261 ids are taken by "
+                         "special and byte tokens; use at least 300 (512 or more is typical)")
+    os.makedirs(os.path.dirname(model_path) or '.', exist_ok=True)
+    with open(model_path + '.tmp', 'wb') as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=f,
+            model_type='bpe', vocab_size=vocab_size,
+            # these follow Llama 2's tokenizer: text round-trips byte for byte
+            normalization_rule_name='identity',  # no NFKC: fullwidth '，' stays '，'
+            remove_extra_whitespaces=False,       # runs of spaces survive
+            add_dummy_prefix=True,                # "Hello" and " Hello" share a token
+            allow_whitespace_only_pieces=True,
+            byte_fallback=True,                   # unseen characters become <0xNN> bytes
+            split_digits=True,                    # numbers are spelled digit by digit
+            character_coverage=character_coverage,  # <1.0 drops only the rarest Han chars
+            max_sentencepiece_length=16,
+            max_sentence_length=16384,            # bytes; longer documents are skipped
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+            user_defined_symbols=[IM_START, IM_END],  # always one id, even inside text
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=os.cpu_count() or 1, minloglevel=2)
+    os.replace(model_path + '.tmp', model_path)
+
+
+# -----------------------------------------------------------------------------
+# encode / decode
+
+class Tokenizer:
+    def __init__(self, model):
+        """model: a path to a .model file, or its bytes (as stored in a checkpoint)."""
+        if isinstance(model, (bytes, bytearray)):
+            self.model_bytes = bytes(model)
+        else:
+            if not os.path.isfile(model):
+                raise FileNotFoundError(f"tokenizer {model} not found — run "
+                                        "`python preprocess.py train_vocab` first")
+            with open(model, 'rb') as f:
+                self.model_bytes = f.read()
+        self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
+        self.n_words = self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.im_start_id = self.sp.piece_to_id(IM_START)
+        self.im_end_id = self.sp.piece_to_id(IM_END)
+        # SentencePiece puts a "dummy prefix" space before the text; to encode a piece of
+        # text in the middle of a sequence without it, we encode it behind a special token
+        # (which never merges with its neighbours) and cut that token off again.
+        self._cut = self.sp.encode(IM_START)
+
+    def encode(self, s, bos=False, eos=False, dummy_prefix=True):
+        assert isinstance(s, str)
+        if dummy_prefix:
+            t = self.sp.encode(s)
+        else:
+            t = self.sp.encode(IM_START + s)
+            assert t[:len(self._cut)] == self._cut
+            t = t[len(self._cut):]
+        return [self.bos_id] * bos + t + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+    def decode_continuation(self, context, ids):
+        """The text that ids add after context, decoded as part of the whole sequence
+        (so a leading space is kept, as run.c prints it). context must end on a complete
+        UTF-8 character, e.g. after a chat header."""
+        return self.decode(list(context) + list(ids))[len(self.decode(context)):]
+
+    def encode_message(self, role, content):
+        """One chat message: ids and loss mask (1 on an assistant's content and its
+        <|im_end|>, the tokens a chat model must learn to produce). The header and the
+        content are encoded separately so the content starts on a token boundary, exactly
+        as it does at generation time after the generation prompt."""
+        head = [self.im_start_id] + self.encode(role + "\n", dummy_prefix=False)
+        body = self.encode(content, dummy_prefix=False) + [self.im_end_id]
+        tail = self.encode("\n", dummy_prefix=False)
+        learn = int(role == 'assistant')
+        return head + body + tail, [0] * len(head) + [learn] * len(body) + [0] * len(tail)
+
+    def encode_chat(self, messages, add_generation_prompt=False):
+        """messages: [{"role": ..., "content": ...}]. Returns (ids, mask), ids starting
+        with BOS; with add_generation_prompt the ids end with '<|im_start|>assistant\\n'."""
+        ids, mask = [self.bos_id], [0]
+        for m in messages:
+            i, k = self.encode_message(m['role'], m['content'])
+            ids += i
+            mask += k
+        if add_generation_prompt:
+            gen = self.generation_prompt()
+            ids, mask = ids + gen, mask + [0] * len(gen)
+        return ids, mask
+
+    def generation_prompt(self):
+        return [self.im_start_id] + self.encode("assistant\n", dummy_prefix=False)
+
+
+def render_chat(messages, add_generation_prompt=False):
+    """The chat as one string (what encode_chat tokenizes, BOS aside)."""
+    s = "".join(CHAT_TEMPLATE.format(**m) for m in messages)
+    return s + (GENERATION_PROMPT if add_generation_prompt else "")
+
+
+# -----------------------------------------------------------------------------
+# export to llama2.c's tokenizer.bin
+
+def export_tokenizer_bin(tok, path):
+    """llama2.c's format: uint32 max_token_length, then per token: float32 score,
+    int32 byte length, the UTF-8 bytes (with SentencePiece's '▁' turned back into ' ')."""
+    pieces, scores = [], []
+    for i in range(tok.n_words):
+        p = tok.sp.id_to_piece(i)
+        if i == tok.bos_id:
+            p = '\n<s>\n'       # as llama2.c writes them; run.c never prints control tokens
+        elif i == tok.eos_id:
+            p = '\n</s>\n'
+        pieces.append(p.replace('▁', ' ').encode('utf-8'))
+        scores.append(tok.sp.get_score(i))
+    out = bytearray(struct.pack('I', max(len(p) for p in pieces)))
+    for p, s in zip(pieces, scores):
+        out += struct.pack('fI', s, len(p)) + p
+    with open(path + '.tmp', 'wb') as f:
+        f.write(out)
+    os.replace(path + '.tmp', path)
+
+
+if __name__ == '__main__':
+    if len(sys.argv) != 3 or sys.argv[1] not in ('-t', '--tokenizer-model'):
+        print("usage: python tokenizer.py -t data/tok4096.model   (writes data/tok4096.bin)",
+              file=sys.stderr)
+        sys.exit(2)
+    model_path = sys.argv[2]
+    try:
+        tok = Tokenizer(model_path)
+    except (FileNotFoundError, RuntimeError) as e:
+        print(f"error: {model_path}: {e}", file=sys.stderr)
+        sys.exit(1)
+    bin_path = os.path.splitext(model_path)[0] + '.bin'
+    export_tokenizer_bin(tok, bin_path)
+    print(f"wrote {bin_path} ({tok.n_words} tokens)")

@@ -1,0 +1,418 @@
+"""
+Train a Llama 2 model: pretraining, supervised fine-tuning (SFT) or DPO.
+
+One GPU or the CPU (the device is picked for you; every knob below is --key=value):
+$ python train.py --dataset=tinystories --vocab_size=4096
+$ python train.py --device=cpu --compile=False --batch_size=16 --dim=64 --n_layers=5 ...
+
+DDP on 4 GPUs of one node (gloo on CPU: add --device=cpu):
+$ torchrun --standalone --nproc_per_node=4 train.py
+DDP on 2 nodes of 8 GPUs (run on each node, node_rank 0 and 1):
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=1234 train.py
+
+Continue a run: --init_from=resume. Fine-tune: --task=sft --init_from=out/ckpt.pt, then
+--task=dpo --init_from=out_sft/ckpt.pt. A config file of plain assignments may be given as
+an argument too (nanoGPT style). Ctrl-C saves a checkpoint and stops.
+"""
+
+import copy
+import csv
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from model import ModelArgs, Transformer, load_checkpoint
+from preprocess import ChatRows, PreferencePairs, PretokWindows, dataset_name
+from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out'
+eval_interval = 500      # evaluate and save a checkpoint every this many iterations
+log_interval = 10
+eval_iters = 50          # batches per loss estimate
+eval_only = False        # evaluate once and exit
+always_save_checkpoint = True  # save at every eval, not only when val loss improves
+init_from = 'scratch'    # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint path to fine-tune
+task = 'pretrain'        # pretrain | sft | dpo
+wandb_log = False        # log to Weights & Biases (pip install wandb)
+wandb_project = 'llama-from-scratch'
+wandb_run_name = 'run'
+# data: data/{dataset}/tok{vocab_size}/ (sft{N}/, dpo{N}/ for fine-tuning), see preprocess.py
+data_dir = 'data'
+dataset = 'tinystories'
+vocab_size = 4096
+batch_size = 64          # micro-batch size; with gradient accumulation, more per step
+max_seq_len = 256
+num_workers = 0          # DataLoader processes that cut batches
+seed = 1337              # batch k of rank r is a function of (seed, r, k) only
+# model (ignored when starting from a checkpoint, which brings its own)
+dim = 288
+n_layers = 8
+n_heads = 8
+n_kv_heads = 4
+multiple_of = 32
+dropout = 0.0
+# AdamW and the learning rate schedule: linear warmup, then cosine decay to min_lr
+gradient_accumulation_steps = 4
+learning_rate = 5e-4
+max_iters = 20000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0          # clip the gradient norm at this value; 0 disables
+decay_lr = True
+warmup_iters = 1000
+lr_decay_iters = 0       # where the cosine reaches min_lr; 0 means max_iters
+min_lr = 5e-5
+# DPO
+beta = 0.1               # how far the policy may move from the reference model
+# system
+device = 'cuda' if torch.cuda.is_available() else (
+    'mps' if torch.backends.mps.is_available() else 'cpu')
+dtype = 'auto'           # auto (bfloat16 on CUDA if supported, else float16; float32 elsewhere) | float32 | bfloat16 | float16
+compile = torch.cuda.is_available()  # torch.compile the model
+peak_flops = 0.0         # for MFU; 0 = look up the GPU (bf16 dense), unknown -> MFU not shown
+# -----------------------------------------------------------------------------
+config, _ = configure(globals())
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+if task not in ('pretrain', 'sft', 'dpo'):
+    die(f"--task={task}: use pretrain, sft or dpo")
+if task != 'pretrain' and init_from == 'scratch':
+    die(f"--task={task} fine-tunes a model: give --init_from=path/to/ckpt.pt (or resume)")
+lr_decay_iters = lr_decay_iters or max_iters
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') \
+        if device.startswith('cuda') else 'float32'
+
+# DDP: torchrun sets RANK; NCCL between GPUs, gloo between CPU processes
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    if gradient_accumulation_steps % world_size:
+        die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple "
+            f"of the number of processes ({world_size})")
+    gradient_accumulation_steps //= world_size  # the same tokens per step, shared out
+else:
+    rank, world_size = 0, 1
+master = rank == 0  # only rank 0 writes files and logs
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * max_seq_len
+torch.manual_seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+
+# -----------------------------------------------------------------------------
+# data
+
+kind = {'pretrain': 'tok', 'sft': 'sft', 'dpo': 'dpo'}[task]
+data_folder = os.path.join(data_dir, dataset_name(dataset), f'{kind}{vocab_size}')
+tok_path = os.path.join(data_folder, 'tokenizer.model')
+if not os.path.exists(tok_path):
+    die(f"no prepared data in {data_folder} — run `python preprocess.py "
+        f"{ {'tok': 'pretokenize'}.get(kind, kind)} --dataset={dataset} --vocab_size={vocab_size}`")
+tokenizer_bytes = open(tok_path, 'rb').read()
+
+
+def make_batches(split, start=0):
+    args = (batch_size, max_seq_len, seed, rank, start)
+    if task == 'pretrain':
+        return PretokWindows(data_folder, split, *args)
+    cls = ChatRows if task == 'sft' else PreferencePairs
+    return cls(os.path.join(data_folder, f'{split}.npz'), *args)
+
+
+def to_device(x, y):
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# model, optimizer, and where we start from
+
+iter_num, best_val_loss, ckpt, ref_model = 0, 1e9, None, None
+if init_from == 'scratch':
+    model_args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                      vocab_size=vocab_size, multiple_of=multiple_of, max_seq_len=max_seq_len,
+                      dropout=dropout)
+    try:
+        model = Transformer(ModelArgs(**model_args))
+    except AssertionError as e:
+        die(f"model shape: {e}")
+else:
+    path = ckpt_path if init_from == 'resume' else init_from
+    model, ckpt = load_checkpoint(path)
+    model_args = dict(ckpt['model_args'], dropout=dropout)
+    model.params.dropout = dropout
+    if ckpt.get('tokenizer') != tokenizer_bytes:
+        die(f"{path} was trained with another tokenizer than the data in {data_folder} — "
+            "preprocess with the checkpoint's tokenizer, or use a matching --vocab_size/--dataset")
+    if model_args['max_seq_len'] < max_seq_len:
+        die(f"--max_seq_len={max_seq_len} exceeds the checkpoint's {model_args['max_seq_len']}")
+    if init_from == 'resume':
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    if task == 'dpo':  # the reference is the model DPO started from, frozen
+        ref_model = copy.deepcopy(model)
+        if init_from == 'resume':
+            ref_model.load_state_dict(ckpt['ref_model'])
+        ref_model.to(device).eval().requires_grad_(False)
+model.to(device)
+if model_args['vocab_size'] != vocab_size:
+    die(f"the model has {model_args['vocab_size']} tokens but --vocab_size={vocab_size}")
+
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if init_from == 'resume':
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if 'scaler' in ckpt:
+        scaler.load_state_dict(ckpt['scaler'])
+ckpt = None  # free the memory
+
+raw_model = model  # the plain module: its state_dict has clean names
+if compile:
+    if master:
+        print("compiling the model...")
+    model = torch.compile(model)
+eval_model = model  # evaluation runs on rank 0 only, so never through DDP's collectives
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+
+# -----------------------------------------------------------------------------
+# losses and evaluation
+
+def sequence_logps(m, x, y):
+    """Sum of log p(target) over each row's counted targets: (rows,)"""
+    logits, _ = m(x, y)
+    logp = -F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
+                            reduction='none')
+    return logp.view(y.shape).sum(-1)
+
+
+def dpo_loss(m, x, y):
+    """DPO (Rafailov et al. 2023): raise log p(chosen) - log p(rejected) relative to the
+    reference model. Rows 0..B-1 are chosen answers, B..2B-1 the rejected ones."""
+    B = x.size(0) // 2
+    pi = sequence_logps(m, x, y)
+    with torch.no_grad():
+        ref = sequence_logps(ref_model, x, y)
+    rewards = beta * (pi - ref)  # DPO's implicit rewards
+    margin = rewards[:B] - rewards[B:]
+    return -F.logsigmoid(margin).mean(), margin, pi[:B] - pi[B:]
+
+
+def compute_loss(m, x, y):
+    if task == 'dpo':
+        return dpo_loss(m, x, y)[0]
+    return m(x, y)[1]
+
+
+@torch.no_grad()
+def evaluate():
+    """Losses on fixed batches (the same every time, so evals compare). For DPO, over
+    every held-out pair: preference accuracy (the model gives the chosen answer the
+    higher log-probability), the mean log-probability margin, and the reward margin."""
+    eval_model.eval()
+    out = {}
+    if task == 'dpo':
+        stats = [[] for _ in range(4)]
+        for x, y in make_batches('val').in_order():
+            with autocast:
+                loss, margin, logp_margin = dpo_loss(eval_model, *to_device(x, y))
+            for s, v in zip(stats, (loss.expand(len(margin)), margin, logp_margin, logp_margin > 0)):
+                s.append(v.float().cpu())
+        loss, margin, logp_margin, acc = (torch.cat(s).mean().item() for s in stats)
+        out = dict(val=loss, reward_margin=margin, logp_margin=logp_margin, pref_acc=acc)
+    else:
+        for split in ('train', 'val'):
+            ds, losses = make_batches(split), []
+            for k in range(eval_iters):
+                with autocast:
+                    losses.append(compute_loss(eval_model, *to_device(*ds.batch(ds.rng(10**9 + k)))).item())
+            out[split] = sum(losses) / len(losses)
+    eval_model.train()
+    return out
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def save_checkpoint():
+    """Write to a temporary file, then rename over ckpt.pt: a crash at any moment leaves
+    either the old checkpoint or the new one, never half of one."""
+    ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
+                config=config, tokenizer=tokenizer_bytes, task=task,
+                chat_template=dict(message=CHAT_TEMPLATE, generation_prompt=GENERATION_PROMPT))
+    if scaler.is_enabled():
+        ckpt['scaler'] = scaler.state_dict()
+    if ref_model is not None:
+        ckpt['ref_model'] = ref_model.state_dict()
+    tmp = ckpt_path + '.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, ckpt_path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        die(f"cannot write {ckpt_path}: {e.strerror or e} — free space or choose another "
+            "--out_dir; the previous checkpoint is intact")
+    print(f"saved {ckpt_path} at iteration {iter_num}")
+
+
+def peak():
+    if peak_flops:
+        return peak_flops
+    if device_type == 'cuda':  # dense bf16/fp16 tensor-core peaks
+        name = torch.cuda.get_device_name()
+        for key, flops in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12),
+                           ('L40', 181e12), ('4090', 165e12), ('A10', 125e12), ('L4', 121e12)):
+            if key in name:
+                return flops
+    return 0.0
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+log_path = os.path.join(out_dir, 'log.csv')
+if master:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fresh = init_from != 'resume' or not os.path.exists(log_path)
+        log_file = open(log_path, 'w' if fresh else 'a', newline='')
+    except OSError as e:
+        die(f"cannot write to --out_dir={out_dir}: {e.strerror}")
+    log_csv = csv.writer(log_file)
+    if fresh:
+        log_csv.writerow(['iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec'])
+    print(f"{task} on {data_folder}: {tokens_per_iter:,} tokens per iteration = "
+          f"{gradient_accumulation_steps} accumulation steps x {world_size} processes x "
+          f"{batch_size} x {max_seq_len}; {sum(p.numel() for p in raw_model.parameters()):,} "
+          f"parameters; {device} {dtype}")
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+stop = False  # Ctrl-C: finish the step, save, exit
+
+
+def on_sigint(signum, frame):
+    global stop
+    stop = True
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
+
+
+signal.signal(signal.SIGINT, on_sigint)
+batches = iter(torch.utils.data.DataLoader(
+    make_batches('train', start=iter_num * gradient_accumulation_steps),
+    batch_size=None, num_workers=num_workers))
+X, Y = to_device(*next(batches))
+t0, local_iter, running_mfu = time.time(), 0, -1.0
+while True:
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    last = iter_num >= max_iters
+    resumed_here = init_from == 'resume' and local_iter == 0  # just loaded, just saved
+    if master and (last or iter_num % eval_interval == 0) and not resumed_here:
+        losses = evaluate()
+        print(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        train_loss = f"{losses['train']:.6f}" if 'train' in losses else ''
+        log_csv.writerow([iter_num, train_loss, f"{losses['val']:.6f}", f"{lr:.3e}", ''])
+        log_file.flush()
+        if wandb_log:
+            wandb.log({'iter': iter_num, **{f'eval/{k}': v for k, v in losses.items()}}, step=iter_num)
+        if not all(math.isfinite(v) for v in losses.values()):
+            die(f"evaluation loss is not finite at iteration {iter_num} — the checkpoint "
+                "from before is kept; lower --learning_rate")
+        if iter_num > 0 and (losses['val'] < best_val_loss or always_save_checkpoint):
+            best_val_loss = min(best_val_loss, losses['val'])
+            save_checkpoint()
+    if last or eval_only:
+        break
+
+    # forward, backward, update; gradients are summed over the micro-steps
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(gradient_accumulation_steps):
+        if ddp:  # synchronise gradients across processes only on the last micro-step
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        with autocast:
+            loss = compute_loss(model, X, Y) / gradient_accumulation_steps
+        X, Y = to_device(*next(batches))  # the next batch loads while the GPU works
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    lossf = loss_sum.item()
+    if not math.isfinite(lossf):
+        die(f"loss is {lossf} at iteration {iter_num} — stopped before the next checkpoint, "
+            f"so {ckpt_path} still holds the last good model; lower --learning_rate")
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    t1 = time.time()
+    dt, t0 = t1 - t0, t1
+    if master and iter_num % log_interval == 0:
+        tok_s = tokens_per_iter / dt
+        mfu_txt = ''
+        if peak() and local_iter >= 5:  # let the first steps (compilation) pass
+            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps * world_size, dt, peak())
+            running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+            mfu_txt = f" | mfu {running_mfu * 100:.1f}%"
+        print(f"iter {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | "
+              f"{tok_s:,.0f} tok/s{mfu_txt}", flush=True)
+        log_csv.writerow([iter_num, f"{lossf:.6f}", '', f"{lr:.3e}", f"{tok_s:.0f}"])
+        if wandb_log:
+            wandb.log({'iter': iter_num, 'train/loss': lossf, 'lr': lr, 'tok_s': tok_s}, step=iter_num)
+    iter_num += 1
+    local_iter += 1
+
+    if ddp:  # every rank must stop at the same step, or the next all-reduce hangs
+        flag = torch.tensor(float(stop), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    if stop:
+        if master:
+            print(f"interrupted: saving at iteration {iter_num}")
+            save_checkpoint()
+        break
+
+if master:
+    log_file.close()
+if ddp:
+    dist.destroy_process_group()
