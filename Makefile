@@ -15,7 +15,11 @@ DEMO_TRAIN = $(DEMO_DATA) $(DEMO_MODEL) --device=cpu --compile=False --batch_siz
 	--gradient_accumulation_steps=1 --learning_rate=2e-3 --min_lr=2e-4 --warmup_iters=50 \
 	--max_iters=600 --eval_interval=200 --eval_iters=20 --log_interval=20
 
-.PHONY: install demo test testc bench fuzz clean
+# fine-tuning the demo model: SFT on the embedded instructions, then DPO on preferences
+TUNE = $(DEMO_DATA) --device=cpu --compile=False --batch_size=16 --gradient_accumulation_steps=1 \
+	--warmup_iters=10 --eval_iters=10 --log_interval=20
+
+.PHONY: install demo demo-chat test testc bench fuzz clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH)
@@ -27,6 +31,20 @@ demo: install
 	$(PYTHON) preprocess.py pretokenize $(DEMO_DATA)
 	$(PYTHON) train.py $(DEMO_TRAIN) --out_dir=out
 	$(PYTHON) sample.py --checkpoint=out/ckpt.pt --device=cpu --start="Once upon a time" --temperature=0.8
+
+# pretrain (unless make demo already did) -> SFT -> DPO -> one chat turn, in Python and in C
+demo-chat: install run
+	@test -f out/ckpt.pt || $(MAKE) demo
+	$(PYTHON) preprocess.py sft $(DEMO_DATA)
+	$(PYTHON) preprocess.py dpo $(DEMO_DATA)
+	$(PYTHON) train.py --task=sft --init_from=out/ckpt.pt --out_dir=out_sft $(TUNE) \
+		--learning_rate=1e-3 --min_lr=1e-4 --max_iters=400 --eval_interval=200
+	$(PYTHON) train.py --task=dpo --init_from=out_sft/ckpt.pt --out_dir=out_dpo $(TUNE) \
+		--learning_rate=1e-4 --min_lr=1e-5 --beta=0.1 --max_iters=150 --eval_interval=50
+	for m in out out_sft out_dpo; do $(PYTHON) sample.py --checkpoint=$$m/ckpt.pt --device=cpu \
+		--temperature=0 --eval_instruct=100; done
+	$(PYTHON) export.py out_dpo/model.bin --checkpoint=out_dpo/ckpt.pt
+	./run out_dpo/model.bin -m chat -t 0 -i "Tell me a story about a fox who wants a kite." </dev/null
 
 test:
 	$(PYTHON) -m pytest -q -rs test_all.py

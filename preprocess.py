@@ -477,9 +477,9 @@ def load_sequences(path):
     if not os.path.exists(path):
         die(f"{path} not found — run `python preprocess.py sft` (or dpo) with the same "
             "--dataset and --vocab_size")
-    d = np.load(path)
-    o = d['offsets']
-    return [(d['tokens'][a:b], d['mask'][a:b]) for a, b in zip(o[:-1], o[1:])]
+    with np.load(path) as d:  # (each d[key] would read the array from the file again)
+        tokens, mask, o = d['tokens'], d['mask'], d['offsets']
+    return [(tokens[a:b], mask[a:b]) for a, b in zip(o[:-1], o[1:])]
 
 
 def rows_of(seqs, length):

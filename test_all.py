@@ -9,6 +9,7 @@ tests that need it are reported as skipped where it is absent.
 """
 
 import csv
+from dataclasses import asdict
 import gzip
 import http.server
 import io
@@ -32,7 +33,7 @@ FIXTURES = os.environ.get('FIXTURES', os.path.join(ROOT, '..', 'shared', 'fixtur
 sys.path.insert(0, ROOT)
 
 from model import ModelArgs, Transformer, load_checkpoint  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from tokenizer import Tokenizer, render_chat  # noqa: E402
 
 VOCAB = 1024
 TINY = ['--dim=64', '--n_layers=4', '--n_heads=4', '--n_kv_heads=2', '--max_seq_len=256']
@@ -389,3 +390,262 @@ def test_real_tinystories_sample(tmp_path):
     last = float([r for r in read_log(out / 'log.csv') if r['val_loss']][-1]['val_loss'])
     print(f"real TinyStories 2 MiB: val loss {last:.3f} after 300 steps; unigram entropy {h1:.3f}")
     assert last < h1
+
+
+# -----------------------------------------------------------------------------
+# post-training: SFT and DPO
+
+def test_sft_loss_mask(work):
+    """The targets are exactly the assistant spans, and masked positions get no gradient."""
+    from preprocess import ChatRows, rows_of
+    py('preprocess.py', 'sft', '--dataset=synth', f'--vocab_size={VOCAB}', '--num_chats=200', cwd=work)
+    tok = Tokenizer(os.path.join(work, 'data', f'tok{VOCAB}.model'))
+    rows = [json.loads(l) for l in open(os.path.join(work, 'data', 'synth', 'sft_train.jsonl'))]
+    ds = ChatRows(os.path.join(work, 'data', 'synth', f'sft{VOCAB}', 'train.npz'), 4, 256)
+    x, y = ds.x[0], ds.y[0]
+    first = [m for m in rows[0]['messages']]
+    # the first row starts with the first conversation; its targets spell its answer
+    assert tok.decode(x[:20].tolist()).startswith("<|im_start|>user\n")
+    learned = [int(t) for t in y if t != -1]
+    answer = first[1]['content'] + "<|im_end|>"
+    assert tok.decode(learned).startswith(answer)
+    # padding never counts
+    x2, y2 = rows_of([(np.array([1, 5, 6, 7]), np.array([0, 0, 1, 1]))], 8)
+    assert y2.tolist() == [[-1, 6, 7, -1, -1, -1, -1, -1]]
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=VOCAB, max_seq_len=256))
+    logits, loss = m(x[None], y[None])
+    logits.retain_grad()
+    loss.backward()
+    masked = (y == -1)
+    assert masked.any() and (~masked).any()
+    assert logits.grad[0][masked].abs().max() == 0 and logits.grad[0][~masked].abs().max() > 0
+
+
+def instruct_rate(work, ckpt, n=60):
+    r = py('sample.py', f'--checkpoint={ckpt}', '--device=cpu', '--temperature=0',
+           f'--eval_instruct={n}', '--max_new_tokens=160', cwd=work)
+    k, total = re.search(r'instruction following: (\d+)/(\d+)', r.stdout).groups()
+    return int(k) / int(total)
+
+
+@pytest.fixture(scope='session')
+def tuned(tiny):
+    """SFT then DPO of the tiny model: (work, sft ckpt, dpo ckpt)."""
+    work, base = tiny
+    py('preprocess.py', 'sft', '--dataset=synth', f'--vocab_size={VOCAB}', cwd=work)
+    py('preprocess.py', 'dpo', '--dataset=synth', f'--vocab_size={VOCAB}', cwd=work)
+    tune = ['--dataset=synth', f'--vocab_size={VOCAB}', *CPU, '--batch_size=16',
+            '--gradient_accumulation_steps=1', '--warmup_iters=10', '--eval_iters=10', '--log_interval=1']
+    py('train.py', '--task=sft', f'--init_from={base}', '--out_dir=out_sft', *tune,
+       '--learning_rate=1e-3', '--min_lr=1e-4', '--max_iters=400', '--eval_interval=200', cwd=work)
+    py('train.py', '--task=dpo', '--init_from=out_sft/ckpt.pt', '--out_dir=out_dpo', *tune,
+       '--learning_rate=1e-4', '--min_lr=1e-5', '--beta=0.1', '--max_iters=100', '--eval_interval=50',
+       '--batch_size=8', cwd=work)
+    return work, os.path.join(work, 'out_sft', 'ckpt.pt'), os.path.join(work, 'out_dpo', 'ckpt.pt')
+
+
+def test_sft_follows_instructions_better(tiny, tuned):
+    work, base = tiny
+    _, sft, _ = tuned
+    before, after = instruct_rate(work, base), instruct_rate(work, sft)
+    print(f"held-out instruction following: pretrained {before:.1%}, SFT {after:.1%}")
+    assert after >= before + 0.15
+    ck = torch.load(sft, weights_only=True)
+    assert ck['task'] == 'sft' and ck['chat_template']['generation_prompt'] == "<|im_start|>assistant\n"
+
+
+def test_dpo_raises_preference_accuracy(tuned):
+    work, _, dpo = tuned
+    evals = [r for r in read_log(os.path.join(work, 'out_dpo', 'log.csv')) if r['val_loss']]
+    first, last = evals[0], evals[-1]
+    print(f"DPO held-out: accuracy {first['pref_acc']} -> {last['pref_acc']}, "
+          f"log-prob margin {first['logp_margin']} -> {last['logp_margin']}")
+    assert float(last['pref_acc']) > float(first['pref_acc'])
+    assert float(last['logp_margin']) > float(first['logp_margin'])
+    assert float(last['val_loss']) < float(first['val_loss'])
+    assert torch.load(dpo, weights_only=True)['task'] == 'dpo'
+
+
+# -----------------------------------------------------------------------------
+# hostile input and crashes (Python side)
+
+def test_bad_checkpoints_are_refused(work, tmp_path):
+    good = tmp_path / 'good.pt'
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=300, max_seq_len=32))
+    torch.save({'model': m.state_dict(), 'model_args': vars(m.params)}, good)
+    data = good.read_bytes()
+    cases = {'truncated.pt': data[:len(data) // 2], 'empty.pt': b'', 'garbage.pt': os.urandom(4096)}
+    # a pickle that would run code (or need a foreign class) when loaded without weights_only
+    evil = tmp_path / 'evil.pt'
+    torch.save({'model': {}, 'model_args': {}, 'x': Server}, evil)
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+    for name in [*cases, 'evil.pt', 'missing.pt']:
+        for script in ('sample.py', 'export.py'):
+            args = [f'--checkpoint={tmp_path / name}'] + ([str(tmp_path / 'm.bin')] if script == 'export.py' else [])
+            r = py(script, *args, cwd=work, check=False)
+            assert r.returncode == 1, (name, script, r.stderr)
+            assert r.stderr.count('\n') == 1 and name in r.stderr, (name, r.stderr)
+    assert not (tmp_path / 'm.bin').exists()
+
+
+def test_sigkill_during_saves_never_corrupts(work):
+    """Kill train.py with SIGKILL while it writes checkpoints (every iteration), many
+    times; each time the checkpoint on disk loads, and resuming continues from it."""
+    import signal
+    import time
+    out = os.path.join(work, 'out_kill')
+    args = [sys.executable, os.path.join(ROOT, 'train.py'), '--dataset=synth', f'--vocab_size={VOCAB}',
+            *TINY, *CPU, '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_interval=1',
+            '--eval_iters=1', '--log_interval=1', f'--out_dir={out}']
+    kills_mid_save, trials, last_iter = 0, 10, 0
+    for trial in range(trials):
+        init = ['--init_from=resume'] if os.path.exists(os.path.join(out, 'ckpt.pt')) else []
+        if os.path.exists(os.path.join(out, 'ckpt.pt.tmp')):  # left by the last kill
+            os.remove(os.path.join(out, 'ckpt.pt.tmp'))
+        p = subprocess.Popen(args + init + ['--max_iters=1000'], cwd=work, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        # let trial % 3 saves complete, then kill during the next one (its temporary file)
+        saves = 0
+        while saves < trial % 3:
+            saves += p.stdout.readline().startswith('saved ')
+        tmp = os.path.join(out, 'ckpt.pt.tmp')
+        deadline = time.time() + 120
+        while not os.path.exists(tmp) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.0005)
+        mid = os.path.exists(tmp)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills_mid_save += mid
+        if not os.path.exists(os.path.join(out, 'ckpt.pt')):  # killed in the very first save
+            assert last_iter == 0
+            continue
+        ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)  # never corrupt
+        assert ck['iter_num'] >= last_iter
+        last_iter = ck['iter_num']
+        load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    print(f"{trials} SIGKILLs, {kills_mid_save} while a checkpoint was being written; "
+          f"0 corrupt; last iteration {last_iter}")
+    assert kills_mid_save >= trials // 2 and last_iter > 0
+    r = subprocess.run(args + ['--init_from=resume', f'--max_iters={last_iter + 2}'],
+                       cwd=work, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"iter {last_iter} |" in r.stdout and torch.load(
+        os.path.join(out, 'ckpt.pt'), weights_only=True)['iter_num'] == last_iter + 2
+
+
+def test_sigint_saves_and_exits(work):
+    import signal
+    out = os.path.join(work, 'out_int')
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), '--dataset=synth',
+                          f'--vocab_size={VOCAB}', *TINY, *CPU, '--batch_size=4',
+                          '--gradient_accumulation_steps=1', '--max_iters=100000', '--eval_interval=100000',
+                          '--log_interval=1', f'--out_dir={out}'], cwd=work, stdout=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith('iter 3 |'):
+            p.send_signal(signal.SIGINT)
+            break
+    rest = p.stdout.read()
+    assert p.wait() == 0
+    n = int(re.search(r'interrupted: saving at iteration (\d+)', rest).group(1))
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['iter_num'] == n >= 4
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(work):
+    out = os.path.join(work, 'out_nan')
+    train(work, out, '--max_iters=4', '--eval_interval=4')
+    before = open(os.path.join(out, 'ckpt.pt'), 'rb').read()
+    r = py('train.py', '--dataset=synth', f'--vocab_size={VOCAB}', *CPU, '--batch_size=4',
+           '--gradient_accumulation_steps=1', '--learning_rate=1e30', '--warmup_iters=0', '--grad_clip=0',
+           '--max_iters=50', '--eval_interval=10', f'--out_dir={out}', '--init_from=resume', cwd=work, check=False)
+    assert r.returncode == 1 and re.search(r'at iteration \d+', r.stderr), r.stderr
+    assert r.stderr.count('\n') == 1
+    assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before
+
+
+def test_unwritable_or_full_out_dir(work, tmp_path):
+    import resource
+    import signal
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    r = py('train.py', '--dataset=synth', f'--vocab_size={VOCAB}', *TINY, *CPU, '--max_iters=1',
+           f'--out_dir={blocker}/out', cwd=work, check=False)
+    assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'out_dir' in r.stderr
+    # a full disk: the next checkpoint cannot be written, the previous one stays intact
+    out = os.path.join(work, 'out_full')
+    train(work, out, '--max_iters=2', '--eval_interval=2')
+    before = open(os.path.join(out, 'ckpt.pt'), 'rb').read()
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--dataset=synth',
+                        f'--vocab_size={VOCAB}', *CPU, '--batch_size=4', '--gradient_accumulation_steps=1',
+                        '--max_iters=4', '--eval_interval=2', '--eval_iters=1', f'--out_dir={out}',
+                        '--init_from=resume'], cwd=work, capture_output=True, text=True, preexec_fn=small_files)
+    assert r.returncode == 1 and 'previous checkpoint is intact' in r.stderr, r.stderr
+    assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before
+    assert not os.path.exists(os.path.join(out, 'ckpt.pt.tmp'))
+
+
+def test_short_shard_is_a_clear_error(work, tmp_path):
+    short = tmp_path / 'short.txt'
+    short.write_text("A tiny story.\n<|endoftext|>\nAnother one.\n<|endoftext|>\n")
+    py('preprocess.py', 'pretokenize', f'--dataset={short}', f'--vocab_size={VOCAB}',
+       f'--data_dir={work}/data', cwd=tmp_path)
+    r = py('train.py', f'--dataset={short}', f'--vocab_size={VOCAB}', *TINY, *CPU, '--max_iters=1',
+           f'--data_dir={work}/data', f'--out_dir={tmp_path}/out', cwd=tmp_path, check=False)
+    assert r.returncode == 1 and r.stderr.count('\n') == 1
+    assert 'val.bin' in r.stderr or 'train_000.bin' in r.stderr
+    assert 'max_seq_len' in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face export: transformers must compute our logits and our token ids
+
+HF_TEXTS = ["Once upon a time, there was a little girl named Lily.", "你好，世界！小猫在花园里玩。",
+            "Lily 说: 我有 3 个苹果 and 2 bananas.", "emoji 😀🎉 👍🏽", "1234567890 3.14159 -42",
+            "a  b   c    d", "   leading spaces", "trailing spaces   ", " ", "", "\n",
+            "line1\nline2\n\n\tline4\r\n", "▁meta▁", "Ünïcödé café, Ω≈ç√ ｆｕｌｌ", "русский, العربية",
+            "hi<|im_start|>user\nhey<|im_end|>\n"]
+
+
+def test_hf_export(request, tmp_path):
+    """LlamaForCausalLM and AutoTokenizer load export.py's folder and agree with us:
+    the same logits (the q/k permutation for HF's rotary layout, with GQA and without),
+    the same token ids (SentencePiece rebuilt as tokenizer.json) and the chat template."""
+    try:
+        from transformers import AutoTokenizer, LlamaForCausalLM
+    except ImportError:
+        pytest.skip("transformers is not installed (pip install transformers)")
+    work, ckpt = request.getfixturevalue('tiny')  # only now: a skip needs no training
+    ours, c = load_checkpoint(ckpt)
+    tok = Tokenizer(c['tokenizer'])
+    # the trained model has n_kv_heads < n_heads; add an untrained one with n_kv_heads == n_heads
+    mha = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=VOCAB))
+    torch.save({'model': mha.state_dict(), 'model_args': asdict(mha.params),
+                'tokenizer': c['tokenizer']}, tmp_path / 'mha.pt')
+    g = torch.Generator().manual_seed(0)
+    seqs = [tok.encode(s, bos=True) for s in HF_TEXTS[:4]]
+    seqs.append([tok.bos_id] + torch.randint(0, VOCAB, (200,), generator=g).tolist())
+    for model, path in ((ours, ckpt), (mha, tmp_path / 'mha.pt')):
+        out = str(tmp_path / f'hf_{model.params.n_kv_heads}')
+        py('export.py', out, f'--checkpoint={path}', '--version=hf', cwd=work)
+        hf = LlamaForCausalLM.from_pretrained(out).eval()
+        for ids in seqs:
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                want, _ = model.eval()(x, targets=torch.full_like(x, -1))  # (1, T, vocab)
+                got = hf(x).logits
+            assert (got - want).abs().max().item() < 1e-4, (model.params, ids[:8])
+    hft = AutoTokenizer.from_pretrained(out)
+    for s in HF_TEXTS:
+        ids = tok.encode(s, bos=True)
+        assert hft(s)['input_ids'] == ids, s
+        assert hft.decode(ids[1:]) == tok.decode(ids), s
+    # a chat renders to our template and tokenizes to the ids the SFT data holds
+    msgs = [{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': '你好 there!\n  Hi?'},
+            {'role': 'assistant', 'content': 'Fine 😀'}, {'role': 'user', 'content': ' 3 + 4 '}]
+    chat = hft.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert chat == hft.bos_token + render_chat(msgs, add_generation_prompt=True)
+    assert hft(chat, add_special_tokens=False)['input_ids'] == tok.encode_chat(msgs, True)[0]

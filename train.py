@@ -284,10 +284,11 @@ def save_checkpoint():
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, ckpt_path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        die(f"cannot write {ckpt_path}: {e.strerror or e} — free space or choose another "
+        reason = getattr(e, 'strerror', None) or str(e).strip().splitlines()[0][:120]
+        die(f"cannot write {ckpt_path}: {reason} — free some space or choose another "
             "--out_dir; the previous checkpoint is intact")
     print(f"saved {ckpt_path} at iteration {iter_num}")
 
@@ -316,8 +317,9 @@ if master:
     except OSError as e:
         die(f"cannot write to --out_dir={out_dir}: {e.strerror}")
     log_csv = csv.writer(log_file)
+    extra = ['pref_acc', 'logp_margin', 'reward_margin'] if task == 'dpo' else []
     if fresh:
-        log_csv.writerow(['iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec'])
+        log_csv.writerow(['iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec'] + extra)
     print(f"{task} on {data_folder}: {tokens_per_iter:,} tokens per iteration = "
           f"{gradient_accumulation_steps} accumulation steps x {world_size} processes x "
           f"{batch_size} x {max_seq_len}; {sum(p.numel() for p in raw_model.parameters()):,} "
@@ -351,7 +353,8 @@ while True:
         losses = evaluate()
         print(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
         train_loss = f"{losses['train']:.6f}" if 'train' in losses else ''
-        log_csv.writerow([iter_num, train_loss, f"{losses['val']:.6f}", f"{lr:.3e}", ''])
+        log_csv.writerow([iter_num, train_loss, f"{losses['val']:.6f}", f"{lr:.3e}", '']
+                         + [f"{losses[k]:.6f}" for k in extra])
         log_file.flush()
         if wandb_log:
             wandb.log({'iter': iter_num, **{f'eval/{k}': v for k, v in losses.items()}}, step=iter_num)
@@ -396,7 +399,7 @@ while True:
             mfu_txt = f" | mfu {running_mfu * 100:.1f}%"
         print(f"iter {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | "
               f"{tok_s:,.0f} tok/s{mfu_txt}", flush=True)
-        log_csv.writerow([iter_num, f"{lossf:.6f}", '', f"{lr:.3e}", f"{tok_s:.0f}"])
+        log_csv.writerow([iter_num, f"{lossf:.6f}", '', f"{lr:.3e}", f"{tok_s:.0f}"] + [''] * len(extra))
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': lossf, 'lr': lr, 'tok_s': tok_s}, step=iter_num)
     iter_num += 1

@@ -1,0 +1,300 @@
+"""
+Export a checkpoint for run.c (llama2.c's file formats) or for Hugging Face.
+
+$ python export.py out/model.bin --checkpoint=out/ckpt.pt              # version 0, float32
+$ python export.py out/model_q80.bin --checkpoint=out/ckpt.pt --version=2   # int8 (Q8_0)
+$ python export.py out/hf --checkpoint=out/ckpt.pt --version=hf        # a transformers folder
+
+Beside a .bin model it writes tokenizer.bin, from the tokenizer stored in the checkpoint,
+so run.c finds the right one. Arrays are written whole with numpy (llama2.c packs floats
+one by one with struct, minutes for 110M parameters), and every file is written to a
+temporary name and renamed, so an interrupted export never leaves a half file behind.
+"""
+
+import json
+import os
+import shutil
+import struct
+import sys
+
+import numpy as np
+import torch
+
+from configurator import configure
+from model import load_checkpoint
+from tokenizer import (CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, Tokenizer,
+                       export_tokenizer_bin)
+
+# -----------------------------------------------------------------------------
+checkpoint = 'out/ckpt.pt'
+version = '0'            # 0 (float32, llama2.c's legacy format) | 2 (int8 Q8_0) | hf
+group_size = 64          # version 2: values per quantization group (halved until it fits)
+# -----------------------------------------------------------------------------
+
+
+def f32(t):
+    return t.detach().to('cpu', torch.float32).numpy()
+
+
+def legacy_tensors(model):
+    """Version 0's order: embedding, then each weight type for all layers, the final norm,
+    RoPE tables (run.c computes its own, but the layout has room for them), classifier."""
+    p, L = model.params, model.layers
+    yield f32(model.tok_embeddings.weight)
+    for get in (lambda l: l.attention_norm.weight, lambda l: l.attention.wq.weight,
+                lambda l: l.attention.wk.weight, lambda l: l.attention.wv.weight,
+                lambda l: l.attention.wo.weight, lambda l: l.ffn_norm.weight,
+                lambda l: l.feed_forward.w1.weight, lambda l: l.feed_forward.w2.weight,
+                lambda l: l.feed_forward.w3.weight):
+        for layer in L:
+            yield f32(get(layer))
+    yield f32(model.norm.weight)
+    yield f32(model.freqs_cos[:p.max_seq_len])
+    yield f32(model.freqs_sin[:p.max_seq_len])
+    if not shared(model):
+        yield f32(model.output.weight)
+
+
+def shared(model):
+    return model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr() or \
+        torch.equal(model.output.weight, model.tok_embeddings.weight)
+
+
+def config_ints(model):
+    p = model.params
+    return [p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len]
+
+
+def write_atomic(path, chunks):
+    """chunks: bytes or numpy arrays, written in order to path.tmp, then renamed."""
+    with open(path + '.tmp', 'wb') as f:
+        for c in chunks:
+            if isinstance(c, np.ndarray):
+                c.tofile(f)
+            else:
+                f.write(c)
+    os.replace(path + '.tmp', path)
+
+
+def export_v0(model, path):
+    header = config_ints(model)
+    if not shared(model):
+        header[5] = -header[5]  # the legacy format's flag for a separate classifier
+    write_atomic(path, [struct.pack('7i', *header), *legacy_tensors(model)])
+
+
+def quantize_q80(w, gs):
+    """Symmetric int8 per group of gs values: w ≈ q * scale, q in [-127, 127].
+    Returns (q int8, scale float32, largest absolute error)."""
+    w = w.reshape(-1, gs)
+    scale = np.abs(w).max(axis=1) / 127.0
+    q = np.round(w / np.where(scale == 0, 1, scale)[:, None]).astype(np.int8)
+    err = np.abs(q.astype(np.float32) * scale[:, None] - w).max()
+    return q, scale.astype(np.float32), float(err)
+
+
+def export_v2(model, path):
+    """llama2.c's version 2 (runq.c): a 256-byte header, the norms in float32, then
+    every matrix as int8 groups followed by their float32 scales."""
+    p = model.params
+    gs = group_size
+    while p.dim % gs or p.hidden_dim % gs:  # activations are quantized in groups too
+        gs //= 2
+    if gs < group_size:
+        print(f"group size {group_size} does not divide dim {p.dim} and hidden_dim "
+              f"{p.hidden_dim}: using {gs}")
+    header = struct.pack('I', 0x616b3432) + struct.pack('i', 2) + struct.pack('7i', *config_ints(model)) \
+        + struct.pack('B', int(shared(model))) + struct.pack('i', gs)
+    chunks = [header + b'\0' * (256 - len(header))]
+    chunks += [f32(l.attention_norm.weight) for l in model.layers]
+    chunks += [f32(l.ffn_norm.weight) for l in model.layers]
+    chunks.append(f32(model.norm.weight))
+    mats = [('tok_embeddings', model.tok_embeddings.weight)]
+    for name in ('attention.wq', 'attention.wk', 'attention.wv', 'attention.wo',
+                 'feed_forward.w1', 'feed_forward.w2', 'feed_forward.w3'):
+        mats += [(f'layers.{i}.{name}', model.get_submodule(f'layers.{i}.{name}').weight)
+                 for i in range(p.n_layers)]
+    if not shared(model):
+        mats.append(('output', model.output.weight))
+    worst = 0.0
+    for name, w in mats:
+        q, s, err = quantize_q80(f32(w), gs)
+        chunks += [q, s]
+        worst = max(worst, err)
+        print(f"{name:28s} {str(tuple(w.shape)):14s} max abs error {err:.6f}")
+    print(f"largest quantization error: {worst:.6f} (group size {gs})")
+    write_atomic(path, chunks)
+
+# -----------------------------------------------------------------------------
+# Hugging Face: a folder that LlamaForCausalLM and AutoTokenizer load with from_pretrained
+
+def hf_permute(w, n_heads):
+    """Our RoPE rotates adjacent pairs (x[2i], x[2i+1]) of each head, HF's rotates halves
+    (x[i], x[i + head_dim/2]). Moving each head's even rows of wq/wk to its first half
+    and its odd rows to its second half makes HF rotate the same pairs; q·k is unchanged
+    because q and k are reordered alike. w (n_heads * head_dim, dim)"""
+    rows, dim = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def hf_tensors(model):
+    """HF's parameter names -> float32 arrays. A tied classifier is stored once, as
+    embed_tokens (config.json's tie_word_embeddings tells HF to share it)."""
+    p = model.params
+    t = {'model.embed_tokens.weight': model.tok_embeddings.weight}
+    for i, l in enumerate(model.layers):
+        a, f, pre = l.attention, l.feed_forward, f'model.layers.{i}.'
+        t[pre + 'input_layernorm.weight'] = l.attention_norm.weight
+        t[pre + 'self_attn.q_proj.weight'] = hf_permute(a.wq.weight, p.n_heads)
+        t[pre + 'self_attn.k_proj.weight'] = hf_permute(a.wk.weight, p.n_kv_heads)  # GQA: fewer rows
+        t[pre + 'self_attn.v_proj.weight'] = a.wv.weight  # v is not rotated
+        t[pre + 'self_attn.o_proj.weight'] = a.wo.weight
+        t[pre + 'post_attention_layernorm.weight'] = l.ffn_norm.weight
+        t[pre + 'mlp.gate_proj.weight'] = f.w1.weight
+        t[pre + 'mlp.down_proj.weight'] = f.w2.weight
+        t[pre + 'mlp.up_proj.weight'] = f.w3.weight
+    t['model.norm.weight'] = model.norm.weight
+    if not shared(model):
+        t['lm_head.weight'] = model.output.weight
+    return {k: f32(v) for k, v in t.items()}
+
+
+def safetensors_chunks(tensors):
+    """The safetensors format: uint64 header length, a JSON header giving each tensor's
+    dtype, shape and byte range, then the raw little-endian data."""
+    header, offset = {'__metadata__': {'format': 'pt'}}, 0
+    for name, a in tensors.items():
+        header[name] = {'dtype': 'F32', 'shape': list(a.shape),
+                        'data_offsets': [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    h = json.dumps(header).encode()
+    h += b' ' * (-len(h) % 8)  # pad with spaces so the data starts 8-byte aligned
+    return [struct.pack('<Q', len(h)) + h] + [a.astype('<f4') for a in tensors.values()]
+
+
+def hf_config(model, tok):
+    p = model.params
+    return {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_size': p.dim,
+            'intermediate_size': p.hidden_dim, 'num_hidden_layers': p.n_layers,
+            'num_attention_heads': p.n_heads, 'num_key_value_heads': p.n_kv_heads,
+            'head_dim': p.dim // p.n_heads, 'vocab_size': p.vocab_size,
+            'max_position_embeddings': p.max_seq_len, 'rms_norm_eps': p.norm_eps,
+            'rope_theta': 10000.0, 'hidden_act': 'silu', 'tie_word_embeddings': shared(model),
+            'bos_token_id': tok.bos_id, 'eos_token_id': tok.eos_id, 'torch_dtype': 'float32'}
+
+
+def hf_tokenizer_json(tok, special):
+    """tokenizer.json, for the fast (Rust) tokenizer: the same BPE as SentencePiece's.
+    SentencePiece merges the adjacent pair whose joined piece scores highest; HF's BPE
+    merges the pair listed first. So list every split of every piece, best piece first
+    (as transformers' SentencePieceExtractor does), leaving out special and byte pieces
+    so that nothing merges into them."""
+    sp = tok.sp
+    vocab = {sp.id_to_piece(i): i for i in range(tok.n_words)}
+    normal = {p: i for p, i in vocab.items() if i not in special and not sp.is_byte(i)}
+    best_first = sorted(normal, key=lambda p: -sp.get_score(normal[p]))
+    merges = [[p[:k], p[k:]] for p in best_first for k in range(1, len(p))
+              if p[:k] in normal and p[k:] in normal]
+    bos = sp.id_to_piece(tok.bos_id)
+    s, a, b = ({'SpecialToken': {'id': bos, 'type_id': 0}}, {'Sequence': {'id': 'A', 'type_id': 0}},
+               {'Sequence': {'id': 'B', 'type_id': 1}})
+    return {
+        'version': '1.0', 'truncation': None, 'padding': None,
+        'added_tokens': [{'id': i, 'content': sp.id_to_piece(i), 'special': True, 'normalized': False,
+                          'single_word': False, 'lstrip': False, 'rstrip': False} for i in special],
+        # SentencePiece's dummy prefix: ' ' -> '▁', then one '▁' before the text (but not
+        # after a special token). Metaspace alone adds none when the text starts with a space
+        # (Llama's HF quirk), so spaces become '▁' first, Metaspace then always adds a ' ',
+        # and a second Metaspace turns it into '▁'. split False: the whole text is one word,
+        # as SentencePiece's BPE sees it.
+        'normalizer': {'type': 'Replace', 'pattern': {'String': ' '}, 'content': '▁'},
+        'pre_tokenizer': {'type': 'Sequence', 'pretokenizers': [
+            {'type': 'Metaspace', 'replacement': ' ', 'prepend_scheme': 'first', 'split': False},
+            {'type': 'Metaspace', 'replacement': '▁', 'prepend_scheme': 'never', 'split': False}]},
+        'post_processor': {'type': 'TemplateProcessing', 'single': [s, a], 'pair': [s, a, s, b],
+                           'special_tokens': {bos: {'id': bos, 'ids': [tok.bos_id], 'tokens': [bos]}}},
+        # decoding: '▁' -> ' ', <0xNN> pieces -> bytes -> UTF-8, then drop the dummy prefix
+        'decoder': {'type': 'Sequence', 'decoders': [
+            {'type': 'Replace', 'pattern': {'String': '▁'}, 'content': ' '}, {'type': 'ByteFallback'},
+            {'type': 'Fuse'}, {'type': 'Strip', 'content': ' ', 'start': 1, 'stop': 0}]},
+        'model': {'type': 'BPE', 'unk_token': sp.id_to_piece(sp.unk_id()), 'fuse_unk': True,
+                  'byte_fallback': True, 'vocab': vocab, 'merges': merges}}
+
+
+def hf_chat_template(chat):
+    """Our chat template (str.format fields) as the Jinja string apply_chat_template runs."""
+    message = chat['message'].replace('{role}', "{{ message['role'] }}")
+    message = message.replace('{content}', "{{ message['content'] }}")
+    return ("{{ bos_token }}{% for message in messages %}" + message + "{% endfor %}"
+            "{% if add_generation_prompt %}" + chat['generation_prompt'] + "{% endif %}")
+
+
+def hf_tokenizer_files(model, tok, ckpt):
+    sp = tok.sp
+    special = [i for i in range(tok.n_words) if sp.is_control(i) or sp.is_unknown(i)]
+    # the chat tokens too: one token even inside text, and hidden by skip_special_tokens
+    special += [tok.im_start_id, tok.im_end_id]
+    names = {'unk_token': sp.id_to_piece(sp.unk_id()), 'bos_token': sp.id_to_piece(tok.bos_id),
+             'eos_token': sp.id_to_piece(tok.eos_id), 'additional_special_tokens': [IM_START, IM_END]}
+    chat = ckpt.get('chat_template') or dict(message=CHAT_TEMPLATE, generation_prompt=GENERATION_PROMPT)
+    # not LlamaTokenizer: transformers 5 rebuilds that class's pre-tokenizer from scratch,
+    # losing the leading-space fix in hf_tokenizer_json
+    config = dict(names, tokenizer_class='PreTrainedTokenizerFast', add_bos_token=True,
+                  add_eos_token=False, clean_up_tokenization_spaces=False,
+                  model_max_length=model.params.max_seq_len, chat_template=hf_chat_template(chat))
+    return {'tokenizer.json': hf_tokenizer_json(tok, special), 'tokenizer_config.json': config,
+            'special_tokens_map.json': names, 'tokenizer.model': tok.model_bytes}
+
+
+def export_hf(model, tok, ckpt, out_dir):
+    """Write out_dir/ (config, weights, tokenizer) into out_dir.tmp/, then swap it in, so
+    a crash leaves the previous export whole."""
+    out_dir = os.path.normpath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        sys.exit(f"error: {out_dir} is a file; --version=hf writes a folder")
+    tmp, old = out_dir + '.tmp', out_dir + '.old'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    files = {'config.json': hf_config(model, tok),
+             # stop where sample.py does (BOS starts the next document, EOS) and at <|im_end|>
+             'generation_config.json': {'bos_token_id': tok.bos_id,
+                                        'eos_token_id': [tok.eos_id, tok.bos_id, tok.im_end_id]},
+             **hf_tokenizer_files(model, tok, ckpt)}
+    for name, content in files.items():
+        if not isinstance(content, bytes):
+            content = json.dumps(content, indent=2, ensure_ascii=False).encode()
+        with open(os.path.join(tmp, name), 'wb') as f:
+            f.write(content)
+    write_atomic(os.path.join(tmp, 'model.safetensors'), safetensors_chunks(hf_tensors(model)))
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"wrote {out_dir}/ ({len(files) + 1} files) for transformers' from_pretrained")
+
+
+def main():
+    _, args = configure(globals(), positional=1)
+    if not args:
+        sys.exit("usage: python export.py OUTPUT --checkpoint=out/ckpt.pt [--version=0|2|hf]")
+    out = args[0]
+    model, ckpt = load_checkpoint(checkpoint)
+    model.eval()
+    if 'tokenizer' not in ckpt:
+        sys.exit(f"error: {checkpoint} holds no tokenizer — it was not written by our train.py")
+    tok = Tokenizer(ckpt['tokenizer'])
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if version == 'hf':
+        export_hf(model, tok, ckpt, out)
+    elif version in ('0', '2'):
+        (export_v0 if version == '0' else export_v2)(model, out)
+        tok_path = os.path.join(os.path.dirname(os.path.abspath(out)), 'tokenizer.bin')
+        export_tokenizer_bin(tok, tok_path)
+        print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB) and {tok_path}")
+    else:
+        sys.exit(f"error: --version={version}: use 0, 2 or hf")
+
+
+if __name__ == '__main__':
+    main()
