@@ -19,7 +19,7 @@ DEMO_TRAIN = $(DEMO_DATA) $(DEMO_MODEL) --device=cpu --compile=False --batch_siz
 TUNE = $(DEMO_DATA) --device=cpu --compile=False --batch_size=16 --gradient_accumulation_steps=1 \
 	--warmup_iters=10 --eval_iters=10 --log_interval=20
 
-.PHONY: install demo demo-chat test testc bench fuzz clean
+.PHONY: install demo demo-chat test testc bench fuzz clean run runfast runomp rundebug runasan
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH)
@@ -63,5 +63,37 @@ runomp: run.c
 rundebug: run.c
 	$(CC) -g -O0 -o run run.c -lm
 
+# AddressSanitizer + UBSan build; testc runs the malformed-input tests with it
+runasan: run.c
+	$(CC) -g -O1 -fsanitize=address,undefined -fno-omit-frame-pointer -o runasan run.c -lm
+
+testc: run runasan
+	RUN_BINARIES=./runasan $(PYTHON) -m pytest -q -rs test_all.py -k "malformed"
+
 clean:
 	rm -f run runasan
+
+# ---------------------------------------------------------------------------
+# fuzzing run.c's readers of untrusted input with libFuzzer (clang), see fuzz/fuzz.c:
+#   make fuzz                                     model, tokenizer and prompt, FUZZ_SECONDS each
+#   make fuzz FUZZ_TARGETS=prompt FUZZ_SECONDS=60
+# New corpus entries and crashes go to FUZZ_DIR, never into fuzz/corpus.
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= model tokenizer prompt
+FUZZ_DIR ?= /tmp/run-fuzz
+FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+
+fuzz:
+	@mkdir -p $(FUZZ_DIR)
+	set -e; for t in $(FUZZ_TARGETS); do \
+		T=$$(echo $$t | tr a-z A-Z); \
+		$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_$$T -o $(FUZZ_DIR)/fuzz_$$t fuzz/fuzz.c -lm; \
+	done
+	set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_DIR)/corpus_$$t; \
+		R=$$(ls -d fuzz/regressions/$$t 2>/dev/null || true); \
+		ASAN_OPTIONS=detect_leaks=0 $(FUZZ_DIR)/fuzz_$$t $(FUZZ_DIR)/corpus_$$t fuzz/corpus/$$t $$R \
+			-max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -close_fd_mask=3 \
+			-artifact_prefix=$(FUZZ_DIR)/$$t- -print_final_stats=1; \
+	done

@@ -228,8 +228,9 @@ class Transformer(nn.Module):
         when every row has produced one (rows that stopped are padded with it)."""
         B, T = idx.shape
         stops = {stop_id} if isinstance(stop_id, int) else set(stop_id or ())
-        max_new_tokens = min(max_new_tokens, self.params.max_seq_len - T)
-        self.init_cache(B, T + max_new_tokens)
+        # the last new token is never run through the model, so it may sit at max_seq_len
+        max_new_tokens = min(max_new_tokens, self.params.max_seq_len - T + 1)
+        self.init_cache(B, T + max_new_tokens - 1)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         logits, _ = self(idx, start_pos=0)
         for step in range(max_new_tokens):

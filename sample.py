@@ -72,7 +72,7 @@ class Chat:
             self.pending += tok.encode_message('system', system)[0]
 
     def feed(self, ids):
-        if self.pos + len(ids) > max_seq_len:
+        if self.pos + len(ids) >= max_seq_len:  # (as run.c: leave room for a reply)
             raise ContextFull
         x = torch.tensor([ids], dtype=torch.long, device=device)
         with torch.inference_mode():

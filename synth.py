@@ -183,22 +183,23 @@ def instruction(rng, rejected=False):
     With rejected=True the answer is just as fluent but answers a different request
     (another animal, thing or name): the "rejected" side of a preference pair."""
     kind = rng.random()
-    if kind < 0.45:  # a story with a requested hero and wish
-        animal, thing = rng.choice(ANIMALS), rng.choice(THINGS)
+    if kind < 0.55:  # a story with a requested hero and wish: 45% English, 10% Chinese
+        en = kind < 0.45
+        animals, things, story = (ANIMALS, THINGS, story_en) if en else (ZH_ANIMALS, ZH_THINGS, story_zh)
+        animal, thing = rng.choice(animals), rng.choice(things)
         ask = rng.choice([f"Tell me a story about a {animal} who wants a {thing}.",
                           f"Write a short story about a {animal} and a {thing}.",
-                          f"Can you tell me a story about a little {animal} who wished for a {thing}?"])
+                          f"Can you tell me a story about a little {animal} who wished for a {thing}?"]
+                         if en else [f"给我讲一个关于{animal}想要{thing}的故事。", f"请写一个{animal}和{thing}的故事。"])
+        must = [animal]  # the hero asked for (the wish is in the story too, but harder to place)
+        # the story has its own random stream, so a rejected answer is the same story with
+        # another hero and wish: a preference pair then differs only where it matters
+        story_rng = random.Random(rng.getrandbits(32))
         if rejected:
-            animal, thing = _other(rng, ANIMALS, animal), _other(rng, THINGS, thing)
-        answer, _ = story_en(rng, animal=animal, thing=thing)
-        must = [animal, thing]
-    elif kind < 0.55:  # the same in Chinese
-        animal, thing = rng.choice(ZH_ANIMALS), rng.choice(ZH_THINGS)
-        ask = rng.choice([f"给我讲一个关于{animal}想要{thing}的故事。", f"请写一个{animal}和{thing}的故事。"])
-        if rejected:
-            animal, thing = _other(rng, ZH_ANIMALS, animal), _other(rng, ZH_THINGS, thing)
-        answer, _ = story_zh(rng, animal=animal, thing=thing)
-        must = [animal, thing]
+            animal, thing = _other(rng, animals, animal), _other(rng, things, thing)
+        answer, _ = story(story_rng, animal=animal, thing=thing)
+        while rejected and follows(answer, {"must": must}):  # the asked-for animal as the helper
+            answer, _ = story(story_rng, animal=animal, thing=thing)
     else:  # a question about a given story
         story, f = story_en(rng)
         q, answer, key = rng.choice([
@@ -218,14 +219,16 @@ def instruction(rng, rejected=False):
 
 
 def follows(answer, check):
-    """Does the answer contain every required word (as a whole word: "ball" is not "balloon")?"""
-    return all(re.search(r"(?<![A-Za-z])" + re.escape(w) + r"(?![A-Za-z])", answer)
-               for w in check["must"])
+    """Does the answer contain every required word (as a whole word: "ball" is not
+    "balloon"), and is it complete (it ends a sentence rather than stopping midway)?"""
+    complete = answer.rstrip().endswith(('.', '!', '?', '"', '。', '！', '？', '”'))
+    return complete and all(re.search(r"(?<![A-Za-z])" + re.escape(w) + r"(?![A-Za-z])", answer)
+                            for w in check["must"])
 
 
-def held_out(check):
-    """A fixed tenth of the requests (by the words they ask for) is never trained on."""
-    return zlib.crc32(" ".join(check["must"]).encode()) % 10 == 0
+def held_out(request):
+    """A fixed tenth of the requests (by their text) is never trained on."""
+    return zlib.crc32(request.encode()) % 10 == 0
 
 
 def instructions(n, seed=0, heldout=False):
@@ -233,27 +236,41 @@ def instructions(n, seed=0, heldout=False):
     rng, out = random.Random(seed), []
     while len(out) < n:
         messages, check = instruction(rng)
-        if held_out(check) == heldout:
+        if held_out(messages[0]["content"]) == heldout:
             out.append((messages, check))
     return out
 
 
+def cut_off(rng, answer):
+    """The answer stopped partway, not at the end of a sentence."""
+    parts = answer.split(' ') if ' ' in answer else list(answer)
+    k = rng.randint(max(1, len(parts) // 3), max(1, 2 * len(parts) // 3))
+    return (' ' if ' ' in answer else '').join(parts[:k]).rstrip('.!?"。！？”，, ')
+
+
 def preference(rng):
-    """A prompt, an answer that follows it (chosen) and one that does not (rejected):
-    both drawn from the same random state, so they differ only where the request does."""
+    """A prompt, an answer that follows it (chosen) and one that does not (rejected): a
+    third of the time the same answer cut off midway, otherwise the same story about
+    another animal, or the same answer with the asked-for fact wrong."""
+    cut = rng.random() < 1 / 3
     state = rng.getstate()
     messages, check = instruction(rng)
-    rng.setstate(state)
-    other, _ = instruction(rng, rejected=True)
-    assert other[0] == messages[0] and not follows(other[1]["content"], check)
-    return {"prompt": messages[:1], "chosen": messages[1]["content"],
-            "rejected": other[1]["content"], "check": check}
+    if cut:
+        rejected = cut_off(rng, messages[1]["content"])
+    else:
+        rng.setstate(state)
+        other, _ = instruction(rng, rejected=True)
+        assert other[0] == messages[0]
+        rejected = other[1]["content"]
+    assert follows(messages[1]["content"], check) and not follows(rejected, check)
+    return {"prompt": messages[:1], "chosen": messages[1]["content"], "rejected": rejected,
+            "check": check}
 
 
 def preferences(n, seed=0, heldout=False):
     rng, out = random.Random(seed), []
     while len(out) < n:
         p = preference(rng)
-        if held_out(p["check"]) == heldout:
+        if held_out(p["prompt"][0]["content"]) == heldout:
             out.append(p)
     return out

@@ -1,0 +1,1162 @@
+/*
+Inference for a Llama 2 Transformer in one C file: float32 and int8 (Q8_0) weights.
+
+    make run       # gcc -O3 -o run run.c -lm
+    make runomp    # gcc -Ofast -fopenmp -march=native -o run run.c -lm
+    ./run out/model.bin -i "Once upon a time"
+    ./run out/model.bin -m chat -y "You are a helpful assistant."
+
+The file reads top to bottom: model files -> neural net blocks -> forward pass ->
+tokenizer -> sampler -> generation and chat loops -> command line. It reads the
+formats of karpathy/llama2.c: version 0 (the legacy float32 file), version 1
+(float32 with a 256-byte header) and version 2 (int8 weights in groups with a
+float32 scale each, as written by llama2.c's export.py and read by its runq.c).
+Only loading and matmul know the difference; everything else is shared.
+*/
+#define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
+// OpenMP is optional: without -fopenmp these pragmas vanish (and -Wall stays quiet)
+#ifdef _OPENMP
+#define OMP(directive) _Pragma(#directive)
+#else
+#define OMP(directive)
+#endif
+
+// ----------------------------------------------------------------------------
+// errors: a user mistake gets one line and exit status 1
+
+#ifdef RUN_FUZZ // fuzz/fuzz.c includes this file: die() jumps back to it, and main() is left out
+#include <setjmp.h>
+static jmp_buf *die_jump;
+#endif
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "error: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+#ifdef RUN_FUZZ
+    if (die_jump) longjmp(*die_jump, 1);
+#endif
+    exit(1);
+}
+
+static void *xalloc(size_t n) { // zeroed, 64-byte aligned (one cache line, one AVX-512 vector)
+    void *p = NULL;
+    if (posix_memalign(&p, 64, n ? n : 1) != 0) die("out of memory allocating %zu bytes", n);
+    memset(p, 0, n);
+    return p;
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// ----------------------------------------------------------------------------
+// the Transformer: its hyperparameters, weights and activation buffers
+
+typedef struct {
+    int dim;         // transformer dimension
+    int hidden_dim;  // for the ffn layers
+    int n_layers;
+    int n_heads;     // number of query heads
+    int n_kv_heads;  // number of key/value heads (can be < n_heads: grouped-query attention)
+    int vocab_size;
+    int max_seq_len; // context length the model was trained for
+} Config;
+
+// A weight matrix (rows, cols) lives in the memory-mapped file, in one of two forms:
+// float32 (w), or int8 values q with one float32 scale s per group of group_size
+// consecutive values, w ~= q * s. A group never straddles two rows (checked at load).
+typedef struct {
+    const float *w;
+    const int8_t *q;
+    const float *s;
+    int rows;
+} Matrix;
+
+typedef struct {
+    const float *rms_att; // (dim,) attention_norm
+    const float *rms_ffn; // (dim,) ffn_norm
+    Matrix wq, wk, wv;    // (dim, dim), (kv_dim, dim), (kv_dim, dim)
+    Matrix wo;            // (dim, dim)
+    Matrix w1, w2, w3;    // (hidden_dim, dim), (dim, hidden_dim), (hidden_dim, dim)
+} Layer;
+
+typedef struct {
+    Config config;
+    int group_size;          // 0 for float32 files, else the int8 group size
+    Matrix token_embedding;  // (vocab_size, dim)
+    Layer *layers;           // (n_layers,)
+    const float *rms_final;  // (dim,)
+    Matrix wcls;             // (vocab_size, dim), often the token embedding itself
+    void *file;              // the memory-mapped file
+    size_t file_size;
+} Transformer;
+
+// Activations for a block of up to B tokens processed together (B = 1 when decoding).
+typedef struct {
+    int B;            // tokens per block
+    int n_ctx;        // positions the kv cache holds
+    float *x;         // (B, dim) the residual stream
+    float *xb;        // (B, dim) normalized input of a block, then attention output
+    float *xb2;       // (B, dim) output of wo and w2, added to x
+    float *qkv;       // (B, dim + 2*kv_dim) q, k, v of each token, side by side
+    float *hb;        // (B, 2*hidden_dim) w1 x and w3 x side by side
+    float *hb2;       // (B, hidden_dim) silu(w1 x) * w3 x
+    float *att;       // (B, n_heads, n_ctx) attention scores
+    float *rope_cos;  // (B, head_size/2) rotation of each token's position
+    float *rope_sin;  // (B, head_size/2)
+    float *logits;    // (B, vocab_size) (only the first row is used unless all logits are asked for)
+    int16_t *xq;      // (B, max(dim, hidden)) int8 activations, held in int16 (int8 files only)
+    float *xs;        // (B, max(dim, hidden) / group_size) their scales
+    float *key_cache;   // (n_layers, kv_dim, n_ctx): transposed, see attention()
+    float *value_cache; // (n_layers, n_ctx, kv_dim)
+} RunState;
+
+// ----------------------------------------------------------------------------
+// reading model files. Every header field is checked, and the file size must be
+// exactly what the header implies, so that no weight pointer can leave the file.
+
+#define MAGIC_AK42 0x616b3432u // "ak42", the versioned llama2.c formats
+#define HEADER_V12 256         // header bytes of versions 1 and 2
+
+static int32_t read_i32(const unsigned char *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+static void read_config(Config *c, const unsigned char *p) { // 7 int32, in the order of Config
+    int *fields[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads, &c->vocab_size, &c->max_seq_len};
+    for (int i = 0; i < 7; i++) *fields[i] = read_i32(p + 4 * i);
+}
+
+// Caps on header fields: generous for real models, and small enough that no size
+// computed below can overflow 64 bits (the largest product is under 2^50).
+static void check_config(const char *path, const Config *c) {
+    const char *hint = "is this a model file written by export.py?";
+    struct { const char *name; int value, min, max; } f[] = {
+        {"dim", c->dim, 1, 1 << 16}, {"hidden_dim", c->hidden_dim, 1, 1 << 18},
+        {"n_layers", c->n_layers, 1, 1 << 10}, {"n_heads", c->n_heads, 1, 1 << 10},
+        {"n_kv_heads", c->n_kv_heads, 1, 1 << 10}, {"vocab_size", c->vocab_size, 3, 1 << 22}, // 3: <unk>, BOS, EOS
+        {"max_seq_len", c->max_seq_len, 1, 1 << 22},
+    };
+    for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) {
+        if (f[i].value < f[i].min || f[i].value > f[i].max)
+            die("%s: header field %s = %d is outside %d..%d — %s", path, f[i].name, f[i].value, f[i].min, f[i].max, hint);
+    }
+    if (c->dim % c->n_heads != 0)
+        die("%s: n_heads = %d does not divide dim = %d — %s", path, c->n_heads, c->dim, hint);
+    if (c->n_heads % c->n_kv_heads != 0)
+        die("%s: n_kv_heads = %d does not divide n_heads = %d — %s", path, c->n_kv_heads, c->n_heads, hint);
+    if ((c->dim / c->n_heads) % 2 != 0)
+        die("%s: head size %d is odd, but RoPE rotates pairs — %s", path, c->dim / c->n_heads, hint);
+}
+
+// A cursor that walks the mapped file, handing out consecutive tensors.
+typedef struct { const char *p; } Cursor;
+
+static const float *take_f32(Cursor *c, uint64_t n) {
+    const float *t = (const float *)c->p;
+    c->p += n * sizeof(float);
+    return t;
+}
+
+static Matrix take_matrix(Cursor *c, int rows, int cols, int group_size) {
+    Matrix m = {0};
+    uint64_t n = (uint64_t)rows * cols;
+    m.rows = rows;
+    if (group_size == 0) {
+        m.w = take_f32(c, n);
+    } else { // int8 values, then one float32 scale per group
+        m.q = (const int8_t *)c->p;
+        c->p += n;
+        m.s = take_f32(c, n / group_size);
+    }
+    return m;
+}
+
+// the size in bytes of one matrix, and of all the weights, in a file of this version
+static uint64_t matrix_bytes(uint64_t rows, uint64_t cols, int group_size) {
+    uint64_t n = rows * cols;
+    return group_size == 0 ? 4 * n : n + 4 * (n / group_size);
+}
+
+static uint64_t expected_size(const Config *c, int version, int shared, int group_size) {
+    uint64_t L = c->n_layers, dim = c->dim, hidden = c->hidden_dim, vocab = c->vocab_size;
+    uint64_t kv_dim = dim * c->n_kv_heads / c->n_heads, head_size = dim / c->n_heads;
+    uint64_t norms = 4 * (2 * L * dim + dim);
+    uint64_t per_layer = 2 * matrix_bytes(dim, dim, group_size) + 2 * matrix_bytes(kv_dim, dim, group_size)
+                       + 3 * matrix_bytes(hidden, dim, group_size);
+    uint64_t size = (version == 0 ? 28 : HEADER_V12) + norms + L * per_layer
+                  + matrix_bytes(vocab, dim, group_size) * (shared ? 1 : 2);
+    if (version == 0) size += 4 * (uint64_t)c->max_seq_len * head_size; // unused RoPE tables
+    return size;
+}
+
+// Point every weight of t into the mapped file. Version 0 interleaves the norms with
+// the matrices; versions 1 and 2 put all norms first.
+static void map_weights(Transformer *t, const char *weights, int version, int shared) {
+    Config *c = &t->config;
+    int L = c->n_layers, dim = c->dim, hidden = c->hidden_dim, gs = t->group_size;
+    int kv_dim = dim * c->n_kv_heads / c->n_heads, head_size = dim / c->n_heads;
+    Cursor cur = {weights};
+    Layer *ls = t->layers = xalloc(L * sizeof(Layer));
+    if (version == 0) {
+        t->token_embedding = take_matrix(&cur, c->vocab_size, dim, 0);
+        for (int l = 0; l < L; l++) ls[l].rms_att = take_f32(&cur, dim);
+    } else {
+        for (int l = 0; l < L; l++) ls[l].rms_att = take_f32(&cur, dim);
+        for (int l = 0; l < L; l++) ls[l].rms_ffn = take_f32(&cur, dim);
+        t->rms_final = take_f32(&cur, dim);
+        t->token_embedding = take_matrix(&cur, c->vocab_size, dim, gs);
+    }
+    for (int l = 0; l < L; l++) ls[l].wq = take_matrix(&cur, dim, dim, gs);
+    for (int l = 0; l < L; l++) ls[l].wk = take_matrix(&cur, kv_dim, dim, gs);
+    for (int l = 0; l < L; l++) ls[l].wv = take_matrix(&cur, kv_dim, dim, gs);
+    for (int l = 0; l < L; l++) ls[l].wo = take_matrix(&cur, dim, dim, gs);
+    if (version == 0) for (int l = 0; l < L; l++) ls[l].rms_ffn = take_f32(&cur, dim);
+    for (int l = 0; l < L; l++) ls[l].w1 = take_matrix(&cur, hidden, dim, gs);
+    for (int l = 0; l < L; l++) ls[l].w2 = take_matrix(&cur, dim, hidden, gs);
+    for (int l = 0; l < L; l++) ls[l].w3 = take_matrix(&cur, hidden, dim, gs);
+    if (version == 0) {
+        t->rms_final = take_f32(&cur, dim);
+        take_f32(&cur, (uint64_t)c->max_seq_len * head_size); // freq_cis_real and _imag: RoPE is computed on the fly
+    }
+    t->wcls = shared ? t->token_embedding : take_matrix(&cur, c->vocab_size, dim, gs);
+}
+
+static void read_checkpoint(Transformer *t, const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    uint64_t size = (uint64_t)st.st_size;
+    if (size < 28) die("%s: %llu bytes is too small for a model header — is the file truncated?", path, (unsigned long long)size);
+    if (size > SIZE_MAX) die("%s: too large to map on this machine", path);
+    void *file = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (file == MAP_FAILED) die("%s: mmap failed: %s", path, strerror(errno));
+    close(fd); // the mapping stays valid
+    t->file = file;
+    t->file_size = size;
+    const unsigned char *h = file;
+    Config *c = &t->config;
+    int version = 0, shared = 1;
+    t->group_size = 0;
+    if ((uint32_t)read_i32(h) == MAGIC_AK42) {
+        if (size < HEADER_V12) die("%s: %llu bytes is too small for its 256-byte header — is the file truncated?", path, (unsigned long long)size);
+        version = read_i32(h + 4);
+        if (version != 1 && version != 2) die("%s: unknown format version %d (this program reads 0, 1 and 2) — re-export the model", path, version);
+        read_config(c, h + 8);
+        shared = h[36];
+        if (shared > 1) die("%s: shared_classifier flag is %d, must be 0 or 1 — is this a model file?", path, shared);
+        if (version == 2) {
+            t->group_size = read_i32(h + 37);
+            if (t->group_size <= 0) die("%s: group_size %d must be positive — re-export the model", path, t->group_size);
+        }
+    } else { // version 0: 7 int32, a negative vocab_size means the classifier is not shared
+        read_config(c, h);
+        if (c->vocab_size < 0 && c->vocab_size != INT32_MIN) { shared = 0; c->vocab_size = -c->vocab_size; }
+    }
+    check_config(path, c);
+    int gs = t->group_size;
+    if (gs && (c->dim % gs != 0 || c->hidden_dim % gs != 0))
+        die("%s: group_size %d does not divide dim %d and hidden_dim %d — re-export with a group size that does", path, gs, c->dim, c->hidden_dim);
+    if (gs && c->dim % 4 != 0) // else the float32 scales after the int8 values would be misaligned
+        die("%s: int8 files need dim %% 4 == 0 (dim = %d) — export this model as float32", path, c->dim);
+    uint64_t want = expected_size(c, version, shared, gs);
+    if (size != want)
+        die("%s: file is %llu bytes but its header implies %llu — %s", path, (unsigned long long)size,
+            (unsigned long long)want, size < want ? "was the export interrupted?" : "is the header from another model?");
+    map_weights(t, (const char *)file + (version == 0 ? 28 : HEADER_V12), version, shared);
+}
+
+static void free_transformer(Transformer *t) {
+    munmap(t->file, t->file_size);
+    free(t->layers);
+}
+
+static void malloc_run_state(RunState *s, const Transformer *t, int B, int n_ctx, int all_logits) {
+    const Config *c = &t->config;
+    size_t dim = c->dim, hidden = c->hidden_dim, kv_dim = dim * c->n_kv_heads / c->n_heads;
+    size_t widest = hidden > dim ? hidden : dim, cache = (size_t)c->n_layers * n_ctx * kv_dim;
+    *s = (RunState){.B = B, .n_ctx = n_ctx};
+    s->x = xalloc(B * dim * sizeof(float));
+    s->xb = xalloc(B * dim * sizeof(float));
+    s->xb2 = xalloc(B * dim * sizeof(float));
+    s->qkv = xalloc(B * (dim + 2 * kv_dim) * sizeof(float));
+    s->hb = xalloc(B * 2 * hidden * sizeof(float));
+    s->hb2 = xalloc(B * hidden * sizeof(float));
+    s->att = xalloc((size_t)B * c->n_heads * n_ctx * sizeof(float));
+    s->rope_cos = xalloc(B * dim / c->n_heads / 2 * sizeof(float));
+    s->rope_sin = xalloc(B * dim / c->n_heads / 2 * sizeof(float));
+    s->logits = xalloc((all_logits ? B : 1) * (size_t)c->vocab_size * sizeof(float));
+    if (t->group_size) {
+        s->xq = xalloc(B * widest * sizeof(int16_t));
+        s->xs = xalloc(B * widest / t->group_size * sizeof(float));
+    }
+    s->key_cache = xalloc(cache * sizeof(float));
+    s->value_cache = xalloc(cache * sizeof(float));
+}
+
+static void free_run_state(RunState *s) {
+    float *f[] = {s->x, s->xb, s->xb2, s->qkv, s->hb, s->hb2, s->att, s->rope_cos, s->rope_sin,
+                  s->logits, s->xs, s->key_cache, s->value_cache};
+    for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) free(f[i]);
+    free(s->xq);
+}
+
+// ----------------------------------------------------------------------------
+// neural net blocks
+
+static void rmsnorm(float *o, const float *x, const float *weight, int size) {
+    float ss = 0.0f;
+    for (int j = 0; j < size; j++) ss += x[j] * x[j];
+    ss = 1.0f / sqrtf(ss / size + 1e-5f);
+    for (int j = 0; j < size; j++) o[j] = weight[j] * (ss * x[j]);
+}
+
+static void softmax(float *x, int size) {
+    float max_val = x[0];
+    for (int i = 1; i < size; i++) if (x[i] > max_val) max_val = x[i];
+    float sum = 0.0f;
+    for (int i = 0; i < size; i++) { x[i] = expf(x[i] - max_val); sum += x[i]; } // minus max: no overflow
+    for (int i = 0; i < size; i++) x[i] /= sum;
+}
+
+// Q8_0 quantization of activations, as runq.c does: symmetric, per group, max |x| -> 127
+static void quantize(int16_t *q, float *s, const float *x, int n, int gs) {
+    for (int g = 0; g < n / gs; g++) {
+        float wmax = 0.0f;
+        for (int i = 0; i < gs; i++) wmax = fmaxf(wmax, fabsf(x[g * gs + i]));
+        float scale = wmax / 127.0f;
+        s[g] = scale;
+        for (int i = 0; i < gs; i++) { // NaN or inf (from a broken model) becomes 0: casting them is undefined
+            float v = scale == 0.0f ? 0.0f : roundf(x[g * gs + i] / scale);
+            q[g * gs + i] = fabsf(v) <= 127.0f ? (int16_t)v : 0;
+        }
+    }
+}
+
+// w (n,) . x (n,) -> float, float32 weights. The sum is kept in LANES partial sums, added
+// in a fixed order at the end: the compiler may then use vector registers without
+// -ffast-math. Every (row, token) pair goes through this one function, so a token gets the
+// same bits whether it comes alone or in a block.
+#define LANES 16
+
+static float dot_f32(const float *w, const float *x, int n) {
+    float a[LANES] = {0}, tail = 0.0f;
+    int j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int k = 0; k < LANES; k++) a[k] += w[j + k] * x[j + k];
+    for (; j < n; j++) tail += w[j] * x[j]; // if n % LANES != 0
+    float h[LANES / 2], q[LANES / 4];
+    for (int k = 0; k < LANES / 2; k++) h[k] = a[k] + a[k + LANES / 2];
+    for (int k = 0; k < LANES / 4; k++) q[k] = h[k] + h[k + LANES / 4];
+    return ((q[0] + q[2]) + (q[1] + q[3])) + tail;
+}
+
+// w (n,) . x (NT, n) -> out (NT,) for int8 weights and activations, NT = 1 or 4 tokens (a
+// constant at each call). The activations are kept as int16, which lets the compiler use
+// 16-bit multiply-adds: an exact integer dot product per group, then scaled by the weight's
+// and the activation's scale.
+static inline void dot_q8(float *out, const int8_t *w, const float *ws, const int16_t *x,
+                          const float *xs, int NT, int n, int gs) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    // With AVX-512 VNNI: 32 products per instruction, and the group sums stay in vector lanes
+    // (no horizontal sum per group): 2-2.6x faster than the loop below for one token. A group
+    // of w is widened to int16 once for all NT tokens: 4 tokens at once make prefill 1.3x faster.
+    if (gs % 32 == 0) {
+        __m512 acc[4];
+        for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+        for (int g = 0; g < n / gs; g++) {
+            __m512i isum[4];
+            for (int t = 0; t < NT; t++) isum[t] = _mm512_setzero_si512();
+            for (int k = g * gs; k < (g + 1) * gs; k += 32) {
+                __m512i wk = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k)));
+                for (int t = 0; t < NT; t++) isum[t] = _mm512_dpwssd_epi32(isum[t], wk, _mm512_loadu_si512(x + (size_t)t * n + k));
+            }
+            for (int t = 0; t < NT; t++)
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_set1_ps(ws[g] * xs[(size_t)t * (n / gs) + g]), acc[t]);
+        }
+        for (int t = 0; t < NT; t++) out[t] = _mm512_reduce_add_ps(acc[t]);
+        return;
+    }
+#endif
+    for (int t = 0; t < NT; t++) {
+        const int16_t *xt = x + (size_t)t * n;
+        float val = 0.0f;
+        for (int g = 0; g < n / gs; g++) {
+            int32_t isum = 0;
+            for (int k = g * gs; k < (g + 1) * gs; k++) isum += xt[k] * w[k];
+            val += (float)isum * ws[g] * xs[(size_t)t * (n / gs) + g];
+        }
+        out[t] = val;
+    }
+}
+
+// W (d, n) @ x (T, n) -> out (T, d), where W is the rows of nw matrices stacked, so that
+// wq, wk, wv (or w1, w3) share one parallel loop. A row of W is read from memory once and
+// then stays in the L1 cache for all T tokens: that is what makes prefill fast.
+static void matmul(float *out, const float *x, int T, int n, const Matrix *ws, int nw,
+                   int gs, RunState *s) {
+    int d = 0;
+    for (int m = 0; m < nw; m++) d += ws[m].rows;
+    if (gs) {
+        OMP(omp parallel for if(T > 1))
+        for (int t = 0; t < T; t++) quantize(s->xq + (size_t)t * n, s->xs + (size_t)t * n / gs, x + (size_t)t * n, n, gs);
+    }
+    OMP(omp parallel for schedule(static))
+    for (int row = 0; row < d; row++) {
+        int i = row, m = 0; // row i of matrix m
+        while (i >= ws[m].rows) i -= ws[m++].rows;
+        for (int t = 0; t < T;) {
+            float o[4];
+            int nt = gs && T - t >= 4 ? 4 : 1; // int8: 4 tokens per step while there are 4
+            if (gs) {
+                const int8_t *wq = ws[m].q + (size_t)i * n;
+                const float *wsc = ws[m].s + (size_t)i * n / gs, *xs = s->xs + (size_t)t * n / gs;
+                if (nt == 4) dot_q8(o, wq, wsc, s->xq + (size_t)t * n, xs, 4, n, gs);
+                else dot_q8(o, wq, wsc, s->xq + (size_t)t * n, xs, 1, n, gs);
+            } else o[0] = dot_f32(ws[m].w + (size_t)i * n, x + (size_t)t * n, n);
+            for (int k = 0; k < nt; k++, t++) out[(size_t)t * d + row] = o[k];
+        }
+    }
+}
+
+// copy (and for int8 files dequantize) the embedding of token into x (dim,)
+static void embed(float *x, const Transformer *t, int token) {
+    int dim = t->config.dim, gs = t->group_size;
+    size_t off = (size_t)token * dim;
+    if (gs == 0) { memcpy(x, t->token_embedding.w + off, dim * sizeof(float)); return; }
+    for (int i = 0; i < dim; i++) x[i] = t->token_embedding.q[off + i] * t->token_embedding.s[(off + i) / gs];
+}
+
+// RoPE: the angles for one position, shared by all heads and layers
+static void rope_angles(float *fcos, float *fsin, int pos, int head_size) {
+    for (int i = 0; i < head_size; i += 2) {
+        float freq = 1.0f / powf(10000.0f, i / (float)head_size);
+        float val = pos * freq;
+        fcos[i / 2] = cosf(val);
+        fsin[i / 2] = sinf(val);
+    }
+}
+
+// rotate each adjacent pair (v[i], v[i+1]) of every head in v (n,) by its angle
+static void rope(float *v, int n, const float *fcos, const float *fsin, int head_size) {
+    for (int i = 0; i < n; i += 2) {
+        float c = fcos[(i % head_size) / 2], s = fsin[(i % head_size) / 2];
+        float v0 = v[i], v1 = v[i + 1];
+        v[i] = v0 * c - v1 * s;
+        v[i + 1] = v0 * s + v1 * c;
+    }
+}
+
+// One head of causal self-attention for the token at pos: q (head_size,) against the keys
+// of positions 0..pos -> out (head_size,). The cache holds a head's keys transposed,
+// (head_size, n_ctx), so that the scores of all positions are computed side by side in
+// vector registers.
+static void attention(float *out, const float *q, const float *keys, const float *values,
+                      float *att, int pos, int head_size, int kv_dim, int n_ctx) {
+    for (int t = 0; t <= pos; t++) att[t] = 0.0f;
+    for (int i = 0; i < head_size; i++)
+        for (int t = 0; t <= pos; t++) att[t] += q[i] * keys[(size_t)i * n_ctx + t];
+    float scale = sqrtf(head_size);
+    for (int t = 0; t <= pos; t++) att[t] /= scale;
+    softmax(att, pos + 1);
+    memset(out, 0, head_size * sizeof(float));
+    for (int t = 0; t <= pos; t++) {
+        const float *v = values + (size_t)t * kv_dim;
+        for (int i = 0; i < head_size; i++) out[i] += att[t] * v[i];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// the forward pass
+
+// Forward T tokens at positions pos..pos+T-1 (the prompt in blocks, or one generated
+// token). Returns the logits (vocab_size,) of the last token, or of all T tokens
+// (T, vocab_size) when all_logits is set.
+static float *forward(Transformer *tf, RunState *s, const int *tokens, int T, int pos, int all_logits) {
+    const Config *c = &tf->config;
+    int dim = c->dim, hidden = c->hidden_dim, gs = tf->group_size, n_heads = c->n_heads;
+    int head_size = dim / n_heads, kv_dim = dim * c->n_kv_heads / n_heads;
+    int kv_mul = n_heads / c->n_kv_heads; // query heads per kv head
+    int qkv_dim = dim + 2 * kv_dim, half = head_size / 2;
+
+    for (int t = 0; t < T; t++) {
+        embed(s->x + (size_t)t * dim, tf, tokens[t]);
+        rope_angles(s->rope_cos + t * half, s->rope_sin + t * half, pos + t, head_size);
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        const Layer *w = &tf->layers[l];
+        float *key_cache = s->key_cache + (size_t)l * s->n_ctx * kv_dim;
+        float *value_cache = s->value_cache + (size_t)l * s->n_ctx * kv_dim;
+
+        // attention: q, k, v of every token, rotated; k and v go into the cache
+        OMP(omp parallel for if(T > 1))
+        for (int t = 0; t < T; t++) rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_att, dim);
+        Matrix qkv[3] = {w->wq, w->wk, w->wv};
+        matmul(s->qkv, s->xb, T, dim, qkv, 3, gs, s);
+        OMP(omp parallel for if(T > 1))
+        for (int t = 0; t < T; t++) {
+            float *q = s->qkv + (size_t)t * qkv_dim, *k = q + dim, *v = k + kv_dim;
+            rope(q, dim, s->rope_cos + t * half, s->rope_sin + t * half, head_size);
+            rope(k, kv_dim, s->rope_cos + t * half, s->rope_sin + t * half, head_size);
+            for (int i = 0; i < kv_dim; i++) // keys transposed: (n_kv_heads, head_size, n_ctx)
+                key_cache[(size_t)i * s->n_ctx + pos + t] = k[i];
+            memcpy(value_cache + (size_t)(pos + t) * kv_dim, v, kv_dim * sizeof(float));
+        }
+        // each token attends to the cache up to its own position: causal within the block
+        OMP(omp parallel for schedule(static))
+        for (int th = 0; th < T * n_heads; th++) {
+            int t = th / n_heads, h = th % n_heads, kv_off = (h / kv_mul) * head_size;
+            attention(s->xb + (size_t)t * dim + h * head_size, s->qkv + (size_t)t * qkv_dim + h * head_size,
+                      key_cache + (size_t)kv_off * s->n_ctx, value_cache + kv_off, s->att + (size_t)th * s->n_ctx,
+                      pos + t, head_size, kv_dim, s->n_ctx);
+        }
+        matmul(s->xb2, s->xb, T, dim, &w->wo, 1, gs, s);
+        for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i]; // residual
+
+        // feed-forward: w2(silu(w1 x) * w3 x)
+        OMP(omp parallel for if(T > 1))
+        for (int t = 0; t < T; t++) rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_ffn, dim);
+        Matrix w13[2] = {w->w1, w->w3};
+        matmul(s->hb, s->xb, T, dim, w13, 2, gs, s);
+        OMP(omp parallel for if(T > 1))
+        for (int t = 0; t < T; t++) {
+            const float *h1 = s->hb + (size_t)t * 2 * hidden, *h3 = h1 + hidden;
+            float *out = s->hb2 + (size_t)t * hidden;
+            for (int i = 0; i < hidden; i++) out[i] = h1[i] * (1.0f / (1.0f + expf(-h1[i]))) * h3[i]; // silu(x) = x*sigmoid(x)
+        }
+        matmul(s->xb2, s->hb2, T, hidden, &w->w2, 1, gs, s);
+        for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i]; // residual
+    }
+    // the classifier is the largest matrix: run it only on the rows that are needed
+    int first = all_logits ? 0 : T - 1, n_out = T - first;
+    for (int t = first; t < T; t++) rmsnorm(s->xb + (size_t)(t - first) * dim, s->x + (size_t)t * dim, tf->rms_final, dim);
+    matmul(s->logits, s->xb, n_out, dim, &tf->wcls, 1, gs, s);
+    return s->logits;
+}
+
+// ----------------------------------------------------------------------------
+// the tokenizer: SentencePiece BPE with byte fallback, read from llama2.c's tokenizer.bin
+// (int32 max_token_length, then per token: float32 score, int32 length, the bytes).
+
+enum { BOS = 1, EOS = 2 };                              // llama2.c's (and our) ids
+enum { NORMAL, UNKNOWN, CONTROL, BYTE, SPECIAL };       // kinds of piece
+
+typedef struct {
+    const char *str;
+    int len, id;
+} TokenIndex;
+
+typedef struct {
+    int vocab_size;
+    int max_token_length;
+    char *data;             // the file's bytes; pieces point into it
+    const char **piece;     // (vocab_size,) ' ' stands for SentencePiece's '▁'; not NUL-terminated
+    int *piece_len;         // (vocab_size,)
+    float *score;           // (vocab_size,) merge priority: higher merges first
+    unsigned char *kind;    // (vocab_size,)
+    TokenIndex *sorted;     // the NORMAL pieces sorted by bytes, for lookup by bsearch
+    int n_sorted;
+    int *special;           // ids of the <|...|> pieces, which are never split or merged
+    int n_special;
+    int byte_id[256];       // id of piece <0xNN>, or -1
+} Tokenizer;
+
+static int compare_index(const void *a, const void *b) {
+    const TokenIndex *x = a, *y = b;
+    int n = x->len < y->len ? x->len : y->len, c = memcmp(x->str, y->str, n);
+    return c != 0 ? c : x->len - y->len;
+}
+
+static int hex_digit(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+// which kind of piece is token id: the byte pieces <0x00>..<0xFF> are found by their
+// text (not by a fixed offset: ours start at 5, llama2.c's at 3)
+static int piece_kind(const char *p, int len, int id, int *byte) {
+    if (id == 0) return UNKNOWN;
+    if (id == BOS || id == EOS) return CONTROL;
+    if (len == 6 && memcmp(p, "<0x", 3) == 0 && p[5] == '>' && hex_digit(p[3]) >= 0 && hex_digit(p[4]) >= 0) {
+        *byte = hex_digit(p[3]) * 16 + hex_digit(p[4]);
+        return BYTE;
+    }
+    if (len > 4 && memcmp(p, "<|", 2) == 0 && memcmp(p + len - 2, "|>", 2) == 0) return SPECIAL;
+    return NORMAL;
+}
+
+static void build_tokenizer(Tokenizer *t, const char *path, int vocab_size) {
+    const char *hint = "is this the tokenizer.bin of this model?";
+    FILE *f = fopen(path, "rb");
+    if (!f) die("%s: cannot open: %s — pass the tokenizer with -z", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    size_t size = (size_t)st.st_size;
+    t->data = xalloc(size);
+    if (size > 0 && fread(t->data, 1, size, f) != size) die("%s: read failed", path);
+    fclose(f);
+    if (size < 4) die("%s: %zu bytes is too small for a tokenizer — %s", path, size, hint);
+    int32_t max_len;
+    memcpy(&max_len, t->data, 4);
+    if (max_len <= 0 || max_len > 4096) die("%s: max_token_length %d is outside 1..4096 — %s", path, max_len, hint);
+    t->vocab_size = vocab_size;
+    t->max_token_length = max_len;
+    t->piece = xalloc(vocab_size * sizeof(char *));
+    t->piece_len = xalloc(vocab_size * sizeof(int));
+    t->score = xalloc(vocab_size * sizeof(float));
+    t->kind = xalloc(vocab_size);
+    t->sorted = xalloc(vocab_size * sizeof(TokenIndex));
+    t->special = xalloc(vocab_size * sizeof(int));
+    for (int b = 0; b < 256; b++) t->byte_id[b] = -1;
+    size_t off = 4;
+    for (int i = 0; i < vocab_size; i++) {
+        if (size - off < 8) die("%s: ends after %d of the model's %d tokens — %s", path, i, vocab_size, hint);
+        int32_t len;
+        memcpy(&t->score[i], t->data + off, 4);
+        memcpy(&len, t->data + off + 4, 4);
+        off += 8;
+        if (len <= 0 || len > max_len) die("%s: token %d has length %d, outside 1..%d — %s", path, i, len, max_len, hint);
+        if (size - off < (size_t)len) die("%s: token %d runs past the end of the file — is it truncated?", path, i);
+        t->piece[i] = t->data + off;
+        t->piece_len[i] = len;
+        off += len;
+        int byte = 0;
+        t->kind[i] = piece_kind(t->piece[i], len, i, &byte);
+        if (t->kind[i] == BYTE) t->byte_id[byte] = i;
+        if (t->kind[i] == SPECIAL) t->special[t->n_special++] = i;
+        if (t->kind[i] == NORMAL) t->sorted[t->n_sorted++] = (TokenIndex){t->piece[i], len, i};
+    }
+    if (off != size) die("%s: has %zu bytes after the model's %d tokens — is the tokenizer from another model?", path, size - off, vocab_size);
+    qsort(t->sorted, t->n_sorted, sizeof(TokenIndex), compare_index);
+}
+
+static void free_tokenizer(Tokenizer *t) {
+    free(t->data); free(t->piece); free(t->piece_len); free(t->score);
+    free(t->kind); free(t->sorted); free(t->special);
+}
+
+// the id of the NORMAL piece with these bytes, or -1
+static int lookup(const Tokenizer *t, const char *str, int len) {
+    if (len > t->max_token_length) return -1;
+    TokenIndex key = {str, len, 0};
+    const TokenIndex *r = bsearch(&key, t->sorted, t->n_sorted, sizeof(TokenIndex), compare_index);
+    return r ? r->id : -1;
+}
+
+// UTF-8: the length of the valid sequence at s (n bytes available), 0 if s does not
+// start a valid sequence (overlong, surrogate, > U+10FFFF, stray continuation byte),
+// -1 if it could still become valid with more bytes.
+static int utf8_length(const unsigned char *s, size_t n) {
+    unsigned char c = s[0], lo = 0x80, hi = 0xBF;
+    int need;
+    if (c < 0x80) return 1;
+    if (c < 0xC2) return 0;
+    if (c < 0xE0) need = 2;
+    else if (c < 0xF0) { need = 3; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
+    else if (c < 0xF5) { need = 4; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
+    else return 0;
+    for (int i = 1; i < need; i++) {
+        if ((size_t)i >= n) return -1;
+        if (s[i] < (i == 1 ? lo : 0x80) || s[i] > (i == 1 ? hi : 0xBF)) return 0;
+    }
+    return need;
+}
+
+static int valid_utf8(const char *s) {
+    size_t n = strlen(s);
+    for (size_t i = 0; i < n;) {
+        int len = utf8_length((const unsigned char *)s + i, n - i);
+        if (len <= 0) return 0;
+        i += len;
+    }
+    return 1;
+}
+
+typedef struct { int *ids; size_t n, cap; } Tokens; // a growing array of token ids
+
+static void push(Tokens *v, int id) {
+    if (v->n == v->cap) {
+        v->cap = v->cap ? 2 * v->cap : 64;
+        v->ids = realloc(v->ids, v->cap * sizeof(int));
+        if (!v->ids) die("out of memory");
+    }
+    v->ids[v->n++] = id;
+}
+
+// BPE on one segment of text (no special pieces inside), as SentencePiece does it:
+// start from one symbol per UTF-8 character, then keep merging the adjacent pair whose
+// concatenation is the highest-scoring piece (leftmost on ties). A character that is
+// not in the vocabulary becomes its bytes, <0xNN> pieces.
+static void encode_segment(const Tokenizer *t, const char *text, size_t n, int dummy_prefix, Tokens *out) {
+    char *s = xalloc(n + 2); // the text, after a space if dummy_prefix
+    size_t len = 0;
+    if (dummy_prefix) s[len++] = ' ';
+    for (size_t i = 0; i < n; i++) { // SentencePiece writes spaces as U+2581 '▁', so it reads '▁' as a space
+        if (i + 2 < n && memcmp(text + i, "\xE2\x96\x81", 3) == 0) { s[len++] = ' '; i += 2; }
+        else s[len++] = text[i];
+    }
+    if (len == 0) { free(s); return; }
+    // symbol i covers s[start[i] .. start[i]+size[i]); merged[i] = piece of i and i+1 joined
+    int *start = xalloc(len * sizeof(int)), *size = xalloc(len * sizeof(int));
+    int *id = xalloc(len * sizeof(int)), *merged = xalloc(len * sizeof(int));
+    int n_sym = 0;
+    for (size_t i = 0; i < len; n_sym++) {
+        int l = utf8_length((const unsigned char *)s + i, len - i); // the text is valid UTF-8
+        start[n_sym] = (int)i;
+        size[n_sym] = l;
+        id[n_sym] = lookup(t, s + i, l);
+        i += l;
+    }
+    for (int i = 0; i + 1 < n_sym; i++) merged[i] = lookup(t, s + start[i], size[i] + size[i + 1]);
+    for (;;) {
+        int best = -1;
+        for (int i = 0; i + 1 < n_sym; i++)
+            if (merged[i] >= 0 && (best < 0 || t->score[merged[i]] > t->score[merged[best]])) best = i;
+        if (best < 0) break;
+        id[best] = merged[best];
+        size[best] += size[best + 1];
+        int tail = n_sym - best - 2; // symbols after the one merged away
+        memmove(start + best + 1, start + best + 2, tail * sizeof(int));
+        memmove(size + best + 1, size + best + 2, tail * sizeof(int));
+        memmove(id + best + 1, id + best + 2, tail * sizeof(int));
+        memmove(merged + best + 1, merged + best + 2, tail * sizeof(int));
+        n_sym--;
+        if (best > 0) merged[best - 1] = lookup(t, s + start[best - 1], size[best - 1] + size[best]);
+        if (best + 1 < n_sym) merged[best] = lookup(t, s + start[best], size[best] + size[best + 1]);
+    }
+    for (int i = 0; i < n_sym; i++) {
+        if (id[i] >= 0) { push(out, id[i]); continue; }
+        for (int b = 0; b < size[i]; b++) { // byte fallback (<unk> if the vocabulary has no byte pieces)
+            int byte = t->byte_id[(unsigned char)s[start[i] + b]];
+            push(out, byte >= 0 ? byte : 0);
+        }
+    }
+    free(s); free(start); free(size); free(id); free(merged);
+}
+
+// the special piece that starts at text (the longest, if several), or -1
+static int match_special(const Tokenizer *t, const char *text, size_t n, int *match_len) {
+    int best = -1;
+    *match_len = 0;
+    for (int i = 0; i < t->n_special; i++) {
+        int id = t->special[i], l = t->piece_len[id];
+        if ((size_t)l <= n && l > *match_len && memcmp(text, t->piece[id], l) == 0) { best = id; *match_len = l; }
+    }
+    return best;
+}
+
+// Encode UTF-8 text, appending to out. The text is cut at special pieces like <|im_end|>,
+// each becoming its own id; the pieces between are encoded by BPE. dummy_prefix puts a
+// space before the text, as SentencePiece's add_dummy_prefix does.
+static void encode(const Tokenizer *t, const char *text, int dummy_prefix, Tokens *out) {
+    size_t n = strlen(text), seg = 0;
+    if (n == 0) return;
+    for (size_t i = 0; i <= n;) {
+        int len = 0, sp = i < n ? match_special(t, text + i, n - i, &len) : -1;
+        if (sp < 0 && i < n) { i++; continue; }
+        if (i > seg || (seg == 0 && dummy_prefix)) encode_segment(t, text + seg, i - seg, seg == 0 && dummy_prefix, out);
+        if (sp < 0) break;
+        push(out, sp);
+        i += len;
+        seg = i;
+    }
+}
+
+// Decoding prints pieces as they come. Byte pieces are held until they form a whole
+// UTF-8 character; bytes that cannot become one print as U+FFFD, one per byte, which is
+// what SentencePiece's decode does.
+typedef struct { unsigned char bytes[4]; int n; } Utf8Buffer;
+
+static void flush_bytes(Utf8Buffer *u, int final) {
+    while (u->n > 0) {
+        int len = utf8_length(u->bytes, u->n);
+        if (len < 0 && !final) return; // wait for the rest of the character
+        if (len > 0) fwrite(u->bytes, 1, len, stdout);
+        else { fputs("\xEF\xBF\xBD", stdout); len = 1; }
+        u->n -= len;
+        memmove(u->bytes, u->bytes + len, u->n);
+    }
+}
+
+static void decode(const Tokenizer *t, Utf8Buffer *u, int prev, int token) {
+    if (t->kind[token] == BYTE) {
+        u->bytes[u->n++] = (unsigned char)(hex_digit(t->piece[token][3]) * 16 + hex_digit(t->piece[token][4]));
+        flush_bytes(u, 0);
+        return;
+    }
+    flush_bytes(u, 1);
+    if (t->kind[token] == CONTROL) return;
+    if (t->kind[token] == UNKNOWN) { fputs(" \xE2\x81\x87 ", stdout); return; } // SentencePiece's " ⁇ "
+    const char *p = t->piece[token];
+    int len = t->piece_len[token];
+    if (prev == BOS && p[0] == ' ') { p++; len--; } // the dummy prefix of the first word is not text
+    fwrite(p, 1, len, stdout);
+}
+
+// ----------------------------------------------------------------------------
+// the sampler: logits -> next token, greedy, or random with temperature and top-p
+
+typedef struct {
+    float prob;
+    int index;
+} ProbIndex;
+
+typedef struct {
+    int vocab_size;
+    float temperature;
+    float topp;
+    unsigned long long rng_state;
+    ProbIndex *probindex; // (2 * vocab_size,) scratch for top-p
+} Sampler;
+
+// xorshift* (as llama2.c), so that a seed gives the same text in both programs
+static unsigned int random_u32(unsigned long long *state) {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (unsigned int)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+static float random_f32(unsigned long long *state) { return (random_u32(state) >> 8) / 16777216.0f; } // [0,1)
+
+static int sample_argmax(const float *p, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (p[i] > p[best]) best = i;
+    return best;
+}
+
+// sample from the distribution p (n,); coin in [0,1)
+static int sample_mult(const float *p, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += p[i];
+        if (coin < cdf) return i;
+    }
+    return n - 1; // rounding
+}
+
+// Sort (prob, index) pairs by descending prob. A float >= 0 orders like its bits read as an
+// unsigned integer, so a radix sort on 3 digits of 11 bits does it in linear time (qsort of
+// a 32000-token vocabulary used to take longer than the forward pass of a small model).
+static ProbIndex *sort_descending(ProbIndex *a, ProbIndex *tmp, int n) {
+    int count[3][2048] = {{0}};
+    uint32_t key;
+    for (int i = 0; i < n; i++) {
+        memcpy(&key, &a[i].prob, 4);
+        for (int d = 0; d < 3; d++) count[d][(~key >> 11 * d) & 2047]++; // ~: large probs first
+    }
+    for (int d = 0; d < 3; d++) {
+        memcpy(&key, &a[0].prob, 4);
+        if (count[d][(~key >> 11 * d) & 2047] == n) continue; // all share this digit: nothing to do
+        int start = 0;
+        for (int b = 0; b < 2048; b++) { int c = count[d][b]; count[d][b] = start; start += c; }
+        for (int i = 0; i < n; i++) {
+            memcpy(&key, &a[i].prob, 4);
+            tmp[count[d][(~key >> 11 * d) & 2047]++] = a[i];
+        }
+        ProbIndex *swap = a; a = tmp; tmp = swap;
+    }
+    return a;
+}
+
+// Top-p (nucleus) sampling: sample from the most likely tokens whose probabilities
+// add up to more than topp. A token below (1-topp)/(n-1) can never be among them.
+static int sample_topp(const float *p, int n, float topp, ProbIndex *pi, ProbIndex *tmp, float coin) {
+    const float cutoff = (1.0f - topp) / (n - 1);
+    int n0 = 0;
+    for (int i = 0; i < n; i++) if (p[i] >= cutoff) pi[n0++] = (ProbIndex){p[i], i};
+    if (n0 == 0) return sample_argmax(p, n); // topp so small that no token passes the cutoff
+    pi = sort_descending(pi, tmp, n0);
+    float cumulative = 0.0f;
+    int last = n0 - 1;
+    for (int i = 0; i < n0; i++) {
+        cumulative += pi[i].prob;
+        if (cumulative > topp) { last = i; break; }
+    }
+    float r = coin * cumulative, cdf = 0.0f;
+    for (int i = 0; i <= last; i++) {
+        cdf += pi[i].prob;
+        if (r < cdf) return pi[i].index;
+    }
+    return pi[last].index; // rounding
+}
+
+static int sample(Sampler *sm, float *logits) {
+    if (sm->temperature == 0.0f) return sample_argmax(logits, sm->vocab_size);
+    for (int i = 0; i < sm->vocab_size; i++) logits[i] /= sm->temperature;
+    softmax(logits, sm->vocab_size);
+    float coin = random_f32(&sm->rng_state);
+    if (sm->topp <= 0.0f || sm->topp >= 1.0f) return sample_mult(logits, sm->vocab_size, coin);
+    return sample_topp(logits, sm->vocab_size, sm->topp, sm->probindex, sm->probindex + sm->vocab_size, coin);
+}
+
+// ----------------------------------------------------------------------------
+// generation
+
+// Forward tokens (n,) at positions pos..pos+n-1 in blocks of s->B; returns the logits of
+// the last one. With logits_file, every position's logits are written to it.
+static float *forward_tokens(Transformer *tf, RunState *s, const int *tokens, int n, int pos, FILE *logits_file) {
+    int vocab = tf->config.vocab_size;
+    float *logits = s->logits;
+    for (int i = 0; i < n; i += s->B) {
+        int T = n - i < s->B ? n - i : s->B;
+        logits = forward(tf, s, tokens + i, T, pos + i, logits_file != NULL);
+        if (logits_file) {
+            if (fwrite(logits, sizeof(float) * vocab, T, logits_file) != (size_t)T) die("writing the logits file failed");
+            logits += (size_t)(T - 1) * vocab;
+        }
+    }
+    return logits;
+}
+
+static double rate(int n, double seconds) { return seconds > 0 ? n / seconds : 0.0; }
+
+// As llama2.c: the prompt (after BOS) is printed, then sampled tokens until BOS or EOS,
+// for steps positions in all, prompt included.
+static void generate(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, const char *prompt,
+                     int steps, FILE *logits_file) {
+    Tokens p = {0};
+    push(&p, BOS);
+    encode(tok, prompt, 1, &p);
+    int n_prompt = (int)p.n, max_seq_len = tf->config.max_seq_len;
+    if (n_prompt > max_seq_len)
+        die("the prompt is %d tokens but the model's context is %d — shorten the prompt", n_prompt, max_seq_len);
+    int n_pre = n_prompt < steps ? n_prompt : steps; // positions of the prompt that are run
+
+    double t_start = now_seconds();
+    int first_block = n_pre < s->B ? n_pre : s->B;   // llama2.c's tok/s leaves out the first forward
+    float *logits = forward_tokens(tf, s, p.ids, first_block, 0, logits_file);
+    double t_first = now_seconds();
+    if (n_pre > first_block) logits = forward_tokens(tf, s, p.ids + first_block, n_pre - first_block, first_block, logits_file);
+    double t_prefill = now_seconds();
+
+    Utf8Buffer u = {0};
+    for (int i = 1; i < n_prompt && i <= steps; i++) decode(tok, &u, p.ids[i - 1], p.ids[i]);
+    fflush(stdout);
+    int pos = n_pre, token = p.ids[n_pre - 1];
+    while (n_prompt <= steps) { // (a prompt longer than steps is cut, as in llama2.c)
+        int next = sample(sm, logits);
+        if (next == BOS || next == EOS) break; // the end of a document
+        decode(tok, &u, token, next);
+        fflush(stdout);
+        token = next;
+        if (pos >= steps) break;
+        logits = forward_tokens(tf, s, &token, 1, pos, logits_file);
+        pos++;
+    }
+    flush_bytes(&u, 1);
+    printf("\n");
+    fflush(stdout);
+
+    double t_end = now_seconds();
+    if (pos > first_block) fprintf(stderr, "achieved tok/s: %f\n", rate(pos - first_block, t_end - t_first));
+    fprintf(stderr, "prefill: %d tokens, %.1f tok/s; decode: %d tokens, %.1f tok/s\n", n_pre,
+            rate(n_pre, t_prefill - t_start), pos - n_pre, rate(pos - n_pre, t_end - t_prefill));
+    free(p.ids);
+}
+
+// the id of a special piece such as <|im_start|>, or -1
+static int special_id(const Tokenizer *t, const char *text) {
+    int len;
+    int id = match_special(t, text, strlen(text), &len);
+    return len == (int)strlen(text) ? id : -1;
+}
+
+// <|im_start|>role\ncontent<|im_end|>\n  (role+"\n" and content are encoded separately)
+static void append_message(const Tokenizer *t, Tokens *v, const char *role, const char *content) {
+    char header[16];
+    snprintf(header, sizeof(header), "%s\n", role);
+    push(v, special_id(t, "<|im_start|>"));
+    encode(t, header, 0, v);
+    encode(t, content, 0, v);
+    push(v, special_id(t, "<|im_end|>"));
+    encode(t, "\n", 0, v);
+}
+
+// Chat in the ChatML template of our tokenizer. All turns stay in the kv cache; each
+// turn runs only its new tokens through the model.
+static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, const char *user,
+                 const char *system, int steps, FILE *logits_file) {
+    int im_start = special_id(tok, "<|im_start|>"), im_end = special_id(tok, "<|im_end|>");
+    if (im_start < 0 || im_end < 0) die("chat mode needs <|im_start|> and <|im_end|> in the tokenizer — use -m generate");
+    int max_seq_len = tf->config.max_seq_len, pos = 0;
+    Tokens pending = {0}; // tokens not yet run through the model
+    push(&pending, BOS);
+    if (system) append_message(tok, &pending, "system", system);
+    char *line = NULL;
+    size_t line_cap = 0;
+    for (;;) {
+        if (!user) { // the first user message may come from -i, the others from stdin
+            printf("User: ");
+            fflush(stdout);
+            ssize_t n = getline(&line, &line_cap, stdin);
+            if (n < 0) { printf("\n"); break; }
+            if (n > 0 && line[n - 1] == '\n') line[n - 1] = '\0';
+            if (!valid_utf8(line)) die("the message is not valid UTF-8");
+            user = line;
+        }
+        append_message(tok, &pending, "user", user);
+        user = NULL;
+        push(&pending, im_start);
+        encode(tok, "assistant\n", 0, &pending);
+        if (pos + (int)pending.n >= max_seq_len) { fprintf(stderr, "context full (%d tokens): end of chat\n", max_seq_len); break; }
+        float *logits = forward_tokens(tf, s, pending.ids, (int)pending.n, pos, logits_file);
+        pos += (int)pending.n;
+        int token = pending.ids[pending.n - 1];
+        pending.n = 0;
+
+        printf("Assistant: ");
+        Utf8Buffer u = {0};
+        int max_reply = max_seq_len - pos < steps ? max_seq_len - pos : steps;
+        for (int n = 0; n < max_reply; n++) {
+            int next = sample(sm, logits);
+            if (next == im_end || next == BOS || next == EOS) break;
+            decode(tok, &u, token, next);
+            fflush(stdout);
+            token = next;
+            logits = forward_tokens(tf, s, &token, 1, pos++, logits_file);
+        }
+        flush_bytes(&u, 1);
+        printf("\n");
+        fflush(stdout);
+        push(&pending, im_end); // whether sampled or not: the turn is closed in the context
+        encode(tok, "\n", 0, &pending);
+        if (pos + (int)pending.n >= max_seq_len) { fprintf(stderr, "context full (%d tokens): end of chat\n", max_seq_len); break; }
+    }
+    free(line);
+    free(pending.ids);
+}
+
+// ----------------------------------------------------------------------------
+// command line
+
+static void usage(const char *why) {
+    fprintf(stderr, "error: %s — usage: run <model.bin> [-t temperature=1.0] [-p topp=0.9] [-s seed] "
+                    "[-n steps=256] [-i prompt] [-z tokenizer.bin] [-m generate|chat|tokenize] [-y system_prompt] "
+                    "[-b prefill_block=64] [-L logits_file]\n", why);
+    exit(1);
+}
+
+static double parse_number(const char *flag, const char *s, double lo, double hi) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end != '\0' || errno != 0 || !(v >= lo && v <= hi)) {
+        static char why[128];
+        snprintf(why, sizeof(why), "%s needs a number in [%g, %g], not '%s'", flag, lo, hi, s);
+        usage(why);
+    }
+    return v;
+}
+
+static int file_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+// tokenizer.bin next to the model, else in the current directory
+static char *default_tokenizer(const char *model_path) {
+    const char *slash = strrchr(model_path, '/');
+    size_t dir = slash ? (size_t)(slash - model_path + 1) : 0;
+    char *path = xalloc(dir + sizeof("tokenizer.bin"));
+    memcpy(path, model_path, dir);
+    strcpy(path + dir, "tokenizer.bin");
+    if (file_exists(path)) return path;
+    strcpy(path, "tokenizer.bin");
+    if (file_exists(path)) return path;
+    die("no tokenizer.bin next to %s or in the current directory — pass one with -z", model_path);
+    return NULL;
+}
+
+#ifndef RUN_FUZZ
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *tokenizer_path = NULL, *prompt = NULL, *mode = "generate";
+    const char *system_prompt = NULL, *logits_path = NULL;
+    float temperature = 1.0f; // 0 = greedy
+    float topp = 0.9f;        // top-p in nucleus sampling; 1 = off
+    long long seed = 0;       // <= 0: seed from the clock
+    int steps = 256;          // positions to run, prompt included (chat: tokens per reply); 0 = the whole context
+    int block = 64;           // prompt tokens per batched forward pass
+
+    if (argc < 2 || argv[1][0] == '-') usage("the first argument must be the model file");
+    model_path = argv[1];
+    for (int i = 2; i < argc; i += 2) {
+        const char *flag = argv[i];
+        if (flag[0] != '-' || strlen(flag) != 2) usage("options are one dash and one letter");
+        if (i + 1 >= argc) usage("an option is missing its value");
+        const char *val = argv[i + 1];
+        switch (flag[1]) {
+        case 't': temperature = (float)parse_number(flag, val, 0, 1e6); break;
+        case 'p': topp = (float)parse_number(flag, val, 0, 1); break;
+        case 's': seed = (long long)parse_number(flag, val, -9e18, 9e18); break;
+        case 'n': steps = (int)parse_number(flag, val, 0, 1e9); break;
+        case 'b': block = (int)parse_number(flag, val, 1, 1e6); break;
+        case 'i': prompt = val; break;
+        case 'z': tokenizer_path = val; break;
+        case 'm': mode = val; break;
+        case 'y': system_prompt = val; break;
+        case 'L': logits_path = val; break;
+        default: usage("unknown option");
+        }
+    }
+    int is_chat = strcmp(mode, "chat") == 0, is_tokenize = strcmp(mode, "tokenize") == 0;
+    if (!is_chat && !is_tokenize && strcmp(mode, "generate") != 0) usage("-m must be generate, chat or tokenize");
+    if (prompt && !valid_utf8(prompt)) die("the prompt is not valid UTF-8");
+    if (system_prompt && !valid_utf8(system_prompt)) die("the system prompt is not valid UTF-8");
+
+    Transformer tf;
+    read_checkpoint(&tf, model_path);
+    int max_seq_len = tf.config.max_seq_len;
+    if (steps == 0 || steps > max_seq_len) steps = max_seq_len;
+    char *default_path = tokenizer_path ? NULL : default_tokenizer(model_path);
+    Tokenizer tok = {0};
+    build_tokenizer(&tok, tokenizer_path ? tokenizer_path : default_path, tf.config.vocab_size);
+
+    if (is_tokenize) {
+        Tokens ids = {0};
+        encode(&tok, prompt ? prompt : "", 1, &ids);
+        for (size_t i = 0; i < ids.n; i++) printf(i ? " %d" : "%d", ids.ids[i]);
+        printf("\n");
+        free(ids.ids);
+    } else {
+        FILE *logits_file = NULL;
+        if (logits_path && !(logits_file = fopen(logits_path, "wb"))) die("%s: cannot write: %s", logits_path, strerror(errno));
+        int n_ctx = is_chat ? max_seq_len : steps; // the kv cache holds only the positions that can be used
+        RunState s;
+        malloc_run_state(&s, &tf, block < n_ctx ? block : n_ctx, n_ctx, logits_file != NULL);
+        Sampler sm = {tf.config.vocab_size, temperature, topp, 0, xalloc(2 * tf.config.vocab_size * sizeof(ProbIndex))};
+        sm.rng_state = seed > 0 ? (unsigned long long)seed : (unsigned long long)time(NULL);
+        if (is_chat) chat(&tf, &s, &tok, &sm, prompt, system_prompt, steps, logits_file);
+        else generate(&tf, &s, &tok, &sm, prompt ? prompt : "", steps, logits_file);
+        if (logits_file && fclose(logits_file) != 0) die("%s: write failed", logits_path);
+        free(sm.probindex);
+        free_run_state(&s);
+    }
+    free_tokenizer(&tok);
+    free_transformer(&tf);
+    free(default_path);
+    return 0;
+}
+#endif
