@@ -54,6 +54,19 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+class Linear(nn.Linear):
+    """nn.Linear without bias that, during generation, multiplies by a transposed copy of
+    its weight: CPU BLAS computes one row x @ W^T from the (out, in) layout at a third of
+    the speed of x @ Wt from an (in, out) copy (7.6 vs 22 GB/s measured on a 32000x288
+    classifier), and decoding one token at a time is nothing but such rows."""
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out, bias=False)
+        self.weight_t = None  # (in, out), set by Transformer.init_cache, not saved
+
+    def forward(self, x):
+        return x @ self.weight_t if self.weight_t is not None else super().forward(x)
+
+
 def precompute_freqs(head_dim, end, theta=10000.0):
     """cos and sin of the rotation angle pos * theta^(-2i/head_dim): (end, head_dim/2)"""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
@@ -75,10 +88,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
         self.head_dim = args.dim // args.n_heads
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * self.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wo = Linear(args.n_heads * self.head_dim, args.dim)
         self.resid_dropout = nn.Dropout(args.dropout)
         self.dropout = args.dropout
 
@@ -111,9 +124,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w1 = Linear(args.dim, args.hidden_dim)
+        self.w2 = Linear(args.hidden_dim, args.dim)
+        self.w3 = Linear(args.dim, args.hidden_dim)
         self.dropout = nn.Dropout(args.dropout)
 
     def forward(self, x):  # SwiGLU: a gate (silu(w1 x)) times a value (w3 x)
@@ -144,7 +157,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(params.dropout)
         self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, params.norm_eps)
-        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        self.output = Linear(params.dim, params.vocab_size)
         # tied weights: the classifier reuses the embedding table (fewer parameters,
         # and llama2.c's file format stores the shared matrix once)
         self.tok_embeddings.weight = self.output.weight
@@ -189,13 +202,23 @@ class Transformer(nn.Module):
         return logits, loss
 
     def init_cache(self, batch_size, max_len=None):
-        """Allocate one (keys, values) buffer pair per layer: (B, max_len, n_kv_heads, head_dim)."""
+        """Prepare for generation: one (keys, values) buffer pair per layer, (B, max_len,
+        n_kv_heads, head_dim), and the transposed weights Linear uses. free_cache() undoes it."""
         p = self.params
         max_len = min(max_len or p.max_seq_len, p.max_seq_len)
         w = self.output.weight
         shape = (batch_size, max_len, p.n_kv_heads, p.dim // p.n_heads)
         self.cache = [(torch.zeros(shape, dtype=w.dtype, device=w.device),
                        torch.zeros(shape, dtype=w.dtype, device=w.device)) for _ in self.layers]
+        for m in self.modules():
+            if isinstance(m, Linear) and m.weight_t is None:
+                m.weight_t = m.weight.detach().t().contiguous()
+
+    def free_cache(self):
+        self.cache = None
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.weight_t = None
 
     # -------------------------------------------------------------------------
     # training helpers
@@ -243,13 +266,14 @@ class Transformer(nn.Module):
             if stops and bool(done.all()) or step == max_new_tokens - 1:
                 break
             logits, _ = self(nxt[:, None], start_pos=T + step)
-        self.cache = None
+        self.free_cache()
         return idx
 
 
 def sample_next(logits, temperature, top_k=0, top_p=0.0, generator=None):
     """logits (B, V) -> next ids (B,). Greedy at temperature 0; otherwise top-k and then
-    top-p (nucleus) filtering of the tempered distribution."""
+    top-p (nucleus) filtering of the tempered distribution, and one uniform draw per row
+    through the cumulative distribution (torch.multinomial costs ~20x more on 32k tokens)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -258,10 +282,15 @@ def sample_next(logits, temperature, top_k=0, top_p=0.0, generator=None):
         logits = logits.masked_fill(logits < kth, float('-inf'))
     probs = F.softmax(logits, dim=-1)
     if 0 < top_p < 1:  # keep the smallest set of tokens whose probability exceeds top_p
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        # as llama2.c: a token below (1 - top_p) / (V - 1) can never be in that set, so
+        # only the few above it need sorting
+        k = int((probs >= (1 - top_p) / (probs.size(-1) - 1)).sum(-1).max())
+        top, order = torch.topk(probs, max(k, 1))
+        top = top.masked_fill(top.cumsum(-1) - top > top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, top)
+    cdf = probs.cumsum(-1)
+    coin = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, coin)[:, 0].clamp(max=cdf.size(-1) - 1)
 
 
 # -----------------------------------------------------------------------------

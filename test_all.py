@@ -212,6 +212,22 @@ def test_kv_cache_generation_equals_full_forward():
         assert torch.allclose(p, full[:, b - 1], atol=1e-5)
 
 
+def test_sampler_distribution():
+    """Top-k and top-p sampling draw from exactly the renormalised nucleus (checked
+    against the analytic distribution), and temperature 0 is the argmax."""
+    from model import sample_next
+    logits = torch.log(torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]]))
+    g = torch.Generator().manual_seed(0)
+    n = 40000
+    for top_k, top_p, keep in ((0, 0.0, 6), (0, 0.7, 3), (0, 0.9, 4), (2, 0.0, 2), (4, 0.5, 2)):
+        draws = sample_next(logits.expand(n, -1), 1.0, top_k, top_p, generator=g)
+        freq = torch.bincount(draws, minlength=6).float() / n
+        want = torch.zeros(6)
+        want[:keep] = logits.exp()[0, :keep] / logits.exp()[0, :keep].sum()
+        assert torch.allclose(freq, want, atol=0.01), (top_k, top_p, freq, want)
+    assert sample_next(logits, 0.0).item() == 0
+
+
 # -----------------------------------------------------------------------------
 # training
 
