@@ -910,6 +910,79 @@ def test_run_c_malformed_inputs(exported, tmp_path):
     print(f"{len(cases)} malformed inputs x {len(run_binaries())} binaries: one line, exit 1")
 
 
+def test_fuzz_regressions_and_corpus(tmp_path):
+    """Every input the fuzzers keep, fuzz/corpus (seeds) and fuzz/regressions (inputs that
+    once crashed run.c), through the CLI, also under ASan+UBSan: exit 0, or exit 1 with one
+    line 'error: ...'; never a crash. Formats as fuzz/fuzz.c reads them: a model file; 2 bytes
+    of vocab_size - 3 then a tokenizer.bin; a prompt (argv ends it at its first NUL)."""
+    import glob
+    import struct
+    fuzz = os.path.join(ROOT, 'fuzz')
+    tok512, model512 = os.path.join(fuzz, 'tokenizer.bin'), os.path.join(fuzz, 'corpus', 'model', 'v0_vocab512.bin')
+
+    def model_of_vocab(vocab, dim=2, hidden=2, seq=8):  # version 0, one layer, one head
+        floats = vocab * dim + 3 * dim + 4 * dim * dim + 3 * hidden * dim + seq * dim
+        return struct.pack('<7i', dim, hidden, 1, 1, 1, vocab, seq) + struct.pack(f'<{floats}f', *[0.1] * floats)
+
+    def tokenizer_of_vocab(vocab):
+        pieces = [b'<unk>', b'<s>', b'</s>'] + [b'a%d' % i for i in range(vocab - 3)]
+        return struct.pack('<i', 16) + b''.join(struct.pack('<fi', -i, len(p)) + p for i, p in enumerate(pieces))
+
+    def header_vocab(m):  # the model's vocab_size, or None
+        if len(m) >= 28 and m[:4] != struct.pack('<I', 0x616b3432):
+            return abs(struct.unpack('<i', m[20:24])[0])
+        return struct.unpack('<i', m[28:32])[0] if len(m) >= 32 else None
+
+    def files(kind):
+        return sorted(glob.glob(os.path.join(fuzz, 'corpus', kind, '*')) +
+                      glob.glob(os.path.join(fuzz, 'regressions', kind, '*')))
+
+    def write(name, data):
+        path = str(tmp_path / name)
+        with open(path, 'wb') as f:
+            f.write(data)
+        return path
+
+    cases = []  # (input, args, exit statuses allowed)
+    for f in files('model'):
+        m = open(f, 'rb').read()
+        cases.append((f, [f, '-z', tok512, '-n', '4', '-t', '0'], (0, 1)))
+        v = header_vocab(m)
+        if v is not None and 3 <= v <= 4096 and v != 512:  # also with a tokenizer that fits: the forward pass runs
+            tok = write(f'tok{v}.bin', tokenizer_of_vocab(v))
+            cases.append((f, [f, '-z', tok, '-n', '4', '-t', '0'], (0, 1)))
+            cases.append((f, [f, '-z', tok, '-n', '4', '-t', '1', '-p', '0.9', '-s', '1'], (0, 1)))
+    for f in files('tokenizer'):
+        b = open(f, 'rb').read()
+        if len(b) < 2:
+            continue
+        vocab = 3 + struct.unpack('<H', b[:2])[0] % 2048
+        mp, tp = write(f'model{vocab}.bin', model_of_vocab(vocab)), write('tok.bin', b[2:])
+        cases.append((f, [mp, '-z', tp, '-n', '4', '-t', '0', '-i', 'Once upon a time <|im_start|>'], (0, 1)))
+        cases.append((f, [mp, '-z', tp, '-m', 'tokenize', '-i', 'h\u00e9llo \u4f60\u597d\u2581x<|im_end|>'], (0, 1)))
+    for f in files('prompt'):
+        text = open(f, 'rb').read().split(b'\0')[0]  # what argv can carry
+        try:
+            text.decode('utf-8')  # strict, as run.c's valid_utf8: no overlongs, no surrogates
+            ok = (0,)
+        except UnicodeDecodeError:
+            ok = (1,)
+        cases.append((f, [model512, '-z', tok512, '-m', 'tokenize', '-i', text], ok))
+        cases.append((f, [model512, '-z', tok512, '-n', '4', '-t', '0', '-i', text], (0, 1)))
+    assert len(files('model')) and len(files('tokenizer')) and len(files('prompt'))
+
+    env = dict(os.environ, ASAN_OPTIONS='exitcode=99:detect_leaks=0', UBSAN_OPTIONS='halt_on_error=1:exitcode=98')
+    for exe in run_binaries():
+        for f, args, ok in cases:
+            args = [a if isinstance(a, bytes) else a.encode() for a in args]
+            r = subprocess.run([exe, *args], capture_output=True, env=env, stdin=subprocess.DEVNULL, timeout=60)
+            lines = r.stderr.decode('utf-8', 'replace').splitlines()
+            assert r.returncode in ok, (exe, os.path.relpath(f, ROOT), r.returncode, lines[-10:])
+            if r.returncode == 1:
+                assert len(lines) == 1 and lines[0].startswith('error: '), (exe, os.path.relpath(f, ROOT), lines[:10])
+    print(f"{len(cases)} fuzz corpus and regression cases x {len(run_binaries())} binaries")
+
+
 def test_int8_close_to_float32(exported, runc):
     """Teacher-forced over held-out text: the int8 file's top-1 next token agrees with
     float32's on at least 95% of positions, and its loss is within 2%."""
