@@ -74,6 +74,17 @@ clean:
 	rm -f run runasan
 
 # ---------------------------------------------------------------------------
+# benchmarks beside llama2.c (bench.py): random-weight models, built into BENCH_DIR
+#   make bench                                    every item, ../llama2.c as the peer if present
+#   make bench LLAMA2C=/path/to/llama2.c BENCH_ARGS="--only=decode --rounds=3"
+BENCH_DIR ?= /tmp/bench
+LLAMA2C ?= $(wildcard ../llama2.c)
+BENCH_ARGS ?=
+
+bench:
+	CC=$(CC) $(PYTHON) bench.py --dir=$(BENCH_DIR) --llama2c=$(LLAMA2C) $(BENCH_ARGS)
+
+# ---------------------------------------------------------------------------
 # fuzzing run.c's readers of untrusted input with libFuzzer (clang), see fuzz/fuzz.c:
 #   make fuzz                                     model, tokenizer and prompt, FUZZ_SECONDS each
 #   make fuzz FUZZ_TARGETS=prompt FUZZ_SECONDS=60

@@ -290,6 +290,22 @@ def test_torchrun_ddp_cpu(work):
     assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['iter_num'] == 6
 
 
+def test_torch_compile_on_cpu_matches_eager(work):
+    """--compile=True (Inductor, which builds C++ kernels on the CPU) trains to the same
+    losses as eager mode from the same seed, and saves a checkpoint with plain names."""
+    losses = {}
+    for mode in ('False', 'True'):
+        out = os.path.join(work, f'out_compile_{mode}')
+        args = ['--dataset=synth', f'--vocab_size={VOCAB}', '--dim=32', '--n_layers=2', '--n_heads=4',
+                '--n_kv_heads=2', '--max_seq_len=64', '--device=cpu', f'--compile={mode}', '--batch_size=8',
+                '--max_iters=4', '--eval_interval=100', '--eval_iters=1', '--log_interval=1', f'--out_dir={out}']
+        py('train.py', *args, cwd=work)
+        losses[mode] = [float(r['train_loss']) for r in read_log(os.path.join(out, 'log.csv')) if not r['val_loss']]
+        assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model'].keys() == \
+            Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB)).state_dict().keys()
+    assert len(losses['True']) == 4 and np.allclose(losses['True'], losses['False'], rtol=1e-4), losses
+
+
 def test_bad_flags_one_line(work):
     for flag, words in (('--batch_sise=8', 'batch_size'), ('--batch_size=abc', 'expected int')):
         r = py('train.py', flag, cwd=work, check=False)
@@ -514,7 +530,7 @@ def test_sigkill_during_saves_never_corrupts(work):
     args = [sys.executable, os.path.join(ROOT, 'train.py'), '--dataset=synth', f'--vocab_size={VOCAB}',
             *TINY, *CPU, '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_interval=1',
             '--eval_iters=1', '--log_interval=1', f'--out_dir={out}']
-    kills_mid_save, trials, last_iter = 0, 6, 0
+    kills_mid_save, trials, last_iter = 0, int(os.environ.get('KILL_TRIALS', 6)), 0  # more: KILL_TRIALS=40
     for trial in range(trials):
         init = ['--init_from=resume'] if os.path.exists(os.path.join(out, 'ckpt.pt')) else []
         if os.path.exists(os.path.join(out, 'ckpt.pt.tmp')):  # left by the last kill
@@ -787,17 +803,37 @@ def test_run_c_encoder_matches_sentencepiece(work, runc, tmp_path):
     print(f"C encoder == SentencePiece on {checked} strings, {len(cases)} tokenizers")
 
 
-def test_run_c_prefill_equals_token_by_token(exported, runc):
+def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
+    """Prefill blocks == token by token and 2 threads == 1 (bit-identical logits) in three
+    builds: plain -O3 (scalar int8), -O3 -march=native -fopenmp (AVX-512 VNNI int8 where the
+    CPU has it), and make runomp's -Ofast -march=native -fopenmp. Across builds: the same text;
+    logits within 1e-5 of the plain build's (only the order of float additions differs), or
+    for -Ofast within 1e-4 (float32) and 1e-2 (int8: x / scale becomes x * (1 / scale), which
+    moves a few activations to the next int8 step) of the largest logit."""
     ckpt, model_bin = exported['trained']
     q80 = export(exported['work'], ckpt, exported['dir'] / 'trained' / 'model_q80.bin', '--version=2')
+    builds = {'plain': runc}
+    for name, flags in (('native', ['-O3']), ('runomp', ['-Ofast'])):
+        builds[name] = str(tmp_path / name)
+        subprocess.run(['gcc', *flags, '-fopenmp', '-march=native', '-o', builds[name], os.path.join(ROOT, 'run.c'), '-lm'],
+                       check=True)
     prompt = "Once upon a time, there was a little fox named Tom. He loved to sing songs. One day, Tom"
-    for path in (model_bin, q80):
-        outs = []
-        for b in ('1', '7', '64'):
-            f = str(exported['dir'] / f'pf{b}.bin')
-            text = run_c(runc, path, '-t', '0', '-n', '120', '-b', b, '-i', prompt, '-L', f).stdout
-            outs.append((text, open(f, 'rb').read()))
-        assert outs[0] == outs[1] == outs[2]  # the same text and bit-identical logits
+    for path, fast_tol in ((model_bin, 1e-4), (q80, 1e-2)):
+        first = {}
+        for name, exe in builds.items():
+            outs = []
+            for threads, b in (('1', '1'), ('1', '7'), ('1', '64'), ('2', '1'), ('2', '64')):
+                f = str(tmp_path / 'logits.bin')
+                r = subprocess.run([exe, path, '-t', '0', '-n', '120', '-b', b, '-i', prompt, '-L', f], capture_output=True,
+                                   env=dict(os.environ, OMP_NUM_THREADS=threads), timeout=300)
+                assert r.returncode == 0, r.stderr
+                outs.append((r.stdout, open(f, 'rb').read()))
+            assert all(o == outs[0] for o in outs), (name, path)  # the same text and bit-identical logits
+            first[name] = (outs[0][0], np.frombuffer(outs[0][1], np.float32))
+        text, plain = first['plain']
+        for name, tol in (('native', 1e-5), ('runomp', fast_tol)):
+            assert first[name][0] == text, (name, path)
+            assert np.abs(first[name][1] - plain).max() <= tol * np.abs(plain).max(), (name, path)
 
 
 def test_stories260k_published_outputs(runc):
@@ -893,6 +929,7 @@ def test_run_c_malformed_inputs(exported, tmp_path):
         ('steps -1', V0, TOK, ['-n', '-1']), ('mode unknown', V0, TOK, ['-m', 'talk']),
         ('missing tokenizer', V0, None, []), ('missing model', None, TOK, []),
     ]
+    answers = {}
     for exe in run_binaries():
         for what, model, tokb, args in cases:
             mp, tp = str(tmp_path / 'model.bin'), str(tmp_path / 'tok.bin')
@@ -907,7 +944,9 @@ def test_run_c_malformed_inputs(exported, tmp_path):
                                capture_output=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
             lines = r.stderr.decode('utf-8', 'replace').splitlines()
             assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith('error: '), (exe, what, r.returncode, lines[:5])
+            answers[what] = lines[0].replace(str(tmp_path), '')
     print(f"{len(cases)} malformed inputs x {len(run_binaries())} binaries: one line, exit 1")
+    print('\n'.join(f"  {what}: {line}" for what, line in answers.items()))
 
 
 def test_fuzz_regressions_and_corpus(tmp_path):

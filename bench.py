@@ -1,0 +1,538 @@
+"""
+Benchmarks: our run.c, sample.py, export.py, train.py and preprocess.py, each beside
+karpathy/llama2.c (the peer) on the same input, on the same machine.
+
+$ make bench                                 # everything; the peer is ../llama2.c if present
+$ make bench LLAMA2C=/path/to/llama2.c BENCH_ARGS="--only=decode,prefill --rounds=3"
+$ python bench.py --only=decode --rounds=3   # items: decode,prefill,sample,export,train,pretok,memory
+$ python bench.py --quick                    # tiny step counts, 15M shape only: for development
+
+Nothing is downloaded: the models are random weights in llama2.c's 15M and 110M shapes,
+exported by our export.py, and tokenizer.bin is synthetic. Everything generated stays in
+--dir and is reused by the next run. Both run.c's are built with the Makefile's runomp
+flags. Ours and the peer run alternately (ours, peer, ours, peer, ...) for --rounds
+rounds, so a busy moment hits both; cells are median [min-max]. "ours better by" is
+> 1 when ours wins: ours/peer for a rate, peer/ours for seconds and megabytes.
+"""
+
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version as package_version
+
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+only = 'decode,prefill,sample,export,train,pretok,memory'  # the items to run
+rounds = 0               # A/B rounds; 0 = 5 (1 with --quick); export and train take at most 3
+quick = False            # tiny step counts and the 15M shape only, to try the script out
+llama2c = 'auto'         # the peer's checkout: 'auto' = ../llama2.c if it exists, '' = none
+dir = '/tmp/bench'       # build folder outside git: binaries, models, data (shadows dir())
+# -----------------------------------------------------------------------------
+configure(globals())
+rounds = rounds or (1 if quick else 5)
+REPO = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.abspath(dir)
+if llama2c == 'auto':
+    llama2c = os.path.join(os.path.dirname(REPO), 'llama2.c')
+PEER = os.path.abspath(llama2c) if llama2c and os.path.exists(os.path.join(llama2c, 'run.c')) else None
+CC, PY = os.environ.get('CC', 'gcc'), sys.executable
+FIXTURES = os.path.abspath(os.environ.get('FIXTURES', os.path.join(REPO, '..', 'shared', 'fixtures')))
+
+# llama2.c's two pretrained shapes; both projects' ModelArgs have exactly these fields
+SHAPES = {
+    '15M': dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, hidden_dim=768, vocab_size=32000,
+                max_seq_len=256, multiple_of=32, norm_eps=1e-5, dropout=0.0),
+    '110M': dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048, vocab_size=32000,
+                 max_seq_len=1024, multiple_of=32, norm_eps=1e-5, dropout=0.0)}
+shapes = ['15M'] if quick else ['15M', '110M']
+steps = 64 if quick else 256          # run.c -n; new tokens for sample
+train_iters = 6 if quick else 15      # per train.py run; the first 3 are not counted
+ROWS, COMMANDS = [], []               # for the table at the end
+
+
+class Failed(Exception):
+    pass
+
+
+def run(cmd, threads=None, cwd=None):
+    """Run cmd to its end: (stdout, stderr, wall seconds, peak RSS in MB). os.wait4 gives
+    the child's peak RSS, which subprocess.run does not."""
+    env = dict(os.environ, **({'OMP_NUM_THREADS': str(threads)} if threads else {}))
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=cwd)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        o, e = out.read().decode(errors='replace'), err.read().decode(errors='replace')
+    if p.returncode != 0:
+        raise Failed(f"{shlex.join(cmd)} exited with {p.returncode}:\n{(o + e)[-1500:]}")
+    return o, e, wall, usage.ru_maxrss / 1024
+
+
+def ab(ours, peer, n=None):
+    """Call ours() and peer() alternately, n times each: (ours' results, peer's results).
+    A failing peer is reported and left out; a failing ours stops the benchmark."""
+    a, b = [], []
+    for _ in range(n or rounds):
+        a.append(ours())
+        if peer:
+            try:
+                b.append(peer())
+            except Failed as e:
+                print(f"  llama2.c failed, left out: {e}", flush=True)
+                peer, b = None, []
+    return a, b
+
+
+def cell(values):
+    f = lambda v: f'{v:.0f}' if abs(v) >= 100 else f'{v:.3g}'
+    if not values:
+        return '-'
+    m = f(statistics.median(values))
+    return m if len(values) == 1 else f'{m} [{f(min(values))}-{f(max(values))}]'
+
+
+def report(item, case, unit, ours, peer, better='higher', note='', cmds=()):
+    """One result line, printed now and kept for the table."""
+    ratio = '-'
+    if ours and peer:
+        a, b = statistics.median(ours), statistics.median(peer)
+        ratio = f'{(a / b if better == "higher" else b / a):.2f}x'
+    ROWS.append([item, case, unit, cell(ours), cell(peer), ratio, note])
+    print('  ' + ' | '.join(ROWS[-1]), flush=True)
+    COMMANDS.extend(f'{item} {case}, {who}: {c}' for who, c in zip(('ours', 'llama2.c'), cmds) if c)
+
+
+def shell(cmd, threads=None, cwd=None):
+    """cmd as a line to paste into a shell"""
+    cmd = ['python' if c == PY else c for c in cmd]
+    return (f'cd {cwd} && ' if cwd else '') + (f'OMP_NUM_THREADS={threads} ' if threads else '') + shlex.join(cmd)
+
+# -----------------------------------------------------------------------------
+# the C programs, built with the flags of the Makefile's runomp target
+
+
+def build(src, exe):
+    """Compile a copy of src (so an edit in progress cannot change it midway) into exe,
+    unless the source and flags are those of the previous build. src: a path or bytes."""
+    text = open(os.path.join(REPO, 'Makefile')).read()
+    m = re.search(r'^runomp:.*\n\t\$\(CC\) (.*) -o run run\.c (.*)$', text, re.M)
+    if not m:
+        raise Failed("the Makefile's runomp recipe is not '$(CC) FLAGS -o run run.c LIBS' any more")
+    flags, libs = m.group(1).split(), m.group(2).split()
+    code = src if isinstance(src, bytes) else open(src, 'rb').read()
+    key = (shlex.join([CC, *flags, *libs]) + '\n').encode() + code
+    if os.path.exists(exe) and os.path.exists(exe + '.key') and open(exe + '.key', 'rb').read() == key:
+        return exe
+    os.makedirs(os.path.dirname(exe), exist_ok=True)
+    open(exe + '.c', 'wb').write(code)
+    r = subprocess.run([CC, *flags, '-o', exe, exe + '.c', *libs], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise Failed(f"{CC} {exe}.c failed:\n{r.stderr[-1500:]}")
+    open(exe + '.key', 'wb').write(key)
+    return exe
+
+
+def runners():
+    """Our run and the peer's run (float32) and runq (int8); None for a missing peer."""
+    ours = build(f'{REPO}/run.c', f'{BENCH}/ours/run')
+    try:
+        return ours, *(build(f'{PEER}/{n}.c', f'{BENCH}/peer/{n}') if PEER else None for n in ('run', 'runq'))
+    except (Failed, OSError) as e:
+        print(f"  llama2.c's runners do not build, left out: {e}", flush=True)
+        return ours, None, None
+
+
+BANDWIDTH_C = rb'''
+// memory read bandwidth, GB/s: the best of 10 passes summing the words of a file mapped
+// as run.c maps a model (integers: no float rounding, no float latency chain)
+#include <fcntl.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) return 1;
+    size_t n = st.st_size / 4;
+    const uint32_t *a = mmap(NULL, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    double best = 1e30;
+    uint32_t total = 0;
+    for (int pass = 0; pass < 10; pass++) {
+        double t0 = omp_get_wtime();
+        uint32_t s = 0;
+        #pragma omp parallel for reduction(+:s) schedule(static)
+        for (size_t i = 0; i < n; i++) s += a[i];
+        double dt = omp_get_wtime() - t0;
+        if (dt < best) best = dt;
+        total += s; // printed, so the sums are not optimised away
+    }
+    printf("%f %u\n", 4.0 * n / best / 1e9, total);
+    return 0;
+}
+'''
+
+
+def bandwidth(path, threads, cache={}):
+    if (path, threads) not in cache:
+        out = run([build(BANDWIDTH_C, f'{BENCH}/bandwidth'), path], threads)[0]
+        cache[path, threads] = float(out.split()[0]) * 1e9
+    return cache[path, threads]
+
+# -----------------------------------------------------------------------------
+# inputs, generated once and kept in BENCH
+
+
+def tokenizer_bin(vocab_size=32000):
+    """llama2.c's tokenizer.bin format: <unk> <s> </s>, the byte pieces <0x00>..<0xFF> at
+    3..258 (where llama2.c's byte fallback expects them), ' ' and a..z, then fillers
+    'X<n>'. No two of ' ', a..z merge, so a prompt of letters is one token per letter in
+    both programs."""
+    path = f'{BENCH}/tok{vocab_size}.bin'
+    if not os.path.exists(path):
+        pieces = ['<unk>', '<s>', '</s>'] + [f'<0x{b:02X}>' for b in range(256)] + [' ']
+        pieces += [chr(c) for c in range(ord('a'), ord('z') + 1)]
+        pieces += [f'X{i}' for i in range(vocab_size - len(pieces))]
+        data = struct.pack('i', max(map(len, pieces))) + b''.join(
+            struct.pack('fi', 0.0, len(p)) + p.encode() for p in pieces)
+        write_atomic(path, data)
+    return path
+
+
+def write_atomic(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path + '.tmp', 'wb').write(data)
+    os.replace(path + '.tmp', path)
+
+
+def synth_data():
+    """The demo's data: the synth corpus, a 1024-token tokenizer and its shards."""
+    data = f'{BENCH}/data'
+    if not os.path.exists(f'{data}/synth/tok1024/meta.json'):
+        for stage in ('synth', 'train_vocab', 'pretokenize'):
+            run([PY, f'{REPO}/preprocess.py', stage, '--dataset=synth', '--vocab_size=1024', f'--data_dir={data}'])
+    return data
+
+
+def stem(shape):
+    """Generated files are named by every number of their shape: a changed shape is a new file."""
+    s = SHAPES[shape]
+    return f'{BENCH}/models/{shape}_' + '_'.join(str(s[k]) for k in (
+        'dim', 'n_layers', 'n_heads', 'n_kv_heads', 'hidden_dim', 'vocab_size', 'max_seq_len'))
+
+
+def checkpoint(shape):
+    """Random weights in our checkpoint format (model, model_args, tokenizer). Its
+    model_args hold only fields llama2.c's ModelArgs has too, so llama2.c's export.py
+    and model.py load the same file."""
+    path = stem(shape) + '.pt'
+    if not os.path.exists(path):
+        import torch
+        from model import ModelArgs, Transformer
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(**SHAPES[shape]))
+        with torch.no_grad():  # near-zero BOS and EOS rows: greedy decoding never picks
+            model.tok_embeddings.weight[1:3] *= 1e-3  # them, so no run ends early
+        tok = open(f'{synth_data()}/tok1024.model', 'rb').read()  # export.py wants one
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(dict(model=model.state_dict(), model_args=SHAPES[shape], tokenizer=tok), path + '.tmp')
+        os.replace(path + '.tmp', path)
+    return path
+
+
+def model_file(shape, kind):
+    """The fp32 (version 0) or int8 (version 2) file of our export.py, which both programs
+    read. (For 15M, whose dim 288 is no multiple of 64, export.py picks groups of 32.)"""
+    path = f'{stem(shape)}_{kind}.bin'
+    if not os.path.exists(path):
+        run([PY, f'{REPO}/export.py', path, f'--checkpoint={checkpoint(shape)}',
+             f'--version={0 if kind == "fp32" else 2}'])
+    return path
+
+
+def weight_bytes(shape, path):
+    """Bytes read per generated token: every matrix, and the classifier (the shared
+    embedding table). The norms and the one embedding row are negligible."""
+    s = SHAPES[shape]
+    dim, hidden, kv_dim = s['dim'], s['hidden_dim'], s['dim'] * s['n_kv_heads'] // s['n_heads']
+    n = s['n_layers'] * (2 * dim * dim + 2 * kv_dim * dim + 3 * dim * hidden) + s['vocab_size'] * dim
+    head = open(path, 'rb').read(41)
+    versioned = struct.unpack('I', head[:4])[0] == 0x616b3432  # "ak42": a 256-byte header
+    group = struct.unpack('i', head[37:41])[0] if versioned else 0
+    return 4 * n if group == 0 else n + 4 * (n // group)  # int8: + one float32 scale per group
+
+# -----------------------------------------------------------------------------
+# 1, 2. run.c: decode and prefill, tokens per second
+
+DECODE, TEXT = {}, {}  # our decode tok/s by (shape, kind, threads); what each program printed
+
+
+def tok_s(exe, args, threads, pattern=r'achieved tok/s: ([\d.]+)'):
+    TEXT[exe], err, _, _ = run([exe, *args], threads)
+    return float(re.search(pattern, err).group(1))
+
+
+def bench_decode():
+    ours, prun, prunq = runners()
+    for shape in shapes:
+        for kind in ('fp32', 'int8'):
+            path, peer = model_file(shape, kind), prun if kind == 'fp32' else prunq
+            args = [path, '-z', tokenizer_bin(), '-n', str(steps), '-t', '0', '-s', '1']  # greedy
+            for threads in (1, 2):
+                a, b = ab(lambda: tok_s(ours, args, threads), peer and (lambda: tok_s(peer, args, threads)))
+                DECODE[shape, kind, threads] = statistics.median(a)
+                bw = bandwidth(path, threads)
+                limit = bw / weight_bytes(shape, path)
+                note = f'read {bw / 1e9:.1f} GB/s: limit {limit:.0f} tok/s, ours {statistics.median(a) / limit:.0%}'
+                if b:  # greedy on the same weights: the same text, so the same work
+                    note += f', llama2.c {statistics.median(b) / limit:.0%}, ' + (
+                        'same text' if TEXT[ours] == TEXT[peer] else 'TEXT DIFFERS')
+                report('decode', f'{shape} {kind} {threads} thr', 'tok/s', a, b, note=note,
+                       cmds=[shell([ours, *args], threads), peer and shell([peer, *args], threads)])
+
+
+def bench_prefill():
+    """Our run.c runs the prompt in blocks of tokens, llama2.c one position at a time.
+    Both get -n = the prompt's length: the whole prompt, then one sampled token; llama2.c's
+    achieved tok/s is then its prompt rate (its clock starts after the first position)."""
+    ours, prun, prunq = runners()
+    prompt = ('abcdefghij' * 25)[:248]  # BOS, ' ' (the dummy prefix), 248 letters
+    for shape in shapes:
+        tok = tokenizer_bin()
+        # -m tokenize prints the prompt's ids, without the BOS that generation puts first
+        n = 1 + len(run([ours, model_file(shape, 'fp32'), '-z', tok, '-m', 'tokenize', '-i', prompt])[0].split())
+        for kind in ('fp32', 'int8'):
+            path, peer = model_file(shape, kind), prun if kind == 'fp32' else prunq
+            args = [path, '-z', tok, '-n', str(n), '-t', '0', '-i', prompt]
+            a, b = ab(lambda: tok_s(ours, args, 2, r'prefill: \d+ tokens, ([\d.]+) tok/s'),
+                      peer and (lambda: tok_s(peer, args, 2)))
+            if (shape, kind, 2) not in DECODE:  # our one-token rate, unless decode measured it
+                DECODE[shape, kind, 2] = statistics.median(
+                    [tok_s(ours, [path, '-z', tok, '-n', str(steps), '-t', '0'], 2) for _ in range(rounds)])
+            d = DECODE[shape, kind, 2]
+            first = lambda r: f'{1000 * n / statistics.median(r):.0f} ms'  # until the first new token
+            note = (f'ours prefill/decode ({d:.0f} tok/s) = {statistics.median(a) / d:.1f}x (target >= 5x); '
+                    f'first new token after: ours {first(a)}' + (f', llama2.c {first(b)}' if b else ''))
+            report('prefill', f'{shape} {kind} {n}-token prompt 2 thr', 'tok/s', a, b, note=note,
+                   cmds=[shell([ours, *args], 2), peer and shell([peer, *args], 2)])
+
+# -----------------------------------------------------------------------------
+# 3. generation in PyTorch: ours (KV cache) vs llama2.c's (the whole sequence each step)
+
+# A worker per program, started once (importing torch takes seconds): it loads the
+# checkpoint into that program's model.py, then answers each "threads tokens" line with
+# tokens per second of model.generate from BOS, with llama2.c's sample.py settings.
+SAMPLE_WORKER = r'''
+import sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from model import ModelArgs, Transformer
+ckpt = torch.load(sys.argv[2], weights_only=True)
+model = Transformer(ModelArgs(**ckpt['model_args']))
+model.load_state_dict(ckpt['model'], strict=False)
+model.eval()
+def rate(n):
+    t0 = time.perf_counter()
+    out = model.generate(torch.tensor([[1]]), n, temperature=1.0, top_k=300)
+    return (out.size(1) - 1) / (time.perf_counter() - t0)
+rate(8)  # warm-up
+for line in sys.stdin:
+    threads, n = map(int, line.split())
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    print(rate(n), flush=True)
+'''
+
+
+def bench_sample():
+    workers = {repo: subprocess.Popen([PY, '-c', SAMPLE_WORKER, repo, checkpoint('15M')], text=True,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE) for repo in (REPO, PEER) if repo}
+
+    def ask(repo, threads):
+        workers[repo].stdin.write(f'{threads} {steps}\n')
+        workers[repo].stdin.flush()
+        line = workers[repo].stdout.readline()
+        if not line:
+            raise Failed(f'the sample worker for {repo} died')
+        return float(line)
+    for threads in (1, 2):
+        a, b = ab(lambda: ask(REPO, threads), PEER and (lambda: ask(PEER, threads)))
+        report('sample', f'15M {steps} tokens {threads} thr', 'tok/s', a, b,
+               note='model.generate(BOS, temperature=1, top_k=300); target >= 8x')
+    for w in workers.values():
+        w.stdin.close()
+        w.wait()
+
+# -----------------------------------------------------------------------------
+# 4. export.py: checkpoint -> model file, the whole process (what a user waits for)
+
+
+def bench_export():
+    shape = '15M' if quick else '110M'
+    ckpt, out = checkpoint(shape), f'{BENCH}/export/model.bin'  # (export.py also writes tokenizer.bin there)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    imports = statistics.median([run([PY, '-c', 'import torch, numpy'])[2] for _ in range(3)])
+
+    def export(repo, version):
+        wall = run([PY, f'{repo}/export.py', out, f'--checkpoint={ckpt}', f'--version={version}'])[2]
+        os.remove(out)  # (110M in float32 is 440 MB)
+        return wall
+    for version in (0, 2):
+        a, b = ab(lambda: export(REPO, version), PEER and (lambda: export(PEER, version)), min(rounds, 3))
+        report('export', f'{shape} version {version}', 's', a, b, better='lower',
+               note=f'ours without the {imports:.1f} s of importing torch: {statistics.median(a) - imports:.1f} s; target >= 10x',
+               cmds=[shell([PY, f'{r}/export.py', out, f'--checkpoint={ckpt}', f'--version={version}'])
+                     for r in (REPO, PEER) if r])
+
+# -----------------------------------------------------------------------------
+# 5. train.py on the CPU: tokens per second, same model, same data
+
+TRAIN = {'demo 128x4 B32': dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, batch_size=32),
+         '288x6 B8': dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, batch_size=8)}
+
+
+def train_cmds(cfg, iters):
+    """Both train.py's with the same model and batches of the same synth shards. llama2.c
+    reads data/tok1024/*.bin under its cwd (the first file is its validation split) and
+    exec()s configurator.py from its cwd: a folder of links provides them."""
+    data, peer_dir = synth_data(), f'{BENCH}/train/peer'
+    links = {'data/tok1024/0_val.bin': f'{data}/synth/tok1024/val.bin',
+             'data/tok1024/1_train.bin': f'{data}/synth/tok1024/train_000.bin',
+             'configurator.py': f'{PEER}/configurator.py'}
+    for link, target in links.items():
+        if PEER and not os.path.lexists(f'{peer_dir}/{link}'):
+            os.makedirs(os.path.dirname(f'{peer_dir}/{link}'), exist_ok=True)
+            os.symlink(target, f'{peer_dir}/{link}')
+    same = [f'--{k}={v}' for k, v in cfg.items()] + [
+        '--max_seq_len=256', '--vocab_size=1024', '--gradient_accumulation_steps=1', '--device=cpu',
+        '--compile=False', '--dtype=float32', '--eval_iters=1', '--eval_interval=1000000', '--log_interval=1']
+    ours = [PY, f'{REPO}/train.py', *same, '--dataset=synth', f'--data_dir={data}',
+            f'--out_dir={BENCH}/train/ours', f'--max_iters={iters}']
+    peer = [PY, f'{PEER}/train.py', *same, '--vocab_source=custom', '--out_dir=out',
+            f'--max_iters={iters - 1}']  # (llama2.c runs max_iters + 1 iterations)
+    return ours, peer, peer_dir
+
+
+def train_rate(cmd, cfg, cwd=None):
+    """Tokens/s of the median iteration after the first 3. The logs: ours
+    'iter N | loss .. | lr .. | T ms | ..', llama2.c's 'N | loss .. | lr .. | Tms | ..'."""
+    log = run(cmd, cwd=cwd)[0]
+    ms = [float(t) for i, t in re.findall(r'^(?:iter )?(\d+) \| loss \S+ \| lr \S+ \| ([\d.]+) ?ms', log, re.M)
+          if int(i) >= 3]
+    return cfg['batch_size'] * 256 / (statistics.median(ms) / 1000)
+
+
+def bench_train():
+    for name, cfg in TRAIN.items():
+        ours, peer, peer_dir = train_cmds(cfg, train_iters)
+        a, b = ab(lambda: train_rate(ours, cfg), PEER and (lambda: train_rate(peer, cfg, peer_dir)), min(rounds, 3))
+        report('train', f'{name} T256 V1024', 'tok/s', a, b, note=f'median of iterations 3..{train_iters - 1}',
+               cmds=[shell(ours), PEER and shell(peer, cwd=peer_dir)])
+
+# -----------------------------------------------------------------------------
+# 6. pretokenizing a corpus: MB of text per second of the whole process, all cores
+
+
+def bench_pretok():
+    corpus = os.path.join(FIXTURES, 'tinystories_train_2MiB.txt')
+    if not os.path.exists(corpus):
+        print(f'  {corpus} not found (set FIXTURES=folder): skipped', flush=True)
+        return
+    vocab, data, peer_dir = 4096, f'{BENCH}/pretok/data', f'{BENCH}/pretok/peer'
+    ours = [PY, f'{REPO}/preprocess.py', 'pretokenize', f'--dataset={corpus}', f'--vocab_size={vocab}', f'--data_dir={data}']
+    peer = [PY, f'{PEER}/tinystories.py', 'pretokenize', f'--vocab_size={vocab}']
+    if not os.path.exists(f'{data}/tok{vocab}.model'):  # the tokenizer, outside the timing
+        run(ours[:2] + ['train_vocab'] + ours[3:])
+    if PEER and not os.path.exists(f'{peer_dir}/data/tok{vocab}.model'):
+        # the same stories as llama2.c's input, TinyStories json shards, one per core so
+        # that its process pool (a shard per process) can use them all
+        text = open(corpus, encoding='utf-8').read()
+        stories = [s.strip() for s in re.split(r'^<\|endoftext\|>$', text, flags=re.M) if s.strip()]
+        n = os.cpu_count() or 1
+        for k in range(n):
+            write_atomic(f'{peer_dir}/data/TinyStories_all_data/data{k:02d}.json',
+                         json.dumps([{'story': s} for s in stories[k::n]]).encode())
+        shutil.copyfile(f'{data}/tok{vocab}.model', f'{peer_dir}/data/tok{vocab}.model')
+    mb = os.path.getsize(corpus) / 1e6
+    a, b = ab(lambda: mb / run(ours)[2], PEER and (lambda: mb / run(peer, cwd=peer_dir)[2]))
+    report('pretok', f'{mb:.1f} MB of text, vocab {vocab}, {os.cpu_count()} cores', 'MB/s', a, b,
+           note='wall time, python and torch imports included', cmds=[shell(ours), PEER and shell(peer, cwd=peer_dir)])
+
+# -----------------------------------------------------------------------------
+# 7. peak memory (RSS): run.c, and train.py on the demo config
+
+
+def expected_mb(shape, path):
+    """The model file (mapped; every page is read) + the kv cache of the positions run +
+    one token's activations. (Our run.c allocates the cache for -n positions, llama2.c
+    for the whole context, but only the pages written become resident.)"""
+    s = SHAPES[shape]
+    kv = 2 * s['n_layers'] * steps * s['dim'] * s['n_kv_heads'] // s['n_heads'] * 4
+    act = 4 * (s['vocab_size'] + s['n_heads'] * steps + 6 * s['dim'] + 3 * s['hidden_dim'])
+    return (os.path.getsize(path) + kv + act) / 2**20
+
+
+def bench_memory():
+    ours, prun, prunq = runners()
+    for shape in shapes:
+        for kind in ('fp32', 'int8'):
+            path, peer = model_file(shape, kind), prun if kind == 'fp32' else prunq
+            args = [path, '-z', tokenizer_bin(), '-n', str(steps), '-t', '0']
+            report('memory', f'{shape} {kind} run -n {steps}', 'MB', [run([ours, *args], 2)[3]],
+                   [run([peer, *args], 2)[3]] if peer else [], better='lower',
+                   note=f'expected {expected_mb(shape, path):.0f} MB: file + kv cache + activations',
+                   cmds=[shell([ours, *args], 2), peer and shell([peer, *args], 2)])
+    name = next(iter(TRAIN))
+    ours, peer, peer_dir = train_cmds(TRAIN[name], 4)
+    report('memory', f'train.py {name}', 'MB', [run(ours)[3]], [run(peer, cwd=peer_dir)[3]] if PEER else [],
+           better='lower', cmds=[shell(ours), PEER and shell(peer, cwd=peer_dir)])
+
+# -----------------------------------------------------------------------------
+
+
+def machine():
+    lscpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
+    cpu = re.search(r'^Model name:\s*(.*)$', lscpu, re.M)
+    gcc = subprocess.run([CC, '--version'], capture_output=True, text=True).stdout.splitlines()
+    return (f"{datetime.date.today()}, {cpu.group(1) if cpu else platform.processor()}, "
+            f"{os.cpu_count()} cores, {gcc[0] if gcc else CC}, Python {platform.python_version()}, "
+            f"torch {package_version('torch')}, llama2.c: {PEER or 'absent'}")
+
+
+def main():
+    items = dict(decode=bench_decode, prefill=bench_prefill, sample=bench_sample, export=bench_export,
+                 train=bench_train, pretok=bench_pretok, memory=bench_memory)
+    chosen = [i.strip() for i in only.split(',') if i.strip()]
+    if unknown := [i for i in chosen if i not in items]:
+        sys.exit(f"error: --only: unknown item {', '.join(unknown)}; choose from {','.join(items)}")
+    os.makedirs(BENCH, exist_ok=True)
+    print(f"{machine()}\nin {BENCH}, {rounds} round(s){', quick' if quick else ''}", flush=True)
+    try:
+        for name in chosen:
+            print(f'{name}:', flush=True)
+            items[name]()
+    except Failed as e:
+        sys.exit(f'error: {e}')
+    head = ['item', 'case', 'unit', 'ours', 'llama2.c', 'ours better by', 'note']
+    print(f'\n{machine()}\n')
+    for row in [head, ['---'] * len(head)] + ROWS:
+        print('| ' + ' | '.join(row) + ' |')
+    print('\ncommands:\n' + '\n'.join(COMMANDS))
+
+
+if __name__ == '__main__':
+    main()
