@@ -806,10 +806,11 @@ def test_run_c_encoder_matches_sentencepiece(work, runc, tmp_path):
 def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
     """Prefill blocks == token by token and 2 threads == 1 (bit-identical logits) in three
     builds: plain -O3 (scalar int8), -O3 -march=native -fopenmp (AVX-512 VNNI int8 where the
-    CPU has it), and make runomp's -Ofast -march=native -fopenmp. Across builds: the same text;
-    logits within 1e-5 of the plain build's (only the order of float additions differs), or
-    for -Ofast within 1e-4 (float32) and 1e-2 (int8: x / scale becomes x * (1 / scale), which
-    moves a few activations to the next int8 step) of the largest logit."""
+    CPU has it), and make runomp's -Ofast -march=native -fopenmp. Across builds: the same text,
+    and float32 logits within 1e-5 (-O3) or 1e-4 (-Ofast) of the plain build's largest logit:
+    only the order of float operations differs. For int8 such differences move a few
+    activations across a rounding boundary to the next int8 step, and that shows in later
+    positions, so there the bound is 1e-2."""
     ckpt, model_bin = exported['trained']
     q80 = export(exported['work'], ckpt, exported['dir'] / 'trained' / 'model_q80.bin', '--version=2')
     builds = {'plain': runc}
@@ -818,7 +819,7 @@ def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
         subprocess.run(['gcc', *flags, '-fopenmp', '-march=native', '-o', builds[name], os.path.join(ROOT, 'run.c'), '-lm'],
                        check=True)
     prompt = "Once upon a time, there was a little fox named Tom. He loved to sing songs. One day, Tom"
-    for path, fast_tol in ((model_bin, 1e-4), (q80, 1e-2)):
+    for path, tols in ((model_bin, (1e-5, 1e-4)), (q80, (1e-2, 1e-2))):
         first = {}
         for name, exe in builds.items():
             outs = []
@@ -831,7 +832,7 @@ def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
             assert all(o == outs[0] for o in outs), (name, path)  # the same text and bit-identical logits
             first[name] = (outs[0][0], np.frombuffer(outs[0][1], np.float32))
         text, plain = first['plain']
-        for name, tol in (('native', 1e-5), ('runomp', fast_tol)):
+        for name, tol in zip(('native', 'runomp'), tols):
             assert first[name][0] == text, (name, path)
             assert np.abs(first[name][1] - plain).max() <= tol * np.abs(plain).max(), (name, path)
 
