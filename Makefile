@@ -8,7 +8,7 @@ CC ?= gcc
 TORCH ?= torch==2.13.0
 VOCAB ?= 1024
 
-# the demo model: small enough to train on a laptop CPU in about five minutes
+# the demo model: small enough to train on a laptop CPU in about eight minutes (2 cores)
 DEMO_DATA = --dataset=synth --vocab_size=$(VOCAB)
 DEMO_MODEL = --dim=128 --n_layers=4 --n_heads=4 --n_kv_heads=2 --max_seq_len=256
 DEMO_TRAIN = $(DEMO_DATA) $(DEMO_MODEL) --device=cpu --compile=False --batch_size=32 \
