@@ -11,17 +11,20 @@ one by one with struct, minutes for 110M parameters), and every file is written 
 temporary name and renamed, so an interrupted export never leaves a half file behind.
 """
 
+import codecs
+import collections
 import json
 import os
+import pickle
 import shutil
 import struct
 import sys
+import zipfile
+from types import SimpleNamespace
 
 import numpy as np
-import torch
 
 from configurator import configure
-from model import load_checkpoint
 from tokenizer import (CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, Tokenizer,
                        export_tokenizer_bin)
 
@@ -30,38 +33,145 @@ checkpoint = 'out/ckpt.pt'
 version = '0'            # 0 (float32, llama2.c's legacy format) | 2 (int8 Q8_0) | hf
 group_size = 64          # version 2: values per quantization group (halved until it fits)
 # -----------------------------------------------------------------------------
+# Reading a checkpoint without torch. Importing torch takes 1.2 s here, twice as long as
+# writing a 110M model, so export.py reads the file itself. torch.save writes a zip:
+# data.pkl, the pickled dict in which every tensor is a reference to data/<key>, a raw
+# little-endian storage kept uncompressed. The storages are mapped, not copied, and only
+# the model's are touched (not the optimizer's, twice as large); only plain data is
+# unpickled, as torch.load(weights_only=True) does.
+
+STORAGES = {'FloatStorage': '<f4', 'HalfStorage': '<f2', 'DoubleStorage': '<f8',
+            'BFloat16Storage': 'bfloat16', 'LongStorage': '<i8', 'IntStorage': '<i4',
+            'ShortStorage': '<i2', 'CharStorage': 'i1', 'ByteStorage': 'u1', 'BoolStorage': '?'}
 
 
-def f32(t):
-    return t.detach().to('cpu', torch.float32).numpy()
+class Stored:
+    """A tensor in the zip: its storage (key, type), offset, shape and strides in elements."""
+    def __init__(self, reader, storage, offset, size, stride, *_):
+        self.reader, self.storage, self.offset = reader, storage, offset
+        self.shape, self.stride = tuple(size), tuple(stride)
+
+    def numpy(self):
+        a = self.reader.storage(*self.storage)[self.offset:]
+        contiguous = np.cumprod((1,) + self.shape[:0:-1])[::-1].tolist()
+        if list(self.stride) == contiguous or not self.shape:
+            return a[:int(np.prod(self.shape))].reshape(self.shape)
+        return np.lib.stride_tricks.as_strided(a, self.shape, [s * a.itemsize for s in self.stride])
 
 
-def legacy_tensors(model):
+class CheckpointReader(pickle.Unpickler):
+    def __init__(self, path):
+        self.zip, self.file = zipfile.ZipFile(path), np.memmap(path, np.uint8, 'r')
+        names = self.zip.namelist()
+        pkl = [n for n in names if n.endswith('data.pkl')]
+        if not pkl:
+            raise ValueError("no data.pkl in the zip")
+        self.prefix, self.cache = pkl[0][:-len('data.pkl')], {}
+        if self.prefix + 'byteorder' in names and self.zip.read(self.prefix + 'byteorder') != b'little':
+            raise ValueError("a big-endian checkpoint")
+        super().__init__(self.zip.open(pkl[0]))
+
+    def find_class(self, module, name):
+        if (module, name) == ('collections', 'OrderedDict'):
+            return collections.OrderedDict
+        if (module, name) == ('_codecs', 'encode'):  # how pickle protocol 2 stores bytes
+            return codecs.encode
+        if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
+            return lambda *args: Stored(self, *args)
+        if module == 'torch' and name in STORAGES:
+            return name
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+    def persistent_load(self, pid):  # ('storage', storage type, key, location, numel)
+        return pid[2], pid[1]
+
+    def storage(self, key, kind):
+        if key not in self.cache:
+            info = self.zip.getinfo(f'{self.prefix}data/{key}')
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"storage {key} is compressed")
+            # the data follows a 30-byte local header, the name and an extra field
+            name_len, extra_len = struct.unpack('<HH', self.file[info.header_offset + 26:][:4])
+            start = info.header_offset + 30 + name_len + extra_len
+            raw = self.file[start:start + info.file_size]
+            if STORAGES[kind] == 'bfloat16':  # the top half of a float32
+                self.cache[key] = (raw.view('<u2').astype('<u4') << 16).view('<f4')
+            else:
+                self.cache[key] = raw.view(STORAGES[kind])
+        return self.cache[key]
+
+
+def read_checkpoint(path):
+    """The checkpoint dict, tensors left as Stored; one line and exit for a bad file."""
+    try:
+        ckpt = CheckpointReader(path).load()
+    except FileNotFoundError:
+        sys.exit(f"error: {path} not found — train a model first (python train.py)")
+    except Exception as e:  # truncated zips, foreign pickles, garbage: all mean "unreadable"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"error: {path} is not a readable checkpoint ({first[:160]}) — "
+                 "was it truncated, or written by another program?")
+    if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= ckpt.keys():
+        sys.exit(f"error: {path} has no 'model' and 'model_args' — not a checkpoint of ours")
+    return ckpt
+
+
+def model_weights(ckpt, path):
+    """The model's float32 arrays by state-dict name, and its shape, from the arrays
+    themselves (model_args may leave hidden_dim and n_kv_heads to be derived)."""
+    stored = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
+    try:
+        w = {k: v.numpy().astype(np.float32, copy=False) for k, v in stored.items()}
+        emb, args = w['tok_embeddings.weight'], ckpt['model_args']
+        n_layers = 1 + max(int(k.split('.')[1]) for k in w if k.startswith('layers.'))
+        n_heads = args['n_heads']
+        p = SimpleNamespace(dim=emb.shape[1], hidden_dim=w['layers.0.feed_forward.w1.weight'].shape[0],
+                            n_layers=n_layers, n_heads=n_heads,
+                            n_kv_heads=w['layers.0.attention.wk.weight'].shape[0] * n_heads // emb.shape[1],
+                            vocab_size=emb.shape[0], max_seq_len=args['max_seq_len'],
+                            norm_eps=args.get('norm_eps', 1e-5))
+        out = w.setdefault('output.weight', emb)
+        p.shared = np.array_equal(out, emb)  # tied: state_dict() holds the one tensor twice
+        missing = [f'layers.{i}.{name}.weight' for i in range(n_layers) for name in LAYER_WEIGHTS
+                   if f'layers.{i}.{name}.weight' not in w] + ['norm.weight'] * ('norm.weight' not in w)
+        if missing:
+            raise KeyError(missing[0])
+    except (KeyError, ValueError, AttributeError, TypeError) as e:
+        sys.exit(f"error: {path}: the model's weights are incomplete ({type(e).__name__}: "
+                 f"{str(e)[:80]}) — not a checkpoint of ours")
+    return w, p
+
+
+LAYER_WEIGHTS = ('attention_norm', 'attention.wq', 'attention.wk', 'attention.wv', 'attention.wo',
+                 'ffn_norm', 'feed_forward.w1', 'feed_forward.w2', 'feed_forward.w3')
+
+
+def layers(w, p, name):
+    return [w[f'layers.{i}.{name}.weight'] for i in range(p.n_layers)]
+
+
+def precompute_freqs(head_dim, end, theta=10000.0):
+    """model.py's RoPE tables, in numpy: cos and sin of pos * theta^(-2i/head_dim)"""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    angles = np.outer(np.arange(end, dtype=np.float32), freqs.astype(np.float32))
+    return np.cos(angles), np.sin(angles)
+
+# -----------------------------------------------------------------------------
+# llama2.c's formats, for run.c
+
+def legacy_tensors(w, p):
     """Version 0's order: embedding, then each weight type for all layers, the final norm,
     RoPE tables (run.c computes its own, but the layout has room for them), classifier."""
-    p, L = model.params, model.layers
-    yield f32(model.tok_embeddings.weight)
-    for get in (lambda l: l.attention_norm.weight, lambda l: l.attention.wq.weight,
-                lambda l: l.attention.wk.weight, lambda l: l.attention.wv.weight,
-                lambda l: l.attention.wo.weight, lambda l: l.ffn_norm.weight,
-                lambda l: l.feed_forward.w1.weight, lambda l: l.feed_forward.w2.weight,
-                lambda l: l.feed_forward.w3.weight):
-        for layer in L:
-            yield f32(get(layer))
-    yield f32(model.norm.weight)
-    yield f32(model.freqs_cos[:p.max_seq_len])
-    yield f32(model.freqs_sin[:p.max_seq_len])
-    if not shared(model):
-        yield f32(model.output.weight)
+    yield w['tok_embeddings.weight']
+    for name in LAYER_WEIGHTS:
+        yield from layers(w, p, name)
+    yield w['norm.weight']
+    yield from precompute_freqs(p.dim // p.n_heads, p.max_seq_len)
+    if not p.shared:
+        yield w['output.weight']
 
 
-def shared(model):
-    return model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr() or \
-        torch.equal(model.output.weight, model.tok_embeddings.weight)
-
-
-def config_ints(model):
-    p = model.params
+def config_ints(p):
     return [p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len]
 
 
@@ -70,17 +180,17 @@ def write_atomic(path, chunks):
     with open(path + '.tmp', 'wb') as f:
         for c in chunks:
             if isinstance(c, np.ndarray):
-                c.tofile(f)
+                np.ascontiguousarray(c).tofile(f)
             else:
                 f.write(c)
     os.replace(path + '.tmp', path)
 
 
-def export_v0(model, path):
-    header = config_ints(model)
-    if not shared(model):
+def export_v0(w, p, path):
+    header = config_ints(p)
+    if not p.shared:
         header[5] = -header[5]  # the legacy format's flag for a separate classifier
-    write_atomic(path, [struct.pack('7i', *header), *legacy_tensors(model)])
+    write_atomic(path, [struct.pack('7i', *header), *legacy_tensors(w, p)])
 
 
 def quantize_q80(w, gs):
@@ -93,35 +203,31 @@ def quantize_q80(w, gs):
     return q, scale.astype(np.float32), float(err)
 
 
-def export_v2(model, path):
+def export_v2(w, p, path):
     """llama2.c's version 2 (runq.c): a 256-byte header, the norms in float32, then
     every matrix as int8 groups followed by their float32 scales."""
-    p = model.params
     gs = group_size
     while p.dim % gs or p.hidden_dim % gs:  # activations are quantized in groups too
         gs //= 2
     if gs < group_size:
         print(f"group size {group_size} does not divide dim {p.dim} and hidden_dim "
               f"{p.hidden_dim}: using {gs}")
-    header = struct.pack('I', 0x616b3432) + struct.pack('i', 2) + struct.pack('7i', *config_ints(model)) \
-        + struct.pack('B', int(shared(model))) + struct.pack('i', gs)
+    header = struct.pack('I', 0x616b3432) + struct.pack('i', 2) + struct.pack('7i', *config_ints(p)) \
+        + struct.pack('B', int(p.shared)) + struct.pack('i', gs)
     chunks = [header + b'\0' * (256 - len(header))]
-    chunks += [f32(l.attention_norm.weight) for l in model.layers]
-    chunks += [f32(l.ffn_norm.weight) for l in model.layers]
-    chunks.append(f32(model.norm.weight))
-    mats = [('tok_embeddings', model.tok_embeddings.weight)]
-    for name in ('attention.wq', 'attention.wk', 'attention.wv', 'attention.wo',
-                 'feed_forward.w1', 'feed_forward.w2', 'feed_forward.w3'):
-        mats += [(f'layers.{i}.{name}', model.get_submodule(f'layers.{i}.{name}').weight)
-                 for i in range(p.n_layers)]
-    if not shared(model):
-        mats.append(('output', model.output.weight))
+    chunks += layers(w, p, 'attention_norm') + layers(w, p, 'ffn_norm') + [w['norm.weight']]
+    names = ['tok_embeddings'] + [f'layers.{i}.{name}' for name in (
+        'attention.wq', 'attention.wk', 'attention.wv', 'attention.wo',
+        'feed_forward.w1', 'feed_forward.w2', 'feed_forward.w3') for i in range(p.n_layers)]
+    if not p.shared:
+        names.append('output')
     worst = 0.0
-    for name, w in mats:
-        q, s, err = quantize_q80(f32(w), gs)
+    for name in names:
+        a = w[name + '.weight']
+        q, s, err = quantize_q80(a, gs)
         chunks += [q, s]
         worst = max(worst, err)
-        print(f"{name:28s} {str(tuple(w.shape)):14s} max abs error {err:.6f}")
+        print(f"{name:28s} {str(a.shape):14s} max abs error {err:.6f}")
     print(f"largest quantization error: {worst:.6f} (group size {gs})")
     write_atomic(path, chunks)
 
@@ -134,29 +240,28 @@ def hf_permute(w, n_heads):
     and its odd rows to its second half makes HF rotate the same pairs; q·k is unchanged
     because q and k are reordered alike. w (n_heads * head_dim, dim)"""
     rows, dim = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+    return w.reshape(n_heads, rows // n_heads // 2, 2, dim).transpose(0, 2, 1, 3).reshape(rows, dim)
 
 
-def hf_tensors(model):
+def hf_tensors(w, p):
     """HF's parameter names -> float32 arrays. A tied classifier is stored once, as
     embed_tokens (config.json's tie_word_embeddings tells HF to share it)."""
-    p = model.params
-    t = {'model.embed_tokens.weight': model.tok_embeddings.weight}
-    for i, l in enumerate(model.layers):
-        a, f, pre = l.attention, l.feed_forward, f'model.layers.{i}.'
-        t[pre + 'input_layernorm.weight'] = l.attention_norm.weight
-        t[pre + 'self_attn.q_proj.weight'] = hf_permute(a.wq.weight, p.n_heads)
-        t[pre + 'self_attn.k_proj.weight'] = hf_permute(a.wk.weight, p.n_kv_heads)  # GQA: fewer rows
-        t[pre + 'self_attn.v_proj.weight'] = a.wv.weight  # v is not rotated
-        t[pre + 'self_attn.o_proj.weight'] = a.wo.weight
-        t[pre + 'post_attention_layernorm.weight'] = l.ffn_norm.weight
-        t[pre + 'mlp.gate_proj.weight'] = f.w1.weight
-        t[pre + 'mlp.down_proj.weight'] = f.w2.weight
-        t[pre + 'mlp.up_proj.weight'] = f.w3.weight
-    t['model.norm.weight'] = model.norm.weight
-    if not shared(model):
-        t['lm_head.weight'] = model.output.weight
-    return {k: f32(v) for k, v in t.items()}
+    t = {'model.embed_tokens.weight': w['tok_embeddings.weight']}
+    for i in range(p.n_layers):
+        ours, pre = (lambda name: w[f'layers.{i}.{name}.weight']), f'model.layers.{i}.'
+        t[pre + 'input_layernorm.weight'] = ours('attention_norm')
+        t[pre + 'self_attn.q_proj.weight'] = hf_permute(ours('attention.wq'), p.n_heads)
+        t[pre + 'self_attn.k_proj.weight'] = hf_permute(ours('attention.wk'), p.n_kv_heads)  # GQA: fewer rows
+        t[pre + 'self_attn.v_proj.weight'] = ours('attention.wv')  # v is not rotated
+        t[pre + 'self_attn.o_proj.weight'] = ours('attention.wo')
+        t[pre + 'post_attention_layernorm.weight'] = ours('ffn_norm')
+        t[pre + 'mlp.gate_proj.weight'] = ours('feed_forward.w1')
+        t[pre + 'mlp.down_proj.weight'] = ours('feed_forward.w2')
+        t[pre + 'mlp.up_proj.weight'] = ours('feed_forward.w3')
+    t['model.norm.weight'] = w['norm.weight']
+    if not p.shared:
+        t['lm_head.weight'] = w['output.weight']
+    return t
 
 
 def safetensors_chunks(tensors):
@@ -169,17 +274,16 @@ def safetensors_chunks(tensors):
         offset += a.nbytes
     h = json.dumps(header).encode()
     h += b' ' * (-len(h) % 8)  # pad with spaces so the data starts 8-byte aligned
-    return [struct.pack('<Q', len(h)) + h] + [a.astype('<f4') for a in tensors.values()]
+    return [struct.pack('<Q', len(h)) + h] + [a.astype('<f4', copy=False) for a in tensors.values()]
 
 
-def hf_config(model, tok):
-    p = model.params
+def hf_config(p, tok):
     return {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_size': p.dim,
             'intermediate_size': p.hidden_dim, 'num_hidden_layers': p.n_layers,
             'num_attention_heads': p.n_heads, 'num_key_value_heads': p.n_kv_heads,
             'head_dim': p.dim // p.n_heads, 'vocab_size': p.vocab_size,
             'max_position_embeddings': p.max_seq_len, 'rms_norm_eps': p.norm_eps,
-            'rope_theta': 10000.0, 'hidden_act': 'silu', 'tie_word_embeddings': shared(model),
+            'rope_theta': 10000.0, 'hidden_act': 'silu', 'tie_word_embeddings': p.shared,
             'bos_token_id': tok.bos_id, 'eos_token_id': tok.eos_id, 'torch_dtype': 'float32'}
 
 
@@ -229,7 +333,7 @@ def hf_chat_template(chat):
             "{% if add_generation_prompt %}" + chat['generation_prompt'] + "{% endif %}")
 
 
-def hf_tokenizer_files(model, tok, ckpt):
+def hf_tokenizer_files(p, tok, ckpt):
     sp = tok.sp
     special = [i for i in range(tok.n_words) if sp.is_control(i) or sp.is_unknown(i)]
     # the chat tokens too: one token even inside text, and hidden by skip_special_tokens
@@ -241,12 +345,12 @@ def hf_tokenizer_files(model, tok, ckpt):
     # losing the leading-space fix in hf_tokenizer_json
     config = dict(names, tokenizer_class='PreTrainedTokenizerFast', add_bos_token=True,
                   add_eos_token=False, clean_up_tokenization_spaces=False,
-                  model_max_length=model.params.max_seq_len, chat_template=hf_chat_template(chat))
+                  model_max_length=p.max_seq_len, chat_template=hf_chat_template(chat))
     return {'tokenizer.json': hf_tokenizer_json(tok, special), 'tokenizer_config.json': config,
             'special_tokens_map.json': names, 'tokenizer.model': tok.model_bytes}
 
 
-def export_hf(model, tok, ckpt, out_dir):
+def export_hf(w, p, tok, ckpt, out_dir):
     """Write out_dir/ (config, weights, tokenizer) into out_dir.tmp/, then swap it in, so
     a crash leaves the previous export whole."""
     out_dir = os.path.normpath(out_dir)
@@ -255,17 +359,17 @@ def export_hf(model, tok, ckpt, out_dir):
     tmp, old = out_dir + '.tmp', out_dir + '.old'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    files = {'config.json': hf_config(model, tok),
+    files = {'config.json': hf_config(p, tok),
              # stop where sample.py does (BOS starts the next document, EOS) and at <|im_end|>
              'generation_config.json': {'bos_token_id': tok.bos_id,
                                         'eos_token_id': [tok.eos_id, tok.bos_id, tok.im_end_id]},
-             **hf_tokenizer_files(model, tok, ckpt)}
+             **hf_tokenizer_files(p, tok, ckpt)}
     for name, content in files.items():
         if not isinstance(content, bytes):
             content = json.dumps(content, indent=2, ensure_ascii=False).encode()
         with open(os.path.join(tmp, name), 'wb') as f:
             f.write(content)
-    write_atomic(os.path.join(tmp, 'model.safetensors'), safetensors_chunks(hf_tensors(model)))
+    write_atomic(os.path.join(tmp, 'model.safetensors'), safetensors_chunks(hf_tensors(w, p)))
     if os.path.exists(out_dir):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)
@@ -279,16 +383,16 @@ def main():
     if not args:
         sys.exit("usage: python export.py OUTPUT --checkpoint=out/ckpt.pt [--version=0|2|hf]")
     out = args[0]
-    model, ckpt = load_checkpoint(checkpoint)
-    model.eval()
+    ckpt = read_checkpoint(checkpoint)
     if 'tokenizer' not in ckpt:
         sys.exit(f"error: {checkpoint} holds no tokenizer — it was not written by our train.py")
     tok = Tokenizer(ckpt['tokenizer'])
+    w, p = model_weights(ckpt, checkpoint)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if version == 'hf':
-        export_hf(model, tok, ckpt, out)
+        export_hf(w, p, tok, ckpt, out)
     elif version in ('0', '2'):
-        (export_v0 if version == '0' else export_v2)(model, out)
+        (export_v0 if version == '0' else export_v2)(w, p, out)
         tok_path = os.path.join(os.path.dirname(os.path.abspath(out)), 'tokenizer.bin')
         export_tokenizer_bin(tok, tok_path)
         print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB) and {tok_path}")

@@ -735,6 +735,46 @@ def exported(tiny, tmp_path_factory):
             'random': (rnd, export(work, rnd, d / 'random' / 'model.bin')), 'work': work, 'dir': d}
 
 
+def test_export_reads_checkpoints_without_torch(work, tmp_path):
+    """export.py reads torch.save's zip itself: its version-0 file holds exactly the tensors
+    torch.load returns, in llama2.c's order, for float32, bfloat16, float16 and transposed
+    (non-contiguous) tensors and an untied classifier, next to an optimizer state it skips;
+    and it never imports torch."""
+    from model import precompute_freqs
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=16))
+    opt = torch.optim.AdamW(m.parameters())
+    x = torch.randint(0, VOCAB, (1, 8))
+    m(x, targets=x)[1].backward()
+    opt.step()
+    sd = m.state_dict()
+    sd['output.weight'] = torch.randn_like(sd['output.weight'])  # a classifier of its own
+    sd['layers.0.attention.wq.weight'] = sd['layers.0.attention.wq.weight'].t().contiguous().t()
+    sd['layers.1.feed_forward.w2.weight'] = sd['layers.1.feed_forward.w2.weight'].bfloat16()
+    sd['layers.0.ffn_norm.weight'] = sd['layers.0.ffn_norm.weight'].half() + 0.5
+    tok = open(os.path.join(work, 'data', f'tok{VOCAB}.model'), 'rb').read()
+    ckpt, out = str(tmp_path / 'c.pt'), str(tmp_path / 'm.bin')
+    torch.save({'model': sd, 'optimizer': opt.state_dict(), 'model_args': asdict(m.params),
+                'tokenizer': tok}, ckpt)
+    code = ("import runpy, sys; sys.argv = ['export.py', sys.argv[1], '--checkpoint=' + sys.argv[2]]; "
+            "runpy.run_path('export.py', run_name='__main__'); print('torch imported:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, '-c', code, out, ckpt], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and 'torch imported: False' in r.stdout, r.stdout + r.stderr
+    data = open(out, 'rb').read()
+    assert np.frombuffer(data[:28], np.int32).tolist() == [32, m.params.hidden_dim, 2, 4, 2, -VOCAB, 16]
+    body = np.frombuffer(data[28:], np.float32)
+    order = ['tok_embeddings'] + [f'layers.{i}.{name}' for name in (
+        'attention_norm', 'attention.wq', 'attention.wk', 'attention.wv', 'attention.wo', 'ffn_norm',
+        'feed_forward.w1', 'feed_forward.w2', 'feed_forward.w3') for i in range(2)] + ['norm']
+    loaded = torch.load(ckpt, weights_only=True)['model']
+    want = np.concatenate([loaded[k + '.weight'].float().numpy().ravel() for k in order])
+    cos, sin = (t.numpy().ravel() for t in precompute_freqs(8, 16))
+    n, f = want.size, cos.size
+    assert np.array_equal(body[:n], want)
+    assert np.allclose(body[n:n + f], cos, atol=1e-6) and np.allclose(body[n + f:n + 2 * f], sin, atol=1e-6)
+    assert np.array_equal(body[n + 2 * f:], loaded['output.weight'].numpy().ravel())
+
+
 PROMPTS = ["Once upon a time", "", "从前，有一只小猫"]
 
 
