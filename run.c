@@ -26,7 +26,7 @@ Only loading and matmul know the difference; everything else is shared.
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #endif
 
@@ -127,8 +127,9 @@ typedef struct {
     float *rope_cos;  // (B, head_size/2) rotation of each token's position
     float *rope_sin;  // (B, head_size/2)
     float *logits;    // (B, vocab_size) (only the first row is used unless all logits are asked for)
-    int16_t *xq;      // (B, max(dim, hidden)) int8 activations, held in int16 (int8 files only)
+    int8_t *xq;       // (B, max(dim, hidden)) int8 activations (int8 files only)
     float *xs;        // (B, max(dim, hidden) / group_size) their scales
+    int32_t *xsum;    // (B, max(dim, hidden) / group_size) the sum of each group's values
     float *key_cache;   // (n_layers, kv_dim, n_ctx): transposed, see attention()
     float *value_cache; // (n_layers, n_ctx, kv_dim)
 } RunState;
@@ -295,6 +296,7 @@ static void free_transformer(Transformer *t) {
 static void malloc_run_state(RunState *s, const Transformer *t, int B, int n_ctx, int all_logits) {
     const Config *c = &t->config;
     size_t dim = c->dim, hidden = c->hidden_dim, kv_dim = dim * c->n_kv_heads / c->n_heads;
+    n_ctx = (n_ctx + 15) / 16 * 16; // attention() computes the scores of 16 positions at a time
     size_t widest = hidden > dim ? hidden : dim, cache = (size_t)c->n_layers * n_ctx * kv_dim;
     *s = (RunState){.B = B, .n_ctx = n_ctx};
     s->x = xalloc(B * dim * sizeof(float));
@@ -308,8 +310,9 @@ static void malloc_run_state(RunState *s, const Transformer *t, int B, int n_ctx
     s->rope_sin = xalloc(B * dim / c->n_heads / 2 * sizeof(float));
     s->logits = xalloc((all_logits ? B : 1) * (size_t)c->vocab_size * sizeof(float));
     if (t->group_size) {
-        s->xq = xalloc(B * widest * sizeof(int16_t));
+        s->xq = xalloc(B * widest);
         s->xs = xalloc(B * widest / t->group_size * sizeof(float));
+        s->xsum = xalloc(B * widest / t->group_size * sizeof(int32_t));
     }
     s->key_cache = xalloc(cache * sizeof(float));
     s->value_cache = xalloc(cache * sizeof(float));
@@ -320,6 +323,7 @@ static void free_run_state(RunState *s) {
                   s->logits, s->xs, s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) free(f[i]);
     free(s->xq);
+    free(s->xsum);
 }
 
 // ----------------------------------------------------------------------------
@@ -340,17 +344,21 @@ static void softmax(float *x, int size) {
     for (int i = 0; i < size; i++) x[i] /= sum;
 }
 
-// Q8_0 quantization of activations, as runq.c does: symmetric, per group, max |x| -> 127
-static void quantize(int16_t *q, float *s, const float *x, int n, int gs) {
+// Q8_0 quantization of activations, as runq.c does: symmetric, per group, max |x| -> 127.
+// Also the sum of each group's int8 values, which the VNNI dot product below needs.
+static void quantize(int8_t *q, float *s, int32_t *qsum, const float *x, int n, int gs) {
     for (int g = 0; g < n / gs; g++) {
         float wmax = 0.0f;
         for (int i = 0; i < gs; i++) wmax = fmaxf(wmax, fabsf(x[g * gs + i]));
         float scale = wmax / 127.0f;
         s[g] = scale;
+        int32_t sum = 0;
         for (int i = 0; i < gs; i++) { // NaN or inf (from a broken model) becomes 0: casting them is undefined
             float v = scale == 0.0f ? 0.0f : roundf(x[g * gs + i] / scale);
-            q[g * gs + i] = fabsf(v) <= 127.0f ? (int16_t)v : 0;
+            q[g * gs + i] = fabsf(v) <= 127.0f ? (int8_t)v : 0;
+            sum += q[g * gs + i];
         }
+        qsum[g] = sum;
     }
 }
 
@@ -373,39 +381,53 @@ static float dot_f32(const float *w, const float *x, int n) {
 }
 
 // w (n,) . x (NT, n) -> out (NT,) for int8 weights and activations, NT = 1 or 4 tokens (a
-// constant at each call). The activations are kept as int16, which lets the compiler use
-// 16-bit multiply-adds: an exact integer dot product per group, then scaled by the weight's
+// constant at each call): an exact integer dot product per group, scaled by the weight's
 // and the activation's scale.
-static inline void dot_q8(float *out, const int8_t *w, const float *ws, const int16_t *x,
-                          const float *xs, int NT, int n, int gs) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    // With AVX-512 VNNI: 32 products per instruction, and the group sums stay in vector lanes
-    // (no horizontal sum per group): 2-2.6x faster than the loop below for one token. A group
-    // of w is widened to int16 once for all NT tokens: 4 tokens at once make prefill 1.3x faster.
+static inline __attribute__((always_inline)) void dot_q8(float *out, const int8_t *w, const float *ws, const int8_t *x, const float *xs,
+                          const int32_t *xsum, int NT, int ng, int gs) {
+    int n = ng * gs; // ng groups of gs values (the caller divides once, not once per row)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    // With VNNI, vpdpbusd multiplies 32 pairs of bytes and adds them in fours to 8 int32
+    // lanes: 32 products per instruction, the group's sum kept in the lanes. One operand
+    // must be unsigned: w + 128 is w with its top bit flipped, read as unsigned, and
+    // sum((w + 128) x) = sum(w x) + 128 sum(x), so each group's lanes start at -128 sum(x).
+    // 256-bit vectors: this CPU (Zen 4) splits a 512-bit one in two anyway. A group of w is
+    // loaded once for all NT tokens: 4 tokens at once make prefill faster.
     if (gs % 32 == 0) {
-        __m512 acc[4];
-        for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
-        for (int g = 0; g < n / gs; g++) {
-            __m512i isum[4];
-            for (int t = 0; t < NT; t++) isum[t] = _mm512_setzero_si512();
-            for (int k = g * gs; k < (g + 1) * gs; k += 32) {
-                __m512i wk = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k)));
-                for (int t = 0; t < NT; t++) isum[t] = _mm512_dpwssd_epi32(isum[t], wk, _mm512_loadu_si512(x + (size_t)t * n + k));
+        const __m256i flip = _mm256_set1_epi8((char)0x80);
+        __m256 acc[2][4]; // even and odd groups: two chains of FMAs (one alone waits on their latency)
+        for (int t = 0; t < NT; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
+        for (int g0 = 0; g0 < ng; g0 += 2) {
+            for (int h = 0; h < 2 && g0 + h < ng; h++) {
+                int g = g0 + h;
+                __m256i isum[4];
+                for (int t = 0; t < NT; t++) isum[t] = _mm256_setr_epi32(-128 * xsum[t * ng + g], 0, 0, 0, 0, 0, 0, 0);
+                for (int k = g * gs; k < (g + 1) * gs; k += 32) {
+                    __m256i wu = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + k)), flip);
+                    for (int t = 0; t < NT; t++)
+                        isum[t] = _mm256_dpbusd_epi32(isum[t], wu, _mm256_loadu_si256((const __m256i *)(x + (size_t)t * n + k)));
+                }
+                for (int t = 0; t < NT; t++)
+                    acc[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(ws[g] * xs[t * ng + g]), acc[h][t]);
             }
-            for (int t = 0; t < NT; t++)
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_set1_ps(ws[g] * xs[(size_t)t * (n / gs) + g]), acc[t]);
         }
-        for (int t = 0; t < NT; t++) out[t] = _mm512_reduce_add_ps(acc[t]);
+        for (int t = 0; t < NT; t++) { // the 8 lanes' sum
+            __m256 a = _mm256_add_ps(acc[0][t], acc[1][t]);
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            out[t] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        }
         return;
     }
 #endif
+    (void)xsum;
     for (int t = 0; t < NT; t++) {
-        const int16_t *xt = x + (size_t)t * n;
+        const int8_t *xt = x + (size_t)t * n;
         float val = 0.0f;
-        for (int g = 0; g < n / gs; g++) {
+        for (int g = 0; g < ng; g++) {
             int32_t isum = 0;
             for (int k = g * gs; k < (g + 1) * gs; k++) isum += xt[k] * w[k];
-            val += (float)isum * ws[g] * xs[(size_t)t * (n / gs) + g];
+            val += (float)isum * ws[g] * xs[t * ng + g];
         }
         out[t] = val;
     }
@@ -416,11 +438,12 @@ static inline void dot_q8(float *out, const int8_t *w, const float *ws, const in
 // then stays in the L1 cache for all T tokens: that is what makes prefill fast.
 static void matmul(float *out, const float *x, int T, int n, const Matrix *ws, int nw,
                    int gs, RunState *s) {
-    int d = 0;
+    int d = 0, ng = gs ? n / gs : 0; // rows, and int8 groups per row
     for (int m = 0; m < nw; m++) d += ws[m].rows;
     if (gs) {
         OMP(omp parallel for if(T > 1))
-        for (int t = 0; t < T; t++) quantize(s->xq + (size_t)t * n, s->xs + (size_t)t * n / gs, x + (size_t)t * n, n, gs);
+        for (int t = 0; t < T; t++)
+            quantize(s->xq + (size_t)t * n, s->xs + t * ng, s->xsum + t * ng, x + (size_t)t * n, n, gs);
     }
     OMP(omp parallel for schedule(static))
     for (int row = 0; row < d; row++) {
@@ -431,9 +454,12 @@ static void matmul(float *out, const float *x, int T, int n, const Matrix *ws, i
             int nt = gs && T - t >= 4 ? 4 : 1; // int8: 4 tokens per step while there are 4
             if (gs) {
                 const int8_t *wq = ws[m].q + (size_t)i * n;
-                const float *wsc = ws[m].s + (size_t)i * n / gs, *xs = s->xs + (size_t)t * n / gs;
-                if (nt == 4) dot_q8(o, wq, wsc, s->xq + (size_t)t * n, xs, 4, n, gs);
-                else dot_q8(o, wq, wsc, s->xq + (size_t)t * n, xs, 1, n, gs);
+                const float *wsc = ws[m].s + (size_t)i * ng, *xs = s->xs + t * ng;
+                const int8_t *xq = s->xq + (size_t)t * n;
+                const int32_t *xsum = s->xsum + t * ng;
+                if (nt == 4) dot_q8(o, wq, wsc, xq, xs, xsum, 4, ng, gs);
+                else if (gs == 32) dot_q8(o, wq, wsc, xq, xs, xsum, 1, ng, 32); // a constant: 13% faster rows
+                else dot_q8(o, wq, wsc, xq, xs, xsum, 1, ng, gs);
             } else o[0] = dot_f32(ws[m].w + (size_t)i * n, x + (size_t)t * n, n);
             for (int k = 0; k < nt; k++, t++) out[(size_t)t * d + row] = o[k];
         }
@@ -470,20 +496,41 @@ static void rope(float *v, int n, const float *fcos, const float *fsin, int head
 
 // One head of causal self-attention for the token at pos: q (head_size,) against the keys
 // of positions 0..pos -> out (head_size,). The cache holds a head's keys transposed,
-// (head_size, n_ctx), so that the scores of all positions are computed side by side in
-// vector registers.
+// (head_size, n_ctx), so that the scores of 16 positions are computed side by side in a
+// vector register (past pos too, up to the next 16: those scores are never used). The
+// partial sums stay in registers, not in att[] and out[]; written with a vector type
+// because gcc 12 turns the plain loops into scalar code. Each sum runs over i (or t) in
+// order, so a token's result does not depend on how many tokens came in its block.
+typedef float f32x16 __attribute__((vector_size(64))); // 16 floats (a GCC/Clang extension)
+
 static void attention(float *out, const float *q, const float *keys, const float *values,
                       float *att, int pos, int head_size, int kv_dim, int n_ctx) {
-    for (int t = 0; t <= pos; t++) att[t] = 0.0f;
-    for (int i = 0; i < head_size; i++)
-        for (int t = 0; t <= pos; t++) att[t] += q[i] * keys[(size_t)i * n_ctx + t];
+    for (int t0 = 0; t0 <= pos; t0 += 16) {
+        f32x16 a = {0};
+        for (int i = 0; i < head_size; i++) {
+            f32x16 k;
+            memcpy(&k, keys + (size_t)i * n_ctx + t0, sizeof k);
+            a += q[i] * k;
+        }
+        memcpy(att + t0, &a, sizeof a);
+    }
     float scale = sqrtf(head_size);
     for (int t = 0; t <= pos; t++) att[t] /= scale;
     softmax(att, pos + 1);
-    memset(out, 0, head_size * sizeof(float));
-    for (int t = 0; t <= pos; t++) {
-        const float *v = values + (size_t)t * kv_dim;
-        for (int i = 0; i < head_size; i++) out[i] += att[t] * v[i];
+    int i = 0;
+    for (; i + 16 <= head_size; i += 16) { // out[i..i+15] = sum over t of att[t] * v_t[i..i+15]
+        f32x16 o = {0};
+        for (int t = 0; t <= pos; t++) {
+            f32x16 v;
+            memcpy(&v, values + (size_t)t * kv_dim + i, sizeof v);
+            o += att[t] * v;
+        }
+        memcpy(out + i, &o, sizeof o);
+    }
+    for (; i < head_size; i++) { // head sizes that are no multiple of 16
+        float o = 0.0f;
+        for (int t = 0; t <= pos; t++) o += att[t] * values[(size_t)t * kv_dim + i];
+        out[i] = o;
     }
 }
 

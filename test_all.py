@@ -850,16 +850,19 @@ def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
     and float32 logits within 1e-5 (-O3) or 1e-4 (-Ofast) of the plain build's largest logit:
     only the order of float operations differs. For int8 such differences move a few
     activations across a rounding boundary to the next int8 step, and that shows in later
-    positions, so there the bound is 1e-2."""
+    positions, so there the bound is 1e-2. int8 files with groups of 32 (trained, dim 96) and
+    of 64 (random, dim 64) take different VNNI code."""
     ckpt, model_bin = exported['trained']
     q80 = export(exported['work'], ckpt, exported['dir'] / 'trained' / 'model_q80.bin', '--version=2')
+    q80_64 = export(exported['work'], exported['random'][0], exported['dir'] / 'random' / 'model_q80.bin', '--version=2')
+    assert np.frombuffer(open(q80_64, 'rb').read()[37:41], np.int32)[0] == 64  # the group size
     builds = {'plain': runc}
     for name, flags in (('native', ['-O3']), ('runomp', ['-Ofast'])):
         builds[name] = str(tmp_path / name)
         subprocess.run(['gcc', *flags, '-fopenmp', '-march=native', '-o', builds[name], os.path.join(ROOT, 'run.c'), '-lm'],
                        check=True)
     prompt = "Once upon a time, there was a little fox named Tom. He loved to sing songs. One day, Tom"
-    for path, tols in ((model_bin, (1e-5, 1e-4)), (q80, (1e-2, 1e-2))):
+    for path, tols in ((model_bin, (1e-5, 1e-4)), (q80, (1e-2, 1e-2)), (q80_64, (1e-2, 1e-2))):
         first = {}
         for name, exe in builds.items():
             outs = []
