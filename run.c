@@ -380,11 +380,11 @@ static float dot_f32(const float *w, const float *x, int n) {
     return ((q[0] + q[2]) + (q[1] + q[3])) + tail;
 }
 
-// W (NR, n) . x (NT, n) -> out (NR, NT) for int8 weights and activations: NR consecutive rows
-// of a matrix and NT tokens, NR * NT <= 4 (constants at each call): an exact integer dot
-// product per group, scaled by the weight's and the activation's scale.
-static inline __attribute__((always_inline)) void dot_q8(float *out, const int8_t *w, const float *ws, const int8_t *x,
-        const float *xs, const int32_t *xsum, int NR, int NT, int ng, int gs) {
+// w (n,) . x (NT, n) -> out (NT,) for int8 weights and activations, NT = 1 or 4 tokens (a
+// constant at each call): an exact integer dot product per group, scaled by the weight's
+// and the activation's scale.
+static inline __attribute__((always_inline)) void dot_q8(float *out, const int8_t *w, const float *ws, const int8_t *x, const float *xs,
+                          const int32_t *xsum, int NT, int ng, int gs) {
     int n = ng * gs; // ng groups of gs values (the caller divides once, not once per row)
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
     // With VNNI, vpdpbusd multiplies 32 pairs of bytes and adds them in fours to 8 int32
@@ -392,45 +392,44 @@ static inline __attribute__((always_inline)) void dot_q8(float *out, const int8_
     // must be unsigned: w + 128 is w with its top bit flipped, read as unsigned, and
     // sum((w + 128) x) = sum(w x) + 128 sum(x), so each group's lanes start at -128 sum(x).
     // 256-bit vectors: this CPU (Zen 4) splits a 512-bit one in two anyway. A group of w is
-    // loaded once for all NT tokens, and x once for all NR rows.
+    // loaded once for all NT tokens: 4 tokens at once make prefill faster.
     if (gs % 32 == 0) {
         const __m256i flip = _mm256_set1_epi8((char)0x80);
         __m256 acc[2][4]; // even and odd groups: two chains of FMAs (one alone waits on their latency)
-        for (int j = 0; j < NR * NT; j++) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
+        for (int t = 0; t < NT; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
         for (int g0 = 0; g0 < ng; g0 += 2) {
             for (int h = 0; h < 2 && g0 + h < ng; h++) {
                 int g = g0 + h;
-                __m256i isum[4]; // [r * NT + t]
-                for (int j = 0; j < NR * NT; j++) isum[j] = _mm256_setr_epi32(-128 * xsum[j % NT * ng + g], 0, 0, 0, 0, 0, 0, 0);
-                for (int k = g * gs; k < (g + 1) * gs; k += 32)
-                    for (int r = 0; r < NR; r++) {
-                        __m256i wu = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + (size_t)r * n + k)), flip);
-                        for (int t = 0; t < NT; t++)
-                            isum[r * NT + t] = _mm256_dpbusd_epi32(isum[r * NT + t], wu, _mm256_loadu_si256((const __m256i *)(x + (size_t)t * n + k)));
-                    }
-                for (int j = 0; j < NR * NT; j++)
-                    acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_set1_ps(ws[j / NT * ng + g] * xs[j % NT * ng + g]), acc[h][j]);
+                __m256i isum[4];
+                for (int t = 0; t < NT; t++) isum[t] = _mm256_setr_epi32(-128 * xsum[t * ng + g], 0, 0, 0, 0, 0, 0, 0);
+                for (int k = g * gs; k < (g + 1) * gs; k += 32) {
+                    __m256i wu = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + k)), flip);
+                    for (int t = 0; t < NT; t++)
+                        isum[t] = _mm256_dpbusd_epi32(isum[t], wu, _mm256_loadu_si256((const __m256i *)(x + (size_t)t * n + k)));
+                }
+                for (int t = 0; t < NT; t++)
+                    acc[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(ws[g] * xs[t * ng + g]), acc[h][t]);
             }
         }
-        for (int j = 0; j < NR * NT; j++) { // the 8 lanes' sum
-            __m256 a = _mm256_add_ps(acc[0][j], acc[1][j]);
+        for (int t = 0; t < NT; t++) { // the 8 lanes' sum
+            __m256 a = _mm256_add_ps(acc[0][t], acc[1][t]);
             __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
             h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            out[j] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+            out[t] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
         }
         return;
     }
 #endif
     (void)xsum;
-    for (int j = 0; j < NR * NT; j++) { // row j / NT, token j % NT
-        const int8_t *xt = x + (size_t)(j % NT) * n, *wr = w + (size_t)(j / NT) * n;
+    for (int t = 0; t < NT; t++) {
+        const int8_t *xt = x + (size_t)t * n;
         float val = 0.0f;
         for (int g = 0; g < ng; g++) {
             int32_t isum = 0;
-            for (int k = g * gs; k < (g + 1) * gs; k++) isum += xt[k] * wr[k];
-            val += (float)isum * ws[j / NT * ng + g] * xs[j % NT * ng + g];
+            for (int k = g * gs; k < (g + 1) * gs; k++) isum += xt[k] * w[k];
+            val += (float)isum * ws[g] * xs[t * ng + g];
         }
-        out[j] = val;
+        out[t] = val;
     }
 }
 
@@ -447,29 +446,22 @@ static void matmul(float *out, const float *x, int T, int n, const Matrix *ws, i
             quantize(s->xq + (size_t)t * n, s->xs + t * ng, s->xsum + t * ng, x + (size_t)t * n, n, gs);
     }
     OMP(omp parallel for schedule(static))
-    for (int pair = 0; pair < (d + 1) / 2; pair++) { // rows 2 pair and 2 pair + 1
-        int row = 2 * pair, i = row, m = 0; // row i of matrix m
+    for (int row = 0; row < d; row++) {
+        int i = row, m = 0; // row i of matrix m
         while (i >= ws[m].rows) i -= ws[m++].rows;
-        if (gs && T == 1 && i + 1 < ws[m].rows) { // int8 decoding: both rows in one pass, which
-            const int8_t *wq = ws[m].q + (size_t)i * n; // shares the loads of x and the loop
-            const float *wsc = ws[m].s + (size_t)i * ng; // around: 1.4-1.7x faster than one by one
-            if (gs == 32) dot_q8(out + row, wq, wsc, s->xq, s->xs, s->xsum, 2, 1, ng, 32); // a constant: faster
-            else dot_q8(out + row, wq, wsc, s->xq, s->xs, s->xsum, 2, 1, ng, gs);
-            continue;
-        }
-        for (int r = row; r < row + 2 && r < d; r++, i++) {
-            if (i == ws[m].rows) { m++; i = 0; } // the pair straddles two matrices
-            for (int t = 0; t < T;) {
-                float o[4];
-                int nt = gs && T - t >= 4 ? 4 : 1; // int8: 4 tokens per step while there are 4
-                if (gs) {
-                    const int8_t *wq = ws[m].q + (size_t)i * n, *xq = s->xq + (size_t)t * n;
-                    const float *wsc = ws[m].s + (size_t)i * ng, *xs = s->xs + t * ng;
-                    if (nt == 4) dot_q8(o, wq, wsc, xq, xs, s->xsum + t * ng, 1, 4, ng, gs);
-                    else dot_q8(o, wq, wsc, xq, xs, s->xsum + t * ng, 1, 1, ng, gs);
-                } else o[0] = dot_f32(ws[m].w + (size_t)i * n, x + (size_t)t * n, n);
-                for (int k = 0; k < nt; k++, t++) out[(size_t)t * d + r] = o[k];
-            }
+        for (int t = 0; t < T;) {
+            float o[4];
+            int nt = gs && T - t >= 4 ? 4 : 1; // int8: 4 tokens per step while there are 4
+            if (gs) {
+                const int8_t *wq = ws[m].q + (size_t)i * n;
+                const float *wsc = ws[m].s + (size_t)i * ng, *xs = s->xs + t * ng;
+                const int8_t *xq = s->xq + (size_t)t * n;
+                const int32_t *xsum = s->xsum + t * ng;
+                if (nt == 4) dot_q8(o, wq, wsc, xq, xs, xsum, 4, ng, gs);
+                else if (gs == 32) dot_q8(o, wq, wsc, xq, xs, xsum, 1, ng, 32); // a constant: 13% faster rows
+                else dot_q8(o, wq, wsc, xq, xs, xsum, 1, ng, gs);
+            } else o[0] = dot_f32(ws[m].w + (size_t)i * n, x + (size_t)t * n, n);
+            for (int k = 0; k < nt; k++, t++) out[(size_t)t * d + row] = o[k];
         }
     }
 }
