@@ -40,9 +40,9 @@ group_size = 64          # version 2: values per quantization group (halved unti
 # the model's are touched (not the optimizer's, twice as large); only plain data is
 # unpickled, as torch.load(weights_only=True) does.
 
-STORAGES = {'FloatStorage': '<f4', 'HalfStorage': '<f2', 'DoubleStorage': '<f8',
-            'BFloat16Storage': 'bfloat16', 'LongStorage': '<i8', 'IntStorage': '<i4',
-            'ShortStorage': '<i2', 'CharStorage': 'i1', 'ByteStorage': 'u1', 'BoolStorage': '?'}
+STORAGES = {'FloatStorage': '<f4', 'HalfStorage': '<f2', 'DoubleStorage': '<f8', 'BFloat16Storage': 'bfloat16',
+            'LongStorage': '<i8', 'IntStorage': '<i4', 'ShortStorage': '<i2', 'CharStorage': 'i1',
+            'ByteStorage': 'u1', 'BoolStorage': '?'}
 
 
 class Stored:
@@ -52,11 +52,11 @@ class Stored:
         self.shape, self.stride = tuple(size), tuple(stride)
 
     def numpy(self):
-        a = self.reader.storage(*self.storage)[self.offset:]
-        contiguous = np.cumprod((1,) + self.shape[:0:-1])[::-1].tolist()
-        if list(self.stride) == contiguous or not self.shape:
-            return a[:int(np.prod(self.shape))].reshape(self.shape)
-        return np.lib.stride_tricks.as_strided(a, self.shape, [s * a.itemsize for s in self.stride])
+        a = self.reader.storage(*self.storage)
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        if 0 not in self.shape and (min((self.offset, *self.stride)) < 0 or last >= len(a)):
+            raise ValueError("a tensor reaches outside its storage")  # as_strided would read any memory
+        return np.lib.stride_tricks.as_strided(a[self.offset:], self.shape, [s * a.itemsize for s in self.stride])
 
 
 class CheckpointReader(pickle.Unpickler):
@@ -116,6 +116,10 @@ def read_checkpoint(path):
     return ckpt
 
 
+LAYER_WEIGHTS = ('attention_norm', 'attention.wq', 'attention.wk', 'attention.wv', 'attention.wo',
+                 'ffn_norm', 'feed_forward.w1', 'feed_forward.w2', 'feed_forward.w3')
+
+
 def model_weights(ckpt, path):
     """The model's float32 arrays by state-dict name, and its shape, from the arrays
     themselves (model_args may leave hidden_dim and n_kv_heads to be derived)."""
@@ -132,18 +136,14 @@ def model_weights(ckpt, path):
                             norm_eps=args.get('norm_eps', 1e-5))
         out = w.setdefault('output.weight', emb)
         p.shared = np.array_equal(out, emb)  # tied: state_dict() holds the one tensor twice
-        missing = [f'layers.{i}.{name}.weight' for i in range(n_layers) for name in LAYER_WEIGHTS
-                   if f'layers.{i}.{name}.weight' not in w] + ['norm.weight'] * ('norm.weight' not in w)
+        needed = ['norm.weight'] + [f'layers.{i}.{name}.weight' for i in range(n_layers) for name in LAYER_WEIGHTS]
+        missing = [k for k in needed if k not in w]
         if missing:
             raise KeyError(missing[0])
     except (KeyError, ValueError, AttributeError, TypeError) as e:
         sys.exit(f"error: {path}: the model's weights are incomplete ({type(e).__name__}: "
                  f"{str(e)[:80]}) — not a checkpoint of ours")
     return w, p
-
-
-LAYER_WEIGHTS = ('attention_norm', 'attention.wq', 'attention.wk', 'attention.wv', 'attention.wo',
-                 'ffn_norm', 'feed_forward.w1', 'feed_forward.w2', 'feed_forward.w3')
 
 
 def layers(w, p, name):
@@ -153,7 +153,7 @@ def layers(w, p, name):
 def precompute_freqs(head_dim, end, theta=10000.0):
     """model.py's RoPE tables, in numpy: cos and sin of pos * theta^(-2i/head_dim)"""
     freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    angles = np.outer(np.arange(end, dtype=np.float32), freqs.astype(np.float32))
+    angles = np.outer(np.arange(end, dtype=np.float32), freqs)
     return np.cos(angles), np.sin(angles)
 
 # -----------------------------------------------------------------------------

@@ -773,6 +773,15 @@ def test_export_reads_checkpoints_without_torch(work, tmp_path):
     assert np.array_equal(body[:n], want)
     assert np.allclose(body[n:n + f], cos, atol=1e-6) and np.allclose(body[n + f:n + 2 * f], sin, atol=1e-6)
     assert np.array_equal(body[n + 2 * f:], loaded['output.weight'].numpy().ravel())
+    # a pickle may claim a tensor larger than its storage: refused, never read past the end
+    import export
+    storage = np.arange(10, dtype=np.float32)
+    reader = type('Reader', (), {'storage': lambda self, key, kind: storage})()
+    for offset, shape, stride in ((0, (4, 4), (4, 1)), (3, (2, 4), (4, 1)), (-1, (2,), (1,))):
+        with pytest.raises(ValueError):
+            export.Stored(reader, ('0', 'FloatStorage'), offset, shape, stride).numpy()
+    assert export.Stored(reader, ('0', 'FloatStorage'), 2, (2, 4), (1, 2)).numpy().tolist() == \
+        [[2, 4, 6, 8], [3, 5, 7, 9]]
 
 
 PROMPTS = ["Once upon a time", "", "从前，有一只小猫"]
