@@ -192,6 +192,8 @@ def test_corpus_formats(tmp_path):
 # model
 
 def test_kv_cache_generation_equals_full_forward():
+    """Generation (KV cache; q|k|v and w1|w3 fused into one matmul each, transposed weights)
+    gives the tokens and logits of the plain full forward."""
     torch.manual_seed(0)
     m = Transformer(ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=256,
                               max_seq_len=96)).eval()
@@ -217,15 +219,18 @@ def test_sampler_distribution():
     against the analytic distribution), and temperature 0 is the argmax."""
     from model import sample_next
     logits = torch.log(torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]]))
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])  # token perm[i] has the i-th largest probability
+    shuffled = torch.empty_like(logits)
+    shuffled[0, perm] = logits[0]
     g = torch.Generator().manual_seed(0)
     n = 40000
     for top_k, top_p, keep in ((0, 0.0, 6), (0, 0.7, 3), (0, 0.9, 4), (2, 0.0, 2), (4, 0.5, 2)):
-        draws = sample_next(logits.expand(n, -1), 1.0, top_k, top_p, generator=g)
-        freq = torch.bincount(draws, minlength=6).float() / n
+        draws = sample_next(shuffled.expand(n, -1), 1.0, top_k, top_p, generator=g)
+        freq = torch.bincount(draws, minlength=6).float()[perm] / n  # back in probability order
         want = torch.zeros(6)
         want[:keep] = logits.exp()[0, :keep] / logits.exp()[0, :keep].sum()
         assert torch.allclose(freq, want, atol=0.01), (top_k, top_p, freq, want)
-    assert sample_next(logits, 0.0).item() == 0
+    assert sample_next(shuffled, 0.0).item() == 3
 
 
 # -----------------------------------------------------------------------------
