@@ -192,7 +192,7 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, cache, pos)
         h = self.norm(h)
         if targets is None:
-            h = h[:, [-1], :]
+            h = h[:, -1:, :]  # a view: [-1] as a list would copy
             return (h @ self.output_t if self.output_t is not None else self.output(h)), None
         logits = self.output(h)
         # a mean over the counted targets; clamp so a row with nothing to learn gives 0
