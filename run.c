@@ -380,6 +380,28 @@ static float dot_f32(const float *w, const float *x, int n) {
     return ((q[0] + q[2]) + (q[1] + q[3])) + tail;
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+// Group g (gs values) of a row of w for NT tokens: acc[t] += (w . x_t) * ws[g] * xs[t][g].
+// A function of its own (always inlined, NT and gs constants) so that the compiler keeps
+// acc and isum in registers and the loop over k disappears for gs = 32: 1.8-2x faster
+// prefill rows and 5-10% faster decoding rows than one loop over groups indexing acc[g & 1].
+static inline __attribute__((always_inline)) void q8_group(__m256 *acc, const int8_t *w, const float *ws, const int8_t *x,
+                            const float *xs, const int32_t *xsum, int NT, int g, int ng, int gs) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    size_t n = (size_t)ng * gs;
+    __m256i isum[4];
+    for (int t = 0; t < NT; t++) isum[t] = _mm256_setr_epi32(-128 * xsum[t * ng + g], 0, 0, 0, 0, 0, 0, 0);
+    w += (size_t)g * gs, x += (size_t)g * gs;
+    for (int k = 0; k < gs; k += 32) {
+        __m256i wu = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + k)), flip);
+        for (int t = 0; t < NT; t++)
+            isum[t] = _mm256_dpbusd_epi32(isum[t], wu, _mm256_loadu_si256((const __m256i *)(x + t * n + k)));
+    }
+    for (int t = 0; t < NT; t++)
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(ws[g] * xs[t * ng + g]), acc[t]);
+}
+#endif
+
 // w (n,) . x (NT, n) -> out (NT,) for int8 weights and activations, NT = 1 or 4 tokens (a
 // constant at each call): an exact integer dot product per group, scaled by the weight's
 // and the activation's scale.
@@ -394,25 +416,16 @@ static inline __attribute__((always_inline)) void dot_q8(float *out, const int8_
     // 256-bit vectors: this CPU (Zen 4) splits a 512-bit one in two anyway. A group of w is
     // loaded once for all NT tokens: 4 tokens at once make prefill faster.
     if (gs % 32 == 0) {
-        const __m256i flip = _mm256_set1_epi8((char)0x80);
-        __m256 acc[2][4]; // even and odd groups: two chains of FMAs (one alone waits on their latency)
-        for (int t = 0; t < NT; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
-        for (int g0 = 0; g0 < ng; g0 += 2) {
-            for (int h = 0; h < 2 && g0 + h < ng; h++) {
-                int g = g0 + h;
-                __m256i isum[4];
-                for (int t = 0; t < NT; t++) isum[t] = _mm256_setr_epi32(-128 * xsum[t * ng + g], 0, 0, 0, 0, 0, 0, 0);
-                for (int k = g * gs; k < (g + 1) * gs; k += 32) {
-                    __m256i wu = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + k)), flip);
-                    for (int t = 0; t < NT; t++)
-                        isum[t] = _mm256_dpbusd_epi32(isum[t], wu, _mm256_loadu_si256((const __m256i *)(x + (size_t)t * n + k)));
-                }
-                for (int t = 0; t < NT; t++)
-                    acc[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(ws[g] * xs[t * ng + g]), acc[h][t]);
-            }
+        __m256 even[4], odd[4]; // even and odd groups: two chains of FMAs (one alone waits on their latency)
+        for (int t = 0; t < NT; t++) even[t] = odd[t] = _mm256_setzero_ps();
+        int g = 0;
+        for (; g + 1 < ng; g += 2) { // (the order of the sums is fixed: prefill == decode)
+            q8_group(even, w, ws, x, xs, xsum, NT, g, ng, gs);
+            q8_group(odd, w, ws, x, xs, xsum, NT, g + 1, ng, gs);
         }
+        if (g < ng) q8_group(even, w, ws, x, xs, xsum, NT, g, ng, gs);
         for (int t = 0; t < NT; t++) { // the 8 lanes' sum
-            __m256 a = _mm256_add_ps(acc[0][t], acc[1][t]);
+            __m256 a = _mm256_add_ps(even[t], odd[t]);
             __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
             h = _mm_add_ps(h, _mm_movehl_ps(h, h));
             out[t] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
@@ -457,8 +470,9 @@ static void matmul(float *out, const float *x, int T, int n, const Matrix *ws, i
                 const float *wsc = ws[m].s + (size_t)i * ng, *xs = s->xs + t * ng;
                 const int8_t *xq = s->xq + (size_t)t * n;
                 const int32_t *xsum = s->xsum + t * ng;
-                if (nt == 4) dot_q8(o, wq, wsc, xq, xs, xsum, 4, ng, gs);
-                else if (gs == 32) dot_q8(o, wq, wsc, xq, xs, xsum, 1, ng, 32); // a constant: 13% faster rows
+                if (nt == 4 && gs == 32) dot_q8(o, wq, wsc, xq, xs, xsum, 4, ng, 32); // constants: 1.4x faster rows
+                else if (nt == 4) dot_q8(o, wq, wsc, xq, xs, xsum, 4, ng, gs);
+                else if (gs == 32) dot_q8(o, wq, wsc, xq, xs, xsum, 1, ng, 32);
                 else dot_q8(o, wq, wsc, xq, xs, xsum, 1, ng, gs);
             } else o[0] = dot_f32(ws[m].w + (size_t)i * n, x + (size_t)t * n, n);
             for (int k = 0; k < nt; k++, t++) out[(size_t)t * d + row] = o[k];
