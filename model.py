@@ -218,7 +218,7 @@ class Transformer(nn.Module):
         shape = (batch_size, max_len, p.n_kv_heads, p.dim // p.n_heads)
         self.cache = [(torch.zeros(shape, dtype=w.dtype, device=w.device),
                        torch.zeros(shape, dtype=w.dtype, device=w.device)) for _ in self.layers]
-        fused = lambda *ms: torch.cat([m.weight.detach() for m in ms]).t().contiguous()
+        fused = lambda *ms: torch.cat([m.weight.detach().t() for m in ms], dim=1)  # (in, out), one copy
         for layer in self.layers:
             a, f = layer.attention, layer.feed_forward
             a.wqkv_t, f.w13_t = fused(a.wq, a.wk, a.wv), fused(f.w1, f.w3)
