@@ -14,6 +14,7 @@ float32 scale each, as written by llama2.c's export.py and read by its runq.c).
 Only loading and matmul know the difference; everything else is shared.
 */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE // and madvise
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -84,7 +85,7 @@ typedef struct {
     int max_seq_len; // context length the model was trained for
 } Config;
 
-// A weight matrix (rows, cols) lives in the memory-mapped file, in one of two forms:
+// A weight matrix (rows, cols) lives in the model file's bytes in memory, in one of two forms:
 // float32 (w), or int8 values q with one float32 scale s per group of group_size
 // consecutive values, w ~= q * s. A group never straddles two rows (checked at load).
 typedef struct {
@@ -109,7 +110,7 @@ typedef struct {
     Layer *layers;           // (n_layers,)
     const float *rms_final;  // (dim,)
     Matrix wcls;             // (vocab_size, dim), often the token embedding itself
-    void *file;              // the memory-mapped file
+    void *file;              // the model file's bytes, read into memory (load_file)
     size_t file_size;
 } Transformer;
 
@@ -170,7 +171,7 @@ static void check_config(const char *path, const Config *c) {
         die("%s: head size %d is odd, but RoPE rotates pairs — %s", path, c->dim / c->n_heads, hint);
 }
 
-// A cursor that walks the mapped file, handing out consecutive tensors.
+// A cursor that walks the file's bytes, handing out consecutive tensors.
 typedef struct { const char *p; } Cursor;
 
 static const float *take_f32(Cursor *c, uint64_t n) {
@@ -211,7 +212,7 @@ static uint64_t expected_size(const Config *c, int version, int shared, int grou
     return size;
 }
 
-// Point every weight of t into the mapped file. Version 0 interleaves the norms with
+// Point every weight of t into the file's bytes. Version 0 interleaves the norms with
 // the matrices; versions 1 and 2 put all norms first.
 static void map_weights(Transformer *t, const char *weights, int version, int shared) {
     Config *c = &t->config;
@@ -243,6 +244,31 @@ static void map_weights(Transformer *t, const char *weights, int version, int sh
     t->wcls = shared ? t->token_embedding : take_matrix(&cur, c->vocab_size, dim, gs);
 }
 
+// The weights are read into memory in 2 MB pages where the OS offers them (Linux's
+// transparent huge pages), rather than mapped from the file in 4 KB pages: a token reads
+// every weight once, and at each 4 KB page the TLB misses and the hardware prefetcher stops.
+// Decode, alternating A/B: 15M float32 567 -> 711 tok/s (2 threads), 338 -> 453 (1 thread);
+// 110M float32 74 -> 83, 15M int8 1472 -> 1631 (2 threads). The price is at start: the 440 MB
+// 110M file loads ~50 ms slower (up to ~1 s when the kernel first compacts memory for 2 MB pages).
+static void *load_file(int fd, const char *path, uint64_t size) {
+    size_t huge = (size_t)2 << 20, cap = size < huge ? size : (size + huge - 1) / huge * huge;
+    void *p = NULL;
+    if (posix_memalign(&p, size < huge ? 64 : huge, cap) != 0)
+        die("%s: out of memory reading %llu bytes of weights", path, (unsigned long long)size);
+#ifdef MADV_HUGEPAGE
+    if (size >= huge) madvise(p, cap, MADV_HUGEPAGE); // a hint: where it is refused, 4 KB pages
+#endif
+    for (uint64_t got = 0; got < size;) {
+        uint64_t left = size - got;
+        ssize_t r = pread(fd, (char *)p + got, left < (1u << 30) ? left : (1u << 30), (off_t)got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) die("%s: read failed after %llu of %llu bytes: %s", path, (unsigned long long)got,
+                        (unsigned long long)size, r < 0 ? strerror(errno) : "the file got shorter");
+        got += (uint64_t)r;
+    }
+    return p;
+}
+
 static void read_checkpoint(Transformer *t, const char *path) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) die("%s: cannot open: %s", path, strerror(errno));
@@ -250,13 +276,9 @@ static void read_checkpoint(Transformer *t, const char *path) {
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
     uint64_t size = (uint64_t)st.st_size;
     if (size < 28) die("%s: %llu bytes is too small for a model header — is the file truncated?", path, (unsigned long long)size);
-    if (size > SIZE_MAX) die("%s: too large to map on this machine", path);
-    void *file = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (file == MAP_FAILED) die("%s: mmap failed: %s", path, strerror(errno));
-    close(fd); // the mapping stays valid
-    t->file = file;
-    t->file_size = size;
-    const unsigned char *h = file;
+    if (size > SIZE_MAX) die("%s: too large for this machine's address space", path);
+    unsigned char h[HEADER_V12] = {0}; // the header is checked before the weights are read
+    if (pread(fd, h, size < HEADER_V12 ? size : HEADER_V12, 0) < 0) die("%s: cannot read: %s", path, strerror(errno));
     Config *c = &t->config;
     int version = 0, shared = 1;
     t->group_size = 0;
@@ -285,11 +307,14 @@ static void read_checkpoint(Transformer *t, const char *path) {
     if (size != want)
         die("%s: file is %llu bytes but its header implies %llu — %s", path, (unsigned long long)size,
             (unsigned long long)want, size < want ? "was the export interrupted?" : "is the header from another model?");
-    map_weights(t, (const char *)file + (version == 0 ? 28 : HEADER_V12), version, shared);
+    t->file = load_file(fd, path, size);
+    t->file_size = size;
+    close(fd);
+    map_weights(t, (const char *)t->file + (version == 0 ? 28 : HEADER_V12), version, shared);
 }
 
 static void free_transformer(Transformer *t) {
-    munmap(t->file, t->file_size);
+    free(t->file);
     free(t->layers);
 }
 

@@ -14,7 +14,7 @@ libFuzzer harness for run.c's readers of untrusted input. One source, three targ
     make fuzz FUZZ_TARGETS=prompt FUZZ_SECONDS=60
 
 run.c is compiled with RUN_FUZZ: die() longjmps back here instead of exiting, and main()
-is left out. What an error path leaves behind is released here (the mapped model file, the
+is left out. What an error path leaves behind is released here (the model file's bytes, the
 tokenizer's arrays, the descriptor read_checkpoint had open), so that the fuzzer can run
 for hours. State that lives across the longjmp is static, so it keeps its value.
 */
@@ -84,7 +84,7 @@ static void check_weights(void) {
 }
 
 static void release(void) {
-    if (tf.file) munmap(tf.file, tf.file_size);
+    free(tf.file);
     free(tf.layers);
     if (model_fd >= 0 && fcntl(model_fd, F_GETFD) != -1) close(model_fd); // read_checkpoint died with it open
     model_fd = -1;
