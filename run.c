@@ -387,35 +387,55 @@ static void quantize(int8_t *q, float *s, int32_t *qsum, const float *x, int n, 
     }
 }
 
-// w (n,) . x (NT, n) -> out (NT,), float32 weights, NT = 1 or 4 tokens (a constant at each
-// call). Each token's sum is kept in LANES partial sums, added in a fixed order at the end:
-// the compiler may then use vector registers without -ffast-math, and a token gets the same
-// bits whether it comes alone or in a block. A vector type, because gcc 12 spills plain
-// a[4][16] arrays; a 16-float piece of w is loaded once for all NT tokens: 4 tokens per
-// row make prefill rows 1.2-1.8x faster (2048 to 288 wide, one-thread microbenchmark).
+// w (NR, n) . x (NT, n) -> out (NR, NT), float32 weights: NR = 1 or 4 rows (w[r] is row r), NT =
+// 1 or 4 tokens (constants at each call). Each (row, token) sum is kept in LANES partial sums,
+// added in a fixed order at the end (lane_sum, dot_tail): the compiler may then use vector registers
+// without -ffast-math, and a token gets the same bits whether it comes alone or in a block. A
+// vector type, because gcc 12 spills plain a[4][16] arrays. A 16-float piece of w is loaded
+// once for the NT tokens, and of x once for the NR rows: prefill reads x again for every row
+// (from L2, 250 x 768 floats), 4 rows x 4 tokens read it a quarter as often. One-thread
+// microbenchmark, 250 tokens, GFLOP/s: 1 x 4: 50 (768x2304), 39 (2048x768), 49 (288x864);
+// 4 x 4: 70, 77, 65. Decoding keeps 1 row: four interleaved weight streams are slower there.
 #define LANES 16
 typedef float f32x16 __attribute__((vector_size(64))); // 16 floats (a GCC/Clang extension)
 
-static inline __attribute__((always_inline)) void dot_f32(float *out, const float *w, const float *x, int n, int NT) {
-    f32x16 a[4] = {{0}};
-    float tail[4] = {0};
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x2 __attribute__((vector_size(8)));
+
+// a's 16 lanes added in one order, in halves as vector adds (lane by lane: -Ofast has nothing
+// to reorder, so that every inlined copy gives the same bits)
+static inline __attribute__((always_inline)) float lane_sum(const f32x16 *ap) {
+    f32x16 a = *ap;
+    f32x8 h = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    f32x4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    f32x2 p = __builtin_shufflevector(q, q, 0, 1) + __builtin_shufflevector(q, q, 2, 3);
+    return p[0] + p[1];
+}
+
+// w . x over the last n % 16 values of a row (not inlined: one order for every caller)
+static __attribute__((noinline)) float dot_tail(const float *w, const float *x, int left) {
+    float sum = 0.0f;
+    for (int k = 0; k < left; k++) sum += w[k] * x[k];
+    return sum;
+}
+
+static inline __attribute__((always_inline)) void dot_f32(float *out, const float *const *w, const float *x, int n,
+                                                           int NR, int NT) {
+    f32x16 a[4][4] = {{{0}}}; // a[r][t]: row r, token t
     int j = 0;
     for (; j + LANES <= n; j += LANES) {
-        f32x16 wv, xv;
-        memcpy(&wv, w + j, sizeof wv);
-        for (int t = 0; t < NT; t++) {
-            memcpy(&xv, x + (size_t)t * n + j, sizeof xv);
-            a[t] += wv * xv;
+        f32x16 xv[4], wv;
+        for (int t = 0; t < NT; t++) memcpy(&xv[t], x + (size_t)t * n + j, sizeof xv[t]);
+        for (int r = 0; r < NR; r++) {
+            memcpy(&wv, w[r] + j, sizeof wv);
+            for (int t = 0; t < NT; t++) a[r][t] += wv * xv[t];
         }
     }
-    for (; j < n; j++) // if n % LANES != 0
-        for (int t = 0; t < NT; t++) tail[t] += w[j] * x[(size_t)t * n + j];
-    for (int t = 0; t < NT; t++) {
-        float h[LANES / 2], q[LANES / 4];
-        for (int k = 0; k < LANES / 2; k++) h[k] = a[t][k] + a[t][k + LANES / 2];
-        for (int k = 0; k < LANES / 4; k++) q[k] = h[k] + h[k + LANES / 4];
-        out[t] = ((q[0] + q[2]) + (q[1] + q[3])) + tail[t];
-    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++)
+            out[r * NT + t] = lane_sum(&a[r][t]) + (j < n ? dot_tail(w[r] + j, x + (size_t)t * n + j, n - j) : 0.0f);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -496,16 +516,24 @@ static void matmul(float *out, const float *x, int T, int n, const Matrix *ws, i
         for (int t = 0; t < T; t++)
             quantize(s->xq + (size_t)t * n, s->xs + t * ng, s->xsum + t * ng, x + (size_t)t * n, n, gs);
     }
+    int R = !gs && T >= 4 ? 4 : 1; // rows per step: 4 for float32 prefill (see dot_f32)
     OMP(omp parallel for schedule(static))
-    for (int row = 0; row < d; row++) {
-        int i = row, m = 0; // row i of matrix m
-        while (i >= ws[m].rows) i -= ws[m++].rows;
+    for (int rb = 0; rb < (d + R - 1) / R; rb++) {
+        int nr = d - rb * R < R ? d - rb * R : R; // rows in this block (the last may have fewer)
+        const float *wr[4];
+        const int8_t *wq = NULL;
+        const float *wsc = NULL;
+        for (int r = 0; r < R; r++) { // row i of matrix m; a short block repeats its first row
+            int i = rb * R + (r < nr ? r : 0), m = 0;
+            while (i >= ws[m].rows) i -= ws[m++].rows;
+            if (gs) wq = ws[m].q + (size_t)i * n, wsc = ws[m].s + (size_t)i * ng;
+            else wr[r] = ws[m].w + (size_t)i * n;
+        }
         for (int t = 0; t < T;) {
-            float o[4];
+            float o[16];
             int nt = T - t >= 4 ? 4 : 1; // 4 tokens per step while there are 4
             if (gs) {
-                const int8_t *wq = ws[m].q + (size_t)i * n;
-                const float *wsc = ws[m].s + (size_t)i * ng, *xs = s->xs + t * ng;
+                const float *xs = s->xs + t * ng;
                 const int8_t *xq = s->xq + (size_t)t * n;
                 const int32_t *xsum = s->xsum + t * ng;
                 // tokens and the group sizes 32 and 64 (the exporters' choices) as constants,
@@ -516,9 +544,12 @@ static void matmul(float *out, const float *x, int T, int n, const Matrix *ws, i
                 else if (gs == 32) dot_q8(o, wq, wsc, xq, xs, xsum, 1, ng, 32);
                 else if (gs == 64) dot_q8(o, wq, wsc, xq, xs, xsum, 1, ng, 64);
                 else dot_q8(o, wq, wsc, xq, xs, xsum, 1, ng, gs);
-            } else if (nt == 4) dot_f32(o, ws[m].w + (size_t)i * n, x + (size_t)t * n, n, 4);
-            else dot_f32(o, ws[m].w + (size_t)i * n, x + (size_t)t * n, n, 1);
-            for (int k = 0; k < nt; k++, t++) out[(size_t)t * d + row] = o[k];
+            } else if (R == 4 && nt == 4) dot_f32(o, wr, x + (size_t)t * n, n, 4, 4);
+            else if (R == 4) dot_f32(o, wr, x + (size_t)t * n, n, 4, 1);
+            else if (nt == 4) dot_f32(o, wr, x + (size_t)t * n, n, 1, 4);
+            else dot_f32(o, wr, x + (size_t)t * n, n, 1, 1);
+            for (int k = 0; k < nt; k++, t++)
+                for (int r = 0; r < nr; r++) out[(size_t)t * d + rb * R + r] = o[r * nt + k];
         }
     }
 }
