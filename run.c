@@ -269,6 +269,37 @@ static void *load_file(int fd, const char *path, uint64_t size) {
     return p;
 }
 
+// int8 rows in the order of the VNNI dot product (dot_q8). vpdpbusd multiplies 32 pairs of
+// bytes and adds them in fours into 8 int32 lanes. In the file's order a group of 32 values
+// fills all 8 lanes, which must then be summed (or scaled lane by lane) before the next
+// group: more instructions than the products themselves. So a row's groups are taken 8 at a
+// time, and a block of 8 groups holds values 4k..4k+3 of each of its groups in turn: then
+// 32 bytes are 4 values of 8 groups, and each lane sums one group. The last ng % 8 groups of
+// a row stay in the file's order. The weights are rearranged once at load (pack_q8), the
+// activations as they are quantized.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define Q8_PACKED(gs) ((gs) % 32 == 0)
+#else
+#define Q8_PACKED(gs) 0 // without VNNI the scalar loops read the file's order
+#endif
+
+// where value k of group g of a packed row of ng groups of gs values lies
+static inline size_t q8_at(int g, int k, int ng, int gs) {
+    if (g >= ng / 8 * 8) return (size_t)g * gs + k;
+    return (size_t)(g / 8 * 8) * gs + (size_t)(k / 4) * 32 + g % 8 * 4 + k % 4;
+}
+
+// rearrange every row of an int8 matrix (rows, n) into the packed order, in place
+static void pack_q8(const Matrix *m, int n, int gs) {
+    int8_t *row = (int8_t *)m->q, *tmp = xalloc(n); // the bytes are our own copy (load_file)
+    for (int r = 0; r < m->rows; r++, row += n) {
+        memcpy(tmp, row, n);
+        for (int g = 0; g < n / gs; g++)
+            for (int k = 0; k < gs; k += 4) memcpy(row + q8_at(g, k, n / gs, gs), tmp + (size_t)g * gs + k, 4);
+    }
+    free(tmp);
+}
+
 static void read_checkpoint(Transformer *t, const char *path) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) die("%s: cannot open: %s", path, strerror(errno));
@@ -311,6 +342,17 @@ static void read_checkpoint(Transformer *t, const char *path) {
     t->file_size = size;
     close(fd);
     map_weights(t, (const char *)t->file + (version == 0 ? 28 : HEADER_V12), version, shared);
+    if (gs && Q8_PACKED(gs)) { // int8 rows into the VNNI order (see q8_at)
+        int dim = c->dim, hidden = c->hidden_dim;
+        pack_q8(&t->token_embedding, dim, gs);
+        for (int l = 0; l < c->n_layers; l++) {
+            Layer *y = &t->layers[l];
+            const Matrix *by_dim[] = {&y->wq, &y->wk, &y->wv, &y->wo, &y->w1, &y->w3};
+            for (int i = 0; i < 6; i++) pack_q8(by_dim[i], dim, gs);
+            pack_q8(&y->w2, hidden, gs);
+        }
+        if (!shared) pack_q8(&t->wcls, dim, gs);
+    }
 }
 
 static void free_transformer(Transformer *t) {
@@ -369,8 +411,9 @@ static void softmax(float *x, int size) {
     for (int i = 0; i < size; i++) x[i] /= sum;
 }
 
-// Q8_0 quantization of activations, as runq.c does: symmetric, per group, max |x| -> 127.
-// Also the sum of each group's int8 values, which the VNNI dot product below needs.
+// Q8_0 quantization of activations, as runq.c does: symmetric, per group, max |x| -> 127,
+// written in the weights' order. Also the sum of each group's int8 values, which the VNNI
+// dot product needs.
 static void quantize(int8_t *q, float *s, int32_t *qsum, const float *x, int n, int gs) {
     for (int g = 0; g < n / gs; g++) {
         float wmax = 0.0f;
@@ -380,8 +423,9 @@ static void quantize(int8_t *q, float *s, int32_t *qsum, const float *x, int n, 
         int32_t sum = 0;
         for (int i = 0; i < gs; i++) { // NaN or inf (from a broken model) becomes 0: casting them is undefined
             float v = scale == 0.0f ? 0.0f : roundf(x[g * gs + i] / scale);
-            q[g * gs + i] = fabsf(v) <= 127.0f ? (int8_t)v : 0;
-            sum += q[g * gs + i];
+            int8_t qi = fabsf(v) <= 127.0f ? (int8_t)v : 0;
+            q[Q8_PACKED(gs) ? q8_at(g, i, n / gs, gs) : (size_t)g * gs + i] = qi;
+            sum += qi;
         }
         qsum[g] = sum;
     }
@@ -439,74 +483,119 @@ static inline __attribute__((always_inline)) void dot_f32(float *out, const floa
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-// Group g (gs values) of a row of w for NT tokens: acc[t] += (w . x_t) * ws[g] * xs[t][g].
-// A function of its own (always inlined, NT and gs constants) so that the compiler keeps
-// acc and isum in registers and the loop over k disappears for gs = 32: 1.8-2x faster
-// prefill rows and 5-10% faster decoding rows than one loop over groups indexing acc[g & 1].
-static inline __attribute__((always_inline)) void q8_group(__m256 *acc, const int8_t *w, const float *ws, const int8_t *x,
-                            const float *xs, const int32_t *xsum, int NT, int g, int ng, int gs) {
+// One operand of vpdpbusd must be unsigned: w + 128 is w with its top bit flipped, read as
+// unsigned, and sum((w + 128) x) = sum(w x) + 128 sum(x), so 128 sum(x) is taken off. 256-bit
+// vectors: this CPU (Zen 4) splits a 512-bit one in two anyway. NR rows (w[r], ws[r]) and NT
+// tokens at once, both 1 or 4 (constants at each call): 32 bytes of w are loaded once for the
+// NT tokens, and of x once for the NR rows. Prefill reads x again for every row (from L2,
+// 250 tokens x 768 bytes): 4 rows read it a quarter as often.
+
+// The packed block of groups g .. g + 7 of NR rows, for NT tokens: acc[r][t] lane i +=
+// (w_r . x_t over group g + i) * ws[r][g + i] * xs[t][g + i].
+static inline __attribute__((always_inline)) void q8_block(__m256 (*acc)[4], const int8_t *const *w,
+        const float *const *ws, const int8_t *x, const float *xs, const int32_t *xsum, int NR, int NT, int g,
+        int ng, int gs) {
     const __m256i flip = _mm256_set1_epi8((char)0x80);
-    size_t n = (size_t)ng * gs;
-    __m256i isum[4];
-    for (int t = 0; t < NT; t++) isum[t] = _mm256_setr_epi32(-128 * xsum[t * ng + g], 0, 0, 0, 0, 0, 0, 0);
-    w += (size_t)g * gs, x += (size_t)g * gs;
-    for (int k = 0; k < gs; k += 32) {
-        __m256i wu = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + k)), flip);
-        for (int t = 0; t < NT; t++)
-            isum[t] = _mm256_dpbusd_epi32(isum[t], wu, _mm256_loadu_si256((const __m256i *)(x + t * n + k)));
+    size_t n = (size_t)ng * gs, at = (size_t)g * gs;
+    __m256i isum[4][4];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) isum[r][t] = _mm256_setzero_si256();
+    for (int k = 0; k < gs / 4; k++) { // values 4k..4k+3 of each group
+        __m256i wu[4];
+        for (int r = 0; r < NR; r++) wu[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w[r] + at + 32 * k)), flip);
+        for (int t = 0; t < NT; t++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + t * n + at + 32 * k));
+            for (int r = 0; r < NR; r++) isum[r][t] = _mm256_dpbusd_epi32(isum[r][t], wu[r], xv);
+        }
     }
-    for (int t = 0; t < NT; t++)
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(ws[g] * xs[t * ng + g]), acc[t]);
+    for (int t = 0; t < NT; t++) {
+        __m256i corr = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xsum + t * ng + g)), 7); // 128 sum(x)
+        __m256 xsv = _mm256_loadu_ps(xs + t * ng + g);
+        for (int r = 0; r < NR; r++)
+            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r][t], corr)),
+                                        _mm256_mul_ps(_mm256_loadu_ps(ws[r] + g), xsv), acc[r][t]);
+    }
+}
+
+// One group g in the file's order (the last ng % 8 of a row), NR rows, NT tokens: its sum is
+// spread over the 8 lanes, each lane scaled by ws[r][g] * xs[t][g].
+static inline __attribute__((always_inline)) void q8_group(__m256 (*acc)[4], const int8_t *const *w,
+        const float *const *ws, const int8_t *x, const float *xs, const int32_t *xsum, int NR, int NT, int g,
+        int ng, int gs) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    size_t n = (size_t)ng * gs, at = (size_t)g * gs;
+    __m256i isum[4][4];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) isum[r][t] = _mm256_setr_epi32(-128 * xsum[t * ng + g], 0, 0, 0, 0, 0, 0, 0);
+    for (int k = 0; k < gs; k += 32) {
+        __m256i wu[4];
+        for (int r = 0; r < NR; r++) wu[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w[r] + at + k)), flip);
+        for (int t = 0; t < NT; t++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + t * n + at + k));
+            for (int r = 0; r < NR; r++) isum[r][t] = _mm256_dpbusd_epi32(isum[r][t], wu[r], xv);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++)
+            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][t]), _mm256_set1_ps(ws[r][g] * xs[t * ng + g]), acc[r][t]);
 }
 #endif
 
-// w (n,) . x (NT, n) -> out (NT,) for int8 weights and activations, NT = 1 or 4 tokens (a
-// constant at each call): an exact integer dot product per group, scaled by the weight's
+// w (NR, n) . x (NT, n) -> out (NR, NT) for int8 weights and activations, NR and NT = 1 or 4
+// (constants at each call): an exact integer dot product per group, scaled by the weight's
 // and the activation's scale.
-static inline __attribute__((always_inline)) void dot_q8(float *out, const int8_t *w, const float *ws, const int8_t *x, const float *xs,
-                          const int32_t *xsum, int NT, int ng, int gs) {
+static inline __attribute__((always_inline)) void dot_q8(float *out, const int8_t *const *w, const float *const *ws,
+        const int8_t *x, const float *xs, const int32_t *xsum, int NR, int NT, int ng, int gs) {
     int n = ng * gs; // ng groups of gs values (the caller divides once, not once per row)
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    // With VNNI, vpdpbusd multiplies 32 pairs of bytes and adds them in fours to 8 int32
-    // lanes: 32 products per instruction, the group's sum kept in the lanes. One operand
-    // must be unsigned: w + 128 is w with its top bit flipped, read as unsigned, and
-    // sum((w + 128) x) = sum(w x) + 128 sum(x), so each group's lanes start at -128 sum(x).
-    // 256-bit vectors: this CPU (Zen 4) splits a 512-bit one in two anyway. A group of w is
-    // loaded once for all NT tokens: 4 tokens at once make prefill faster.
-    if (gs % 32 == 0) {
-        __m256 even[4], odd[4]; // even and odd groups: two chains of FMAs (one alone waits on their latency)
-        for (int t = 0; t < NT; t++) even[t] = odd[t] = _mm256_setzero_ps();
+    if (Q8_PACKED(gs)) { // packed rows: 8 groups at a time, each in its own lane (q8_block)
+        __m256 acc[4][4];
+        for (int r = 0; r < NR; r++)
+            for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
         int g = 0;
-        for (; g + 1 < ng; g += 2) { // (the order of the sums is fixed: prefill == decode)
-            q8_group(even, w, ws, x, xs, xsum, NT, g, ng, gs);
-            q8_group(odd, w, ws, x, xs, xsum, NT, g + 1, ng, gs);
-        }
-        if (g < ng) q8_group(even, w, ws, x, xs, xsum, NT, g, ng, gs);
-        for (int t = 0; t < NT; t++) { // the 8 lanes' sum
-            __m256 a = _mm256_add_ps(even[t], odd[t]);
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            out[t] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-        }
+        for (; g + 8 <= ng; g += 8) q8_block(acc, w, ws, x, xs, xsum, NR, NT, g, ng, gs);
+        for (; g < ng; g++) q8_group(acc, w, ws, x, xs, xsum, NR, NT, g, ng, gs);
+        for (int r = 0; r < NR; r++)
+            for (int t = 0; t < NT; t++) { // the 8 lanes' sum (in a fixed order: prefill == decode)
+                __m256 a = acc[r][t];
+                __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                out[r * NT + t] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+            }
         return;
     }
 #endif
     (void)xsum;
-    for (int t = 0; t < NT; t++) {
-        const int8_t *xt = x + (size_t)t * n;
-        float val = 0.0f;
-        for (int g = 0; g < ng; g++) {
-            int32_t isum = 0;
-            for (int k = g * gs; k < (g + 1) * gs; k++) isum += xt[k] * w[k];
-            val += (float)isum * ws[g] * xs[t * ng + g];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) {
+            const int8_t *xt = x + (size_t)t * n;
+            float val = 0.0f;
+            for (int g = 0; g < ng; g++) {
+                int32_t isum = 0;
+                for (int k = g * gs; k < (g + 1) * gs; k++) isum += xt[k] * w[r][k];
+                val += (float)isum * ws[r][g] * xs[t * ng + g];
+            }
+            out[r * NT + t] = val;
         }
-        out[t] = val;
-    }
+}
+
+// One step of matmul: NR rows x NT tokens (constants at each call) -> o (NR, NT), float32
+// or int8. For int8 the group sizes 32 and 64 (the exporters' choices) as constants too, so
+// the compiler unrolls each group: 1.1-1.5x faster rows than a variable gs.
+static inline __attribute__((always_inline)) void dot(float *o, const float *const *wr, const int8_t *const *wq,
+        const float *const *wsc, const float *x, const RunState *s, int t, int n, int ng, int gs, int NR, int NT) {
+    if (!gs) { dot_f32(o, wr, x + (size_t)t * n, n, NR, NT); return; }
+    const int8_t *xq = s->xq + (size_t)t * n;
+    const float *xs = s->xs + t * ng;
+    const int32_t *xsum = s->xsum + t * ng;
+    if (gs == 32) dot_q8(o, wq, wsc, xq, xs, xsum, NR, NT, ng, 32);
+    else if (gs == 64) dot_q8(o, wq, wsc, xq, xs, xsum, NR, NT, ng, 64);
+    else dot_q8(o, wq, wsc, xq, xs, xsum, NR, NT, ng, gs);
 }
 
 // W (d, n) @ x (T, n) -> out (T, d), where W is the rows of nw matrices stacked, so that
-// wq, wk, wv (or w1, w3) share one parallel loop. A row of W is read from memory once and
-// then stays in the L1 cache for all T tokens: that is what makes prefill fast.
+// wq, wk, wv (or w1, w3) share one parallel loop. A block of rows is read from memory once
+// and then stays in the L1 cache for all T tokens: that is what makes prefill fast.
 static void matmul(float *out, const float *x, int T, int n, const Matrix *ws, int nw,
                    int gs, RunState *s) {
     int d = 0, ng = gs ? n / gs : 0; // rows, and int8 groups per row
@@ -516,38 +605,25 @@ static void matmul(float *out, const float *x, int T, int n, const Matrix *ws, i
         for (int t = 0; t < T; t++)
             quantize(s->xq + (size_t)t * n, s->xs + t * ng, s->xsum + t * ng, x + (size_t)t * n, n, gs);
     }
-    int R = !gs && T >= 4 ? 4 : 1; // rows per step: 4 for float32 prefill (see dot_f32)
+    int R = T >= 4 ? 4 : 1; // rows per step: 4 for prefill (see dot_f32 and q8_block)
     OMP(omp parallel for schedule(static))
     for (int rb = 0; rb < (d + R - 1) / R; rb++) {
         int nr = d - rb * R < R ? d - rb * R : R; // rows in this block (the last may have fewer)
-        const float *wr[4];
-        const int8_t *wq = NULL;
-        const float *wsc = NULL;
+        const float *wr[4] = {0}, *wsc[4] = {0};
+        const int8_t *wq[4] = {0};
         for (int r = 0; r < R; r++) { // row i of matrix m; a short block repeats its first row
             int i = rb * R + (r < nr ? r : 0), m = 0;
             while (i >= ws[m].rows) i -= ws[m++].rows;
-            if (gs) wq = ws[m].q + (size_t)i * n, wsc = ws[m].s + (size_t)i * ng;
+            if (gs) wq[r] = ws[m].q + (size_t)i * n, wsc[r] = ws[m].s + (size_t)i * ng;
             else wr[r] = ws[m].w + (size_t)i * n;
         }
         for (int t = 0; t < T;) {
             float o[16];
             int nt = T - t >= 4 ? 4 : 1; // 4 tokens per step while there are 4
-            if (gs) {
-                const float *xs = s->xs + t * ng;
-                const int8_t *xq = s->xq + (size_t)t * n;
-                const int32_t *xsum = s->xsum + t * ng;
-                // tokens and the group sizes 32 and 64 (the exporters' choices) as constants,
-                // so the compiler unrolls each group: 1.1-1.5x faster rows than a variable gs
-                if (nt == 4 && gs == 32) dot_q8(o, wq, wsc, xq, xs, xsum, 4, ng, 32);
-                else if (nt == 4 && gs == 64) dot_q8(o, wq, wsc, xq, xs, xsum, 4, ng, 64);
-                else if (nt == 4) dot_q8(o, wq, wsc, xq, xs, xsum, 4, ng, gs);
-                else if (gs == 32) dot_q8(o, wq, wsc, xq, xs, xsum, 1, ng, 32);
-                else if (gs == 64) dot_q8(o, wq, wsc, xq, xs, xsum, 1, ng, 64);
-                else dot_q8(o, wq, wsc, xq, xs, xsum, 1, ng, gs);
-            } else if (R == 4 && nt == 4) dot_f32(o, wr, x + (size_t)t * n, n, 4, 4);
-            else if (R == 4) dot_f32(o, wr, x + (size_t)t * n, n, 4, 1);
-            else if (nt == 4) dot_f32(o, wr, x + (size_t)t * n, n, 1, 4);
-            else dot_f32(o, wr, x + (size_t)t * n, n, 1, 1);
+            if (R == 4 && nt == 4) dot(o, wr, wq, wsc, x, s, t, n, ng, gs, 4, 4);
+            else if (R == 4) dot(o, wr, wq, wsc, x, s, t, n, ng, gs, 4, 1);
+            else if (nt == 4) dot(o, wr, wq, wsc, x, s, t, n, ng, gs, 1, 4);
+            else dot(o, wr, wq, wsc, x, s, t, n, ng, gs, 1, 1);
             for (int k = 0; k < nt; k++, t++)
                 for (int r = 0; r < nr; r++) out[(size_t)t * d + rb * R + r] = o[r * nt + k];
         }
@@ -559,7 +635,11 @@ static void embed(float *x, const Transformer *t, int token) {
     int dim = t->config.dim, gs = t->group_size;
     size_t off = (size_t)token * dim;
     if (gs == 0) { memcpy(x, t->token_embedding.w + off, dim * sizeof(float)); return; }
-    for (int i = 0; i < dim; i++) x[i] = t->token_embedding.q[off + i] * t->token_embedding.s[(off + i) / gs];
+    const int8_t *q = t->token_embedding.q + off;
+    const float *s = t->token_embedding.s + off / gs;
+    for (int g = 0; g < dim / gs; g++)
+        for (int k = 0; k < gs; k++)
+            x[g * gs + k] = q[Q8_PACKED(gs) ? q8_at(g, k, dim / gs, gs) : (size_t)g * gs + k] * s[g];
 }
 
 // RoPE: the angles for one position, shared by all heads and layers

@@ -710,12 +710,13 @@ def run_c(exe, *args, stdin=subprocess.DEVNULL, check=True):
     return r
 
 
-def random_checkpoint(path, tokenizer_bytes, vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, seq=512, seed=0):
+def random_checkpoint(path, tokenizer_bytes, vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, seq=512, seed=0,
+                      hidden_dim=0):
     """An untrained model whose BOS and EOS can never win the argmax, so greedy runs go on
     for the whole context (and wander through byte tokens and half characters)."""
     torch.manual_seed(seed)
     m = Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                              vocab_size=vocab, max_seq_len=seq))
+                              vocab_size=vocab, max_seq_len=seq, hidden_dim=hidden_dim))
     with torch.no_grad():
         m.tok_embeddings.weight[1:3] = 0
     torch.save({'model': m.state_dict(), 'model_args': asdict(m.params), 'tokenizer': tokenizer_bytes}, path)
@@ -864,11 +865,14 @@ def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
     and float32 logits within 1e-5 (-O3) or 1e-4 (-Ofast) of the plain build's largest logit:
     only the order of float operations differs. For int8 such differences move a few
     activations across a rounding boundary to the next int8 step, and that shows in later
-    positions, so there the bound is 1e-2. int8 files with groups of 32 (trained, dim 96) and
-    of 64 (random, dim 64) take different VNNI code."""
+    positions, so there the bound is 1e-2. int8 files with groups of 32 (trained: dim 96, 3
+    groups a row, hidden 256, 8) and of 64 (random: dim 128, 2 groups, hidden 576, 9) take
+    each VNNI path: rows of whole blocks of 8 groups, blocks and a rest, and only a rest."""
     ckpt, model_bin = exported['trained']
     q80 = export(exported['work'], ckpt, exported['dir'] / 'trained' / 'model_q80.bin', '--version=2')
-    q80_64 = export(exported['work'], exported['random'][0], exported['dir'] / 'random' / 'model_q80.bin', '--version=2')
+    rnd = random_checkpoint(str(tmp_path / 'random.pt'), torch.load(ckpt, weights_only=True)['tokenizer'], VOCAB,
+                            dim=128, hidden_dim=576)
+    q80_64 = export(exported['work'], rnd, tmp_path / 'model_q80.bin', '--version=2')
     assert np.frombuffer(open(q80_64, 'rb').read()[37:41], np.int32)[0] == 64  # the group size
     builds = {'plain': runc}
     for name, flags in (('native', ['-O3']), ('runomp', ['-Ofast'])):
