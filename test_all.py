@@ -867,20 +867,24 @@ def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
     activations across a rounding boundary to the next int8 step, and that shows in later
     positions, so there the bound is 1e-2. int8 files with groups of 32 (trained: dim 96, 3
     groups a row, hidden 256, 8) and of 64 (random: dim 128, 2 groups, hidden 576, 9) take
-    each VNNI path: rows of whole blocks of 8 groups, blocks and a rest, and only a rest."""
+    each VNNI path: rows of whole blocks of 8 groups, blocks and a rest, and only a rest, in
+    slabs of 4 rows; a third (dim 160, kv_dim 10) has row counts that are not all multiples of
+    4, so its rows are not interleaved and decoding reads one row at a time."""
     ckpt, model_bin = exported['trained']
     q80 = export(exported['work'], ckpt, exported['dir'] / 'trained' / 'model_q80.bin', '--version=2')
-    rnd = random_checkpoint(str(tmp_path / 'random.pt'), torch.load(ckpt, weights_only=True)['tokenizer'], VOCAB,
-                            dim=128, hidden_dim=576)
+    tok_bytes = torch.load(ckpt, weights_only=True)['tokenizer']
+    rnd = random_checkpoint(str(tmp_path / 'random.pt'), tok_bytes, VOCAB, dim=128, hidden_dim=576)
     q80_64 = export(exported['work'], rnd, tmp_path / 'model_q80.bin', '--version=2')
     assert np.frombuffer(open(q80_64, 'rb').read()[37:41], np.int32)[0] == 64  # the group size
+    odd = random_checkpoint(str(tmp_path / 'odd.pt'), tok_bytes, VOCAB, dim=160, n_layers=1, n_heads=16, n_kv_heads=1)
+    q80_odd = export(exported['work'], odd, tmp_path / 'odd_q80.bin', '--version=2')
     builds = {'plain': runc}
     for name, flags in (('native', ['-O3']), ('runomp', ['-Ofast'])):
         builds[name] = str(tmp_path / name)
         subprocess.run(['gcc', *flags, '-fopenmp', '-march=native', '-o', builds[name], os.path.join(ROOT, 'run.c'), '-lm'],
                        check=True)
     prompt = "Once upon a time, there was a little fox named Tom. He loved to sing songs. One day, Tom"
-    for path, tols in ((model_bin, (1e-5, 1e-4)), (q80, (1e-2, 1e-2)), (q80_64, (1e-2, 1e-2))):
+    for path, tols in ((model_bin, (1e-5, 1e-4)), (q80, (1e-2, 1e-2)), (q80_64, (1e-2, 1e-2)), (q80_odd, (1e-2, 1e-2))):
         first = {}
         for name, exe in builds.items():
             outs = []
