@@ -511,25 +511,30 @@ static inline __attribute__((always_inline)) void dot_f32(float *out, const floa
 // NT tokens, and of x once for the NR rows. Prefill reads x again for every row (from L2,
 // 250 tokens x 768 bytes): 4 rows read it a quarter as often.
 
+// isum[r][t] += piece p (32 bytes) of row r . the 32 bytes of token t at xp + t n; a row's
+// pieces lie pitch bytes apart (pack_q8)
+static inline __attribute__((always_inline)) void q8_piece(__m256i (*isum)[4], const int8_t *const *w, size_t p,
+        size_t pitch, const int8_t *xp, size_t n, int NR, int NT) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m256i wu[4];
+    for (int r = 0; r < NR; r++) wu[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w[r] + p * pitch)), flip);
+    for (int t = 0; t < NT; t++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xp + t * n));
+        for (int r = 0; r < NR; r++) isum[r][t] = _mm256_dpbusd_epi32(isum[r][t], wu[r], xv);
+    }
+}
+
 // The packed block of groups g .. g + 7 of NR rows, for NT tokens: acc[r][t] lane i +=
 // (w_r . x_t over group g + i) * ws[r][g + i] * xs[t][g + i].
 static inline __attribute__((always_inline)) void q8_block(__m256 (*acc)[4], const int8_t *const *w,
         const float *const *ws, const int8_t *x, const float *xs, const int32_t *xsum, int NR, int NT, int g,
         int ng, int gs, size_t pitch) {
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
     size_t n = (size_t)ng * gs, at = (size_t)g * gs;
     __m256i isum[4][4];
     for (int r = 0; r < NR; r++)
         for (int t = 0; t < NT; t++) isum[r][t] = _mm256_setzero_si256();
-    for (int k = 0; k < gs / 4; k++) { // values 4k..4k+3 of each group
-        __m256i wu[4];
-        for (int r = 0; r < NR; r++)
-            wu[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w[r] + (at / 32 + k) * pitch)), flip);
-        for (int t = 0; t < NT; t++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + t * n + at + 32 * k));
-            for (int r = 0; r < NR; r++) isum[r][t] = _mm256_dpbusd_epi32(isum[r][t], wu[r], xv);
-        }
-    }
+    for (int k = 0; k < gs / 4; k++) // values 4k..4k+3 of each group
+        q8_piece(isum, w, at / 32 + k, pitch, x + at + 32 * k, n, NR, NT);
     for (int t = 0; t < NT; t++) {
         __m256i corr = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xsum + t * ng + g)), 7); // 128 sum(x)
         __m256 xsv = _mm256_loadu_ps(xs + t * ng + g);
@@ -544,20 +549,11 @@ static inline __attribute__((always_inline)) void q8_block(__m256 (*acc)[4], con
 static inline __attribute__((always_inline)) void q8_group(__m256 (*acc)[4], const int8_t *const *w,
         const float *const *ws, const int8_t *x, const float *xs, const int32_t *xsum, int NR, int NT, int g,
         int ng, int gs, size_t pitch) {
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
     size_t n = (size_t)ng * gs, at = (size_t)g * gs;
     __m256i isum[4][4];
     for (int r = 0; r < NR; r++)
         for (int t = 0; t < NT; t++) isum[r][t] = _mm256_setr_epi32(-128 * xsum[t * ng + g], 0, 0, 0, 0, 0, 0, 0);
-    for (int k = 0; k < gs; k += 32) {
-        __m256i wu[4];
-        for (int r = 0; r < NR; r++)
-            wu[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w[r] + (at + k) / 32 * pitch)), flip);
-        for (int t = 0; t < NT; t++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + t * n + at + k));
-            for (int r = 0; r < NR; r++) isum[r][t] = _mm256_dpbusd_epi32(isum[r][t], wu[r], xv);
-        }
-    }
+    for (int k = 0; k < gs; k += 32) q8_piece(isum, w, (at + k) / 32, pitch, x + at + k, n, NR, NT);
     for (int r = 0; r < NR; r++)
         for (int t = 0; t < NT; t++)
             acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][t]), _mm256_set1_ps(ws[r][g] * xs[t * ng + g]), acc[r][t]);
