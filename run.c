@@ -686,6 +686,34 @@ static void rope(float *v, int n, const float *fcos, const float *fsin, int head
     }
 }
 
+// att[0 .. 16 NV) = q . the keys of 16 NV positions, and out[0 .. 16 NV) = sum over
+// positions t <= pos of att[t] v_t: NV (1 or 4, a constant at each call) vectors of 16 at
+// once, as NV independent sums. One alone waits on each FMA's latency (4 cycles) before the
+// next; four keep the FMA units busy. Each sum still runs over i (or t) in order.
+static inline __attribute__((always_inline)) void scores(float *att, const float *q, const float *keys,
+        int head_size, int n_ctx, int NV) {
+    f32x16 a[4] = {0};
+    for (int i = 0; i < head_size; i++)
+        for (int j = 0; j < NV; j++) {
+            f32x16 k;
+            memcpy(&k, keys + (size_t)i * n_ctx + 16 * j, sizeof k);
+            a[j] += q[i] * k;
+        }
+    memcpy(att, a, NV * sizeof a[0]);
+}
+
+static inline __attribute__((always_inline)) void weigh_values(float *out, const float *att, const float *values,
+        int pos, int kv_dim, int NV) {
+    f32x16 o[4] = {0};
+    for (int t = 0; t <= pos; t++)
+        for (int j = 0; j < NV; j++) {
+            f32x16 v;
+            memcpy(&v, values + (size_t)t * kv_dim + 16 * j, sizeof v);
+            o[j] += att[t] * v;
+        }
+    memcpy(out, o, NV * sizeof o[0]);
+}
+
 // One head of causal self-attention for the token at pos: q (head_size,) against the keys
 // of positions 0..pos -> out (head_size,). The cache holds a head's keys transposed,
 // (head_size, n_ctx), so that the scores of 16 positions are computed side by side in a
@@ -693,30 +721,19 @@ static void rope(float *v, int n, const float *fcos, const float *fsin, int head
 // partial sums stay in registers, not in att[] and out[]; written with a vector type
 // because gcc 12 turns the plain loops into scalar code. Each sum runs over i (or t) in
 // order, so a token's result does not depend on how many tokens came in its block.
+// 4 vectors at a time instead of 1 (scores, weigh_values): 110M int8 decoding, 2 threads,
+// 1024 tokens 133 -> 148 tok/s; no change at 256, where the weights dominate.
 static void attention(float *out, const float *q, const float *keys, const float *values,
                       float *att, int pos, int head_size, int kv_dim, int n_ctx) {
-    for (int t0 = 0; t0 <= pos; t0 += 16) {
-        f32x16 a = {0};
-        for (int i = 0; i < head_size; i++) {
-            f32x16 k;
-            memcpy(&k, keys + (size_t)i * n_ctx + t0, sizeof k);
-            a += q[i] * k;
-        }
-        memcpy(att + t0, &a, sizeof a);
-    }
+    int t0 = 0; // 64 positions while the last 16 of them start at or before pos (in n_ctx)
+    for (; t0 + 48 <= pos; t0 += 64) scores(att + t0, q, keys + t0, head_size, n_ctx, 4);
+    for (; t0 <= pos; t0 += 16) scores(att + t0, q, keys + t0, head_size, n_ctx, 1);
     float scale = sqrtf(head_size);
     for (int t = 0; t <= pos; t++) att[t] /= scale;
     softmax(att, pos + 1);
     int i = 0;
-    for (; i + 16 <= head_size; i += 16) { // out[i..i+15] = sum over t of att[t] * v_t[i..i+15]
-        f32x16 o = {0};
-        for (int t = 0; t <= pos; t++) {
-            f32x16 v;
-            memcpy(&v, values + (size_t)t * kv_dim + i, sizeof v);
-            o += att[t] * v;
-        }
-        memcpy(out + i, &o, sizeof o);
-    }
+    for (; i + 64 <= head_size; i += 64) weigh_values(out + i, att, values + i, pos, kv_dim, 4);
+    for (; i + 16 <= head_size; i += 16) weigh_values(out + i, att, values + i, pos, kv_dim, 1);
     for (; i < head_size; i++) { // head sizes that are no multiple of 16
         float o = 0.0f;
         for (int t = 0; t <= pos; t++) o += att[t] * values[(size_t)t * kv_dim + i];

@@ -821,8 +821,13 @@ def test_run_c_logits_match_pytorch(exported, runc):
     ids = tok.encode(text, bos=True)[:150]
     prompt = tok.decode(ids)
     assert tok.encode(prompt, bos=True) == ids
-    for name in ('trained', 'random'):
-        ckpt, model_bin = exported[name]
+    # and heads of 64, whose attention sums 4 vectors of 16 at a time (run.c's scores and
+    # weigh_values), with one key/value head for both
+    wide = random_checkpoint(str(exported['dir'] / 'wide.pt'), torch.load(exported['trained'][0], weights_only=True)['tokenizer'],
+                             VOCAB, dim=128, n_heads=2, n_kv_heads=1)
+    models = dict(exported, wide=(wide, export(work, wide, exported['dir'] / 'wide.bin')))
+    for name in ('trained', 'random', 'wide'):
+        ckpt, model_bin = models[name]
         out = str(exported['dir'] / 'logits.bin')
         run_c(runc, model_bin, '-t', '0', '-n', str(len(ids)), '-i', prompt, '-L', out)
         got = np.fromfile(out, dtype=np.float32).reshape(-1, VOCAB)
@@ -869,14 +874,16 @@ def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
     only the order of float operations differs. For int8 such differences move a few
     activations across a rounding boundary to the next int8 step, and that shows in later
     positions, so there the bound is 1e-2. int8 files with groups of 32 (trained: dim 96, 3
-    groups a row, hidden 256, 8) and of 64 (random: dim 128, 2 groups, hidden 576, 9) take
+    groups a row, hidden 256, 8) and of 64 (random: dim 128, 2 groups, hidden 576, 9; heads of
+    64, so attention's 4-vector sums) take
     each VNNI path: rows of whole blocks of 8 groups, blocks and a rest, and only a rest, in
     slabs of 4 rows; a third (dim 160, kv_dim 10) has row counts that are not all multiples of
     4, so its rows are not interleaved and decoding reads one row at a time."""
     ckpt, model_bin = exported['trained']
     q80 = export(exported['work'], ckpt, exported['dir'] / 'trained' / 'model_q80.bin', '--version=2')
     tok_bytes = torch.load(ckpt, weights_only=True)['tokenizer']
-    rnd = random_checkpoint(str(tmp_path / 'random.pt'), tok_bytes, VOCAB, dim=128, hidden_dim=576)
+    rnd = random_checkpoint(str(tmp_path / 'random.pt'), tok_bytes, VOCAB, dim=128, n_heads=2, n_kv_heads=1,
+                           hidden_dim=576)
     q80_64 = export(exported['work'], rnd, tmp_path / 'model_q80.bin', '--version=2')
     assert np.frombuffer(open(q80_64, 'rb').read()[37:41], np.int32)[0] == 64  # the group size
     odd = random_checkpoint(str(tmp_path / 'odd.pt'), tok_bytes, VOCAB, dim=160, n_layers=1, n_heads=16, n_kv_heads=1)
