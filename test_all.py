@@ -194,8 +194,9 @@ def test_corpus_formats(tmp_path):
 @pytest.mark.parametrize('threads', [1, 2, 3])
 def test_kv_cache_generation_equals_full_forward(threads, monkeypatch):
     """Generation (KV cache; q|k|v and w1|w3 fused into one matmul each, transposed weights
-    in a block of columns per thread: 3 threads divide neither the vocabulary nor the
-    widths, so blocks fall back to 2) gives the tokens and logits of the plain full forward."""
+    in a block of columns per thread: 3 threads divide neither the vocabulary (256) nor
+    q|k|v (128), which fall back to 2 blocks, while w1|w3 (384) takes 3) gives the tokens
+    and logits of the plain full forward."""
     monkeypatch.setattr(torch, 'get_num_threads', lambda: threads)
     torch.manual_seed(0)
     m = Transformer(ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=256,
