@@ -4,7 +4,7 @@ karpathy/llama2.c (the peer) on the same input, on the same machine.
 
 $ make bench                                 # everything; the peer is ../llama2.c if present
 $ make bench LLAMA2C=/path/to/llama2.c BENCH_ARGS="--only=decode,prefill --rounds=3"
-$ python bench.py --only=decode --rounds=3   # items: decode,prefill,sample,export,train,pretok,memory
+$ python bench.py --only=decode --rounds=3   # items: decode,prefill,sample,export,train,pretok,memory,gpu
 $ python bench.py --quick                    # tiny step counts, 15M shape only: for development
 
 Nothing is downloaded: the models are random weights in llama2.c's 15M and 110M shapes,
@@ -33,11 +33,13 @@ from importlib.metadata import version as package_version
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-only = 'decode,prefill,sample,export,train,pretok,memory'  # the items to run
+only = 'decode,prefill,sample,export,train,pretok,memory,gpu'  # the items to run
 rounds = 0               # A/B rounds; 0 = 5 (1 with --quick); export and train take at most 3
 quick = False            # tiny step counts and the 15M shape only, to try the script out
 llama2c = 'auto'         # the peer's checkout: 'auto' = ../llama2.c if it exists, '' = none
 dir = '/tmp/bench'       # build folder outside git: binaries, models, data (shadows dir())
+gpu_device = 'cuda'      # the gpu item's device; 'cpu' (with --quick) tries it out without one
+gpu_models = '15M,110M,default'  # the gpu item's models (see GPU_TRAIN)
 # -----------------------------------------------------------------------------
 configure(globals())
 rounds = rounds or (1 if quick else 5)
@@ -417,18 +419,22 @@ TRAIN = {'demo 128x4 B32': dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ba
          '288x6 B8': dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, batch_size=8)}
 
 
-def train_cmds(cfg, iters):
-    """Both train.py's with the same model and batches of the same synth shards. llama2.c
-    reads data/tok1024/*.bin under its cwd (the first file is its validation split) and
-    exec()s configurator.py from its cwd: a folder of links provides them."""
-    data, peer_dir = synth_data(), f'{BENCH}/train/peer'
-    links = {'data/tok1024/0_val.bin': f'{data}/synth/tok1024/val.bin',
-             'data/tok1024/1_train.bin': f'{data}/synth/tok1024/train_000.bin',
-             'configurator.py': f'{PEER}/configurator.py'}
+def peer_links(peer_dir, links):
+    """llama2.c's train.py reads data/tok{vocab}/*.bin under its cwd (the first file is its
+    validation split) and exec()s configurator.py from its cwd: links provide them."""
     for link, target in links.items():
         if PEER and not os.path.lexists(f'{peer_dir}/{link}'):
             os.makedirs(os.path.dirname(f'{peer_dir}/{link}'), exist_ok=True)
             os.symlink(target, f'{peer_dir}/{link}')
+
+
+def train_cmds(cfg, iters):
+    """Both train.py's with the same model and batches of the same synth shards."""
+    data, peer_dir = synth_data(), f'{BENCH}/train/peer'
+    links = {'data/tok1024/0_val.bin': f'{data}/synth/tok1024/val.bin',
+             'data/tok1024/1_train.bin': f'{data}/synth/tok1024/train_000.bin',
+             'configurator.py': f'{PEER}/configurator.py'}
+    peer_links(peer_dir, links)
     same = [f'--{k}={v}' for k, v in cfg.items()] + [
         '--max_seq_len=256', '--vocab_size=1024', '--gradient_accumulation_steps=1', '--device=cpu',
         '--compile=False', '--dtype=float32', '--eval_iters=1', '--eval_interval=1000000', '--log_interval=1']
@@ -454,6 +460,99 @@ def bench_train():
         a, b = ab(lambda: train_rate(ours, cfg), PEER and (lambda: train_rate(peer, cfg, peer_dir)), min(rounds, 3))
         report('train', f'{name} T256 V1024', 'tok/s', a, b, note=f'median of iterations 3..{train_iters - 1}',
                cmds=[shell(ours), PEER and shell(peer, cwd=peer_dir)])
+
+# -----------------------------------------------------------------------------
+# 5b. training on a GPU, as llama2.c trains its models: torch.compile and bfloat16, random
+# tokens. Tokens/s, MFU (PaLM's 6N + 12 L H Q T FLOPs per token over the GPU's dense bf16
+# peak as our train.py reports it, for both programs) and peak CUDA memory.
+
+GPU_TRAIN = {'15M': dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000,
+                         max_seq_len=256, batch_size=128),
+             '110M': dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000,
+                          max_seq_len=1024, batch_size=32),
+             # our train.py's defaults, at the batch size the issue names for peak memory
+             'default': dict(dim=288, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=4096,
+                             max_seq_len=256, batch_size=8)}
+gpu_iters = 8 if quick else 30  # per run; timed from iteration gpu_iters // 3 (compiling comes first)
+
+# runs a train.py (argv[1]; its flags after) as __main__, then prints what its log lacks
+TRAIN_WRAPPER = r"""
+import os, runpy, sys, torch
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as `python train.py` does
+g = runpy.run_path(sys.argv[0], run_name='__main__')
+m, p = g['raw_model'], g['raw_model'].params
+n = sum(q.numel() for q in m.parameters())
+print(f"flops per token: {6 * n + 12 * p.n_layers * p.n_heads * (p.dim // p.n_heads) * p.max_seq_len}")
+if torch.cuda.is_available():
+    print(f"peak cuda memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB allocated, "
+          f"{torch.cuda.max_memory_reserved() / 2**20:.0f} MB reserved")
+"""
+
+
+def random_tokens(vocab):
+    """Two shards (val, train) of 8M random token ids in both programs' layouts; the
+    folder's tokenizer.model is empty (train.py only copies it into checkpoints)."""
+    import numpy as np
+    data, peer_dir = f'{BENCH}/gpu/data', f'{BENCH}/gpu/peer'
+    folder = f'{data}/random/tok{vocab}'
+    if not os.path.exists(f'{folder}/meta.json'):
+        rng = np.random.default_rng(0)
+        for name in ('val.bin', 'train_000.bin'):
+            write_atomic(f'{folder}/{name}', rng.integers(0, vocab, 1 << 23, dtype=np.uint16).tobytes())
+        write_atomic(f'{folder}/tokenizer.model', b'')
+        write_atomic(f'{folder}/meta.json', json.dumps({'dtype': 'uint16', 'vocab_size': vocab}).encode())
+    links = {f'data/tok{vocab}/0_val.bin': f'{folder}/val.bin', f'data/tok{vocab}/1_train.bin': f'{folder}/train_000.bin',
+             'configurator.py': f'{PEER}/configurator.py'}
+    peer_links(peer_dir, links)
+    return data, peer_dir
+
+
+def gpu_run(cmd, cfg, cwd=None):
+    """(tokens/s of the median timed iteration, flops per token, peak MB allocated, reserved,
+    the peak FLOP/s our train.py names or 0)"""
+    log = run([PY, '-c', TRAIN_WRAPPER, *cmd[1:]], cwd=cwd)[0]
+    ms = [float(t) for i, t in re.findall(r'^(?:iter )?(\d+) \| loss \S+ \| lr \S+ \| ([\d.]+) ?ms', log, re.M)
+          if int(i) >= gpu_iters // 3]
+    mem = re.search(r'^peak cuda memory: (\d+) MB allocated, (\d+) MB reserved', log, re.M)
+    peak = re.search(r'MFU of (\d+) TFLOP/s', log)
+    return (cfg['batch_size'] * cfg['max_seq_len'] / (statistics.median(ms) / 1000),
+            int(re.search(r'^flops per token: (\d+)', log, re.M).group(1)),
+            *(map(int, mem.groups()) if mem else (0, 0)), int(peak.group(1)) * 1e12 if peak else 0)
+
+
+def bench_gpu():
+    gpu = subprocess.run([PY, '-c', 'import torch; print(torch.cuda.is_available() and torch.cuda.get_device_name())'],
+                         capture_output=True, text=True).stdout.strip()
+    if gpu_device == 'cuda' and gpu in ('', 'False'):
+        print('  no CUDA device: skipped (--gpu_device=cpu --quick tries the item out on the CPU)', flush=True)
+        return
+    for name in gpu_models.split(','):
+        if name not in GPU_TRAIN:
+            raise Failed(f"--gpu_models: no {name!r} among {','.join(GPU_TRAIN)}")
+        cfg = GPU_TRAIN[name]
+        if quick:  # a tiny model with the same head ratio
+            cfg = dict(cfg, dim=64, n_layers=2, n_heads=4, n_kv_heads=4 * cfg['n_kv_heads'] // cfg['n_heads'],
+                       vocab_size=512, max_seq_len=64, batch_size=4)
+        data, peer_dir = random_tokens(cfg['vocab_size'])
+        same = [f'--{k}={v}' for k, v in cfg.items()] + [
+            '--gradient_accumulation_steps=1', f'--device={gpu_device}', '--compile=True', '--dtype=bfloat16',
+            '--eval_iters=1', '--eval_interval=1000000', '--log_interval=1']
+        ours = [PY, f'{REPO}/train.py', *same, '--dataset=random', f'--data_dir={data}',
+                f'--out_dir={BENCH}/gpu/ours', f'--max_iters={gpu_iters}']
+        peer = [PY, f'{PEER}/train.py', *same, '--vocab_source=custom', '--out_dir=out', f'--max_iters={gpu_iters - 1}']
+        a, b = ab(lambda: gpu_run(ours, cfg), PEER and (lambda: gpu_run(peer, cfg, peer_dir)), 1)
+        peak = a[0][4]
+        mfu = peak and ', '.join(f'{who} {100 * r[0] * r[1] / peak:.1f}%' for who, r in (('ours', a[0]), ('llama2.c', b and b[0])) if r)
+        case = (f"{name}{' (tiny: --quick)' if quick else ''} B{cfg['batch_size']} T{cfg['max_seq_len']} "
+                f"V{cfg['vocab_size']} {gpu if gpu_device == 'cuda' else gpu_device}")
+        report('gpu train', case, 'tok/s', [a[0][0]], [r[0] for r in b],
+               note=f"compile + bf16, iterations {gpu_iters // 3}..{gpu_iters - 1}; "
+                    + (f"MFU of {peak / 1e12:.0f} TFLOP/s: {mfu}" if peak else "MFU: no known peak for this device"),
+               cmds=[shell(ours), PEER and shell(peer, cwd=peer_dir)])
+        if a[0][2]:
+            report('gpu memory', case, 'MB', [a[0][2]], [r[2] for r in b], better='lower',
+                   note=f"peak CUDA memory allocated; reserved: ours {a[0][3]}, llama2.c {b[0][3] if b else '-'} MB")
 
 # -----------------------------------------------------------------------------
 # 6. pretokenizing a corpus: MB of text per second of the whole process, all cores
@@ -517,9 +616,13 @@ def bench_memory():
 
 
 def machine():
-    lscpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
-    cpu = re.search(r'^Model name:\s*(.*)$', lscpu, re.M)
-    gcc = subprocess.run([CC, '--version'], capture_output=True, text=True).stdout.splitlines()
+    def output(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True).stdout
+        except OSError:  # not installed (a GPU machine may lack lscpu or gcc)
+            return ''
+    cpu = re.search(r'^Model name:\s*(.*)$', output(['lscpu']), re.M)
+    gcc = output([CC, '--version']).splitlines()
     return (f"{datetime.date.today()}, {cpu.group(1) if cpu else platform.processor()}, "
             f"{os.cpu_count()} cores, {gcc[0] if gcc else CC}, Python {platform.python_version()}, "
             f"torch {package_version('torch')}, llama2.c: {PEER or 'absent'}")
@@ -527,7 +630,7 @@ def machine():
 
 def main():
     items = dict(decode=bench_decode, prefill=bench_prefill, sample=bench_sample, export=bench_export,
-                 train=bench_train, pretok=bench_pretok, memory=bench_memory)
+                 train=bench_train, pretok=bench_pretok, memory=bench_memory, gpu=bench_gpu)
     chosen = [i.strip() for i in only.split(',') if i.strip()]
     if unknown := [i for i in chosen if i not in items]:
         sys.exit(f"error: --only: unknown item {', '.join(unknown)}; choose from {','.join(items)}")

@@ -323,7 +323,7 @@ if master:
     print(f"{task} on {data_folder}: {tokens_per_iter:,} tokens per iteration = "
           f"{gradient_accumulation_steps} accumulation steps x {world_size} processes x "
           f"{batch_size} x {max_seq_len}; {sum(p.numel() for p in raw_model.parameters()):,} "
-          f"parameters; {device} {dtype}")
+          f"parameters; {device} {dtype}" + (f"; MFU of {peak() / 1e12:.0f} TFLOP/s" if peak() else ""))
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
