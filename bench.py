@@ -415,8 +415,8 @@ def bench_export():
 # -----------------------------------------------------------------------------
 # 5. train.py on the CPU: tokens per second, same model, same data
 
-TRAIN = {'demo 128x4 B32': dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, batch_size=32),
-         '288x6 B8': dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, batch_size=8)}
+TRAIN = {'demo 128x4 B32': dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, batch_size=32, max_seq_len=256),
+         '288x6 B8': dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, batch_size=8, max_seq_len=256)}
 
 
 def peer_links(peer_dir, links):
@@ -436,7 +436,7 @@ def train_cmds(cfg, iters):
              'configurator.py': f'{PEER}/configurator.py'}
     peer_links(peer_dir, links)
     same = [f'--{k}={v}' for k, v in cfg.items()] + [
-        '--max_seq_len=256', '--vocab_size=1024', '--gradient_accumulation_steps=1', '--device=cpu',
+        '--vocab_size=1024', '--gradient_accumulation_steps=1', '--device=cpu',
         '--compile=False', '--dtype=float32', '--eval_iters=1', '--eval_interval=1000000', '--log_interval=1']
     ours = [PY, f'{REPO}/train.py', *same, '--dataset=synth', f'--data_dir={data}',
             f'--out_dir={BENCH}/train/ours', f'--max_iters={iters}']
@@ -445,13 +445,16 @@ def train_cmds(cfg, iters):
     return ours, peer, peer_dir
 
 
-def train_rate(cmd, cfg, cwd=None):
-    """Tokens/s of the median iteration after the first 3. The logs: ours
+def log_rate(log, cfg, first):
+    """Tokens/s of the median iteration from iteration first on, in a train.py log: ours
     'iter N | loss .. | lr .. | T ms | ..', llama2.c's 'N | loss .. | lr .. | Tms | ..'."""
-    log = run(cmd, cwd=cwd)[0]
     ms = [float(t) for i, t in re.findall(r'^(?:iter )?(\d+) \| loss \S+ \| lr \S+ \| ([\d.]+) ?ms', log, re.M)
-          if int(i) >= 3]
-    return cfg['batch_size'] * 256 / (statistics.median(ms) / 1000)
+          if int(i) >= first]
+    return cfg['batch_size'] * cfg['max_seq_len'] / (statistics.median(ms) / 1000)
+
+
+def train_rate(cmd, cfg, cwd=None):
+    return log_rate(run(cmd, cwd=cwd)[0], cfg, 3)
 
 
 def bench_train():
@@ -512,12 +515,9 @@ def gpu_run(cmd, cfg, cwd=None):
     """(tokens/s of the median timed iteration, flops per token, peak MB allocated, reserved,
     the peak FLOP/s our train.py names or 0)"""
     log = run([PY, '-c', TRAIN_WRAPPER, *cmd[1:]], cwd=cwd)[0]
-    ms = [float(t) for i, t in re.findall(r'^(?:iter )?(\d+) \| loss \S+ \| lr \S+ \| ([\d.]+) ?ms', log, re.M)
-          if int(i) >= gpu_iters // 3]
     mem = re.search(r'^peak cuda memory: (\d+) MB allocated, (\d+) MB reserved', log, re.M)
     peak = re.search(r'MFU of (\d+) TFLOP/s', log)
-    return (cfg['batch_size'] * cfg['max_seq_len'] / (statistics.median(ms) / 1000),
-            int(re.search(r'^flops per token: (\d+)', log, re.M).group(1)),
+    return (log_rate(log, cfg, gpu_iters // 3), int(re.search(r'^flops per token: (\d+)', log, re.M).group(1)),
             *(map(int, mem.groups()) if mem else (0, 0)), int(peak.group(1)) * 1e12 if peak else 0)
 
 

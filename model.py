@@ -238,7 +238,7 @@ class Transformer(nn.Module):
                        torch.zeros(shape, dtype=w.dtype, device=w.device)) for _ in self.layers]
         threads = torch.get_num_threads() if w.device.type == 'cpu' else 1
 
-        def fused(*ms):  # (in, out) in column blocks, one copy
+        def fused(*ms):  # the matrices side by side as (in, out), in column blocks
             return column_blocks(torch.cat([m.weight.detach().t() for m in ms], dim=1), threads)
         for layer in self.layers:
             a, f = layer.attention, layer.feed_forward
