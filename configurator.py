@@ -4,13 +4,17 @@ Command-line overrides for scripts whose config is a block of plain globals
 
     batch_size = 32          # every knob is a module-level global with a default
     ...
-    config = configure(globals())   # parses sys.argv, returns the resolved config dict
+    config, _ = configure(globals())   # parses sys.argv: the resolved config dict, and
+                                       # the positional arguments asked for (none here)
 
 Arguments are `--key=value` (the value is parsed as a Python literal, else kept as a
 string), `--key` alone for a boolean set to True, or a path to a Python file whose
 top-level assignments are applied the same way. Unlike nanoGPT's exec() version, an
 unknown key or a value of the wrong type stops the program with one line that names it,
 instead of silently creating a new variable nobody reads.
+
+die() is that one line for every script: a user's mistake is reported as
+"error: what is wrong — what to do" and exit status 1, never a traceback.
 """
 
 import ast
@@ -26,9 +30,9 @@ def config_keys(g):
             if not k.startswith('_') and k.islower() and type(v) in CONFIG_TYPES]
 
 
-def fail(msg):
+def die(msg):
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(1)
 
 
 def coerce(key, value, default):
@@ -41,7 +45,7 @@ def coerce(key, value, default):
     if want is str and type(value) is not str:
         return str(value)       # --start=42 is the string "42" when start is a string knob
     if type(value) is not want:
-        fail(f"--{key}={value!r}: expected {want.__name__} (default {default!r}), "
+        die(f"--{key}={value!r}: expected {want.__name__} (default {default!r}), "
              f"got {type(value).__name__}")
     return value
 
@@ -65,7 +69,7 @@ def configure(g, argv=None, positional=0):
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1)
             hint = f" (did you mean --{close[0]}?)" if close else ""
-            fail(f"unknown option --{key}{hint}; valid options: "
+            die(f"unknown option --{key}{hint}; valid options: "
                  + " ".join(f"--{k}" for k in sorted(keys)))
         g[key] = coerce(key, value, g[key])
 
@@ -75,7 +79,7 @@ def configure(g, argv=None, positional=0):
             key = key.replace('-', '_')
             if not eq:
                 if key in keys and type(g[key]) is not bool:
-                    fail(f"--{key} needs a value: --{key}=...")
+                    die(f"--{key} needs a value: --{key}=...")
                 apply(key, True)
             else:
                 apply(key, parse_value(val))
@@ -86,9 +90,14 @@ def configure(g, argv=None, positional=0):
             try:
                 src = open(arg).read()
             except OSError as e:
-                fail(f"cannot read config file {arg}: {e.strerror}")
+                die(f"cannot read config file {arg}: {e.strerror}")
             scope = {}
-            exec(compile(src, arg, 'exec'), {}, scope)
+            try:
+                code = compile(src, arg, 'exec')
+            except (SyntaxError, ValueError) as e:
+                die(f"config file {arg}: {getattr(e, 'msg', e)} (line {getattr(e, 'lineno', '?')})"
+                    " — it holds plain Python assignments such as batch_size = 16")
+            exec(code, {}, scope)
             for key, value in scope.items():
                 if not key.startswith('_'):
                     apply(key, value)

@@ -11,20 +11,16 @@ one by one with struct, minutes for 110M parameters), and every file is written 
 temporary name and renamed, so an interrupted export never leaves a half file behind.
 """
 
-import codecs
-import collections
 import json
 import os
-import pickle
 import shutil
 import struct
-import sys
-import zipfile
 from types import SimpleNamespace
 
 import numpy as np
 
-from configurator import configure
+from checkpoint import read_checkpoint, write_atomic
+from configurator import configure, die
 from tokenizer import (CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, Tokenizer,
                        export_tokenizer_bin)
 
@@ -33,128 +29,7 @@ checkpoint = 'out/ckpt.pt'
 version = '0'            # 0 (float32, llama2.c's legacy format) | 2 (int8 Q8_0) | hf
 group_size = 64          # version 2: values per quantization group (halved until it fits)
 # -----------------------------------------------------------------------------
-# Reading a checkpoint without torch. Importing torch takes 1.2 s here, twice as long as
-# writing a 110M model, so export.py reads the file itself. torch.save writes a zip:
-# data.pkl, the pickled dict in which every tensor is a reference to data/<key>, a raw
-# little-endian storage kept uncompressed. The storages are mapped, not copied, and only
-# the model's are touched (not the optimizer's, twice as large); only plain data is
-# unpickled, as torch.load(weights_only=True) does.
 
-STORAGES = {'FloatStorage': '<f4', 'HalfStorage': '<f2', 'DoubleStorage': '<f8', 'BFloat16Storage': 'bfloat16',
-            'LongStorage': '<i8', 'IntStorage': '<i4', 'ShortStorage': '<i2', 'CharStorage': 'i1',
-            'ByteStorage': 'u1', 'BoolStorage': '?'}
-
-
-class Stored:
-    """A tensor in the zip: its storage (key, type), offset, shape and strides in elements."""
-    def __init__(self, reader, storage, offset, size, stride, *_):
-        self.reader, self.storage, self.offset = reader, storage, offset
-        self.shape, self.stride = tuple(size), tuple(stride)
-
-    def numpy(self):
-        a = self.reader.storage(*self.storage)
-        last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
-        if 0 not in self.shape and (min((self.offset, *self.stride)) < 0 or last >= len(a)):
-            raise ValueError("a tensor reaches outside its storage")  # as_strided would read any memory
-        return np.lib.stride_tricks.as_strided(a[self.offset:], self.shape, [s * a.itemsize for s in self.stride])
-
-
-class CheckpointReader(pickle.Unpickler):
-    def __init__(self, path):
-        self.zip, self.file = zipfile.ZipFile(path), np.memmap(path, np.uint8, 'r')
-        names = self.zip.namelist()
-        pkl = [n for n in names if n.endswith('data.pkl')]
-        if not pkl:
-            raise ValueError("no data.pkl in the zip")
-        self.prefix, self.cache = pkl[0][:-len('data.pkl')], {}
-        if self.prefix + 'byteorder' in names and self.zip.read(self.prefix + 'byteorder') != b'little':
-            raise ValueError("a big-endian checkpoint")
-        super().__init__(self.zip.open(pkl[0]))
-
-    def find_class(self, module, name):
-        if (module, name) == ('collections', 'OrderedDict'):
-            return collections.OrderedDict
-        if (module, name) == ('_codecs', 'encode'):  # how pickle protocol 2 stores bytes
-            return codecs.encode
-        if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
-            return lambda *args: Stored(self, *args)
-        if module == 'torch' and name in STORAGES:
-            return name
-        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
-
-    def persistent_load(self, pid):  # ('storage', storage type, key, location, numel)
-        return pid[2], pid[1]
-
-    def storage(self, key, kind):
-        if key not in self.cache:
-            info = self.zip.getinfo(f'{self.prefix}data/{key}')
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise ValueError(f"storage {key} is compressed")
-            # the data follows a 30-byte local header, the name and an extra field
-            name_len, extra_len = struct.unpack('<HH', self.file[info.header_offset + 26:][:4])
-            start = info.header_offset + 30 + name_len + extra_len
-            raw = self.file[start:start + info.file_size]
-            if STORAGES[kind] == 'bfloat16':  # the top half of a float32
-                self.cache[key] = (raw.view('<u2').astype('<u4') << 16).view('<f4')
-            else:
-                self.cache[key] = raw.view(STORAGES[kind])
-        return self.cache[key]
-
-
-def read_checkpoint(path):
-    """The checkpoint dict, tensors left as Stored; one line and exit for a bad file."""
-    try:
-        ckpt = CheckpointReader(path).load()
-    except FileNotFoundError:
-        sys.exit(f"error: {path} not found — train a model first (python train.py)")
-    except Exception as e:  # truncated zips, foreign pickles, garbage: all mean "unreadable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.exit(f"error: {path} is not a readable checkpoint ({first[:160]}) — "
-                 "was it truncated, or written by another program?")
-    if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= ckpt.keys():
-        sys.exit(f"error: {path} has no 'model' and 'model_args' — not a checkpoint of ours")
-    return ckpt
-
-
-LAYER_WEIGHTS = ('attention_norm', 'attention.wq', 'attention.wk', 'attention.wv', 'attention.wo',
-                 'ffn_norm', 'feed_forward.w1', 'feed_forward.w2', 'feed_forward.w3')
-
-
-def model_weights(ckpt, path):
-    """The model's float32 arrays by state-dict name, and its shape, from the arrays
-    themselves (model_args may leave hidden_dim and n_kv_heads to be derived)."""
-    stored = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
-    try:
-        w = {k: v.numpy().astype(np.float32, copy=False) for k, v in stored.items()}
-        emb, args = w['tok_embeddings.weight'], ckpt['model_args']
-        n_layers = 1 + max(int(k.split('.')[1]) for k in w if k.startswith('layers.'))
-        n_heads = args['n_heads']
-        p = SimpleNamespace(dim=emb.shape[1], hidden_dim=w['layers.0.feed_forward.w1.weight'].shape[0],
-                            n_layers=n_layers, n_heads=n_heads,
-                            n_kv_heads=w['layers.0.attention.wk.weight'].shape[0] * n_heads // emb.shape[1],
-                            vocab_size=emb.shape[0], max_seq_len=args['max_seq_len'],
-                            norm_eps=args.get('norm_eps', 1e-5))
-        out = w.setdefault('output.weight', emb)
-        p.shared = np.array_equal(out, emb)  # tied: state_dict() holds the one tensor twice
-        needed = ['norm.weight'] + [f'layers.{i}.{name}.weight' for i in range(n_layers) for name in LAYER_WEIGHTS]
-        missing = [k for k in needed if k not in w]
-        if missing:
-            raise KeyError(missing[0])
-    except (KeyError, ValueError, AttributeError, TypeError) as e:
-        sys.exit(f"error: {path}: the model's weights are incomplete ({type(e).__name__}: "
-                 f"{str(e)[:80]}) — not a checkpoint of ours")
-    return w, p
-
-
-def layers(w, p, name):
-    return [w[f'layers.{i}.{name}.weight'] for i in range(p.n_layers)]
-
-
-def precompute_freqs(head_dim, end, theta=10000.0):
-    """model.py's RoPE tables, in numpy: cos and sin of pos * theta^(-2i/head_dim)"""
-    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    angles = np.outer(np.arange(end, dtype=np.float32), freqs)
-    return np.cos(angles), np.sin(angles)
 
 # -----------------------------------------------------------------------------
 # llama2.c's formats, for run.c
@@ -175,22 +50,22 @@ def config_ints(p):
     return [p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len]
 
 
-def write_atomic(path, chunks):
-    """chunks: bytes or numpy arrays, written in order to path.tmp, then renamed."""
-    with open(path + '.tmp', 'wb') as f:
+def write_chunks(path, chunks):
+    """chunks: bytes or numpy arrays, written in order, whole arrays at a time."""
+    def write(f):
         for c in chunks:
             if isinstance(c, np.ndarray):
                 np.ascontiguousarray(c).tofile(f)
             else:
                 f.write(c)
-    os.replace(path + '.tmp', path)
+    write_atomic(path, write)
 
 
 def export_v0(w, p, path):
     header = config_ints(p)
     if not p.shared:
         header[5] = -header[5]  # the legacy format's flag for a separate classifier
-    write_atomic(path, [struct.pack('7i', *header), *legacy_tensors(w, p)])
+    write_chunks(path, [struct.pack('7i', *header), *legacy_tensors(w, p)])
 
 
 def quantize_q80(w, gs):
@@ -229,7 +104,7 @@ def export_v2(w, p, path):
         worst = max(worst, err)
         print(f"{name:28s} {str(a.shape):14s} max abs error {err:.6f}")
     print(f"largest quantization error: {worst:.6f} (group size {gs})")
-    write_atomic(path, chunks)
+    write_chunks(path, chunks)
 
 # -----------------------------------------------------------------------------
 # Hugging Face: a folder that LlamaForCausalLM and AutoTokenizer load with from_pretrained
@@ -355,7 +230,7 @@ def export_hf(w, p, tok, ckpt, out_dir):
     a crash leaves the previous export whole."""
     out_dir = os.path.normpath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        sys.exit(f"error: {out_dir} is a file; --version=hf writes a folder")
+        die(f"{out_dir} is a file; --version=hf writes a folder")
     tmp, old = out_dir + '.tmp', out_dir + '.old'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -369,7 +244,7 @@ def export_hf(w, p, tok, ckpt, out_dir):
             content = json.dumps(content, indent=2, ensure_ascii=False).encode()
         with open(os.path.join(tmp, name), 'wb') as f:
             f.write(content)
-    write_atomic(os.path.join(tmp, 'model.safetensors'), safetensors_chunks(hf_tensors(w, p)))
+    write_chunks(os.path.join(tmp, 'model.safetensors'), safetensors_chunks(hf_tensors(w, p)))
     if os.path.exists(out_dir):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)
@@ -378,14 +253,61 @@ def export_hf(w, p, tok, ckpt, out_dir):
     print(f"wrote {out_dir}/ ({len(files) + 1} files) for transformers' from_pretrained")
 
 
+# -----------------------------------------------------------------------------
+# the checkpoint's weights, as float32 numpy arrays (checkpoint.py reads the file)
+
+LAYER_WEIGHTS = ('attention_norm', 'attention.wq', 'attention.wk', 'attention.wv', 'attention.wo',
+                 'ffn_norm', 'feed_forward.w1', 'feed_forward.w2', 'feed_forward.w3')
+
+
+def model_weights(ckpt, path):
+    """The model's float32 arrays by state-dict name, and its shape, from the arrays
+    themselves (model_args may leave hidden_dim and n_kv_heads to be derived)."""
+    stored = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
+    try:
+        w = {k: v.numpy().astype(np.float32, copy=False) for k, v in stored.items()}
+        emb, args = w['tok_embeddings.weight'], ckpt['model_args']
+        n_layers = 1 + max(int(k.split('.')[1]) for k in w if k.startswith('layers.'))
+        n_heads = args['n_heads']
+        p = SimpleNamespace(dim=emb.shape[1], hidden_dim=w['layers.0.feed_forward.w1.weight'].shape[0],
+                            n_layers=n_layers, n_heads=n_heads,
+                            n_kv_heads=w['layers.0.attention.wk.weight'].shape[0] * n_heads // emb.shape[1],
+                            vocab_size=emb.shape[0], max_seq_len=args['max_seq_len'],
+                            norm_eps=args.get('norm_eps', 1e-5))
+        out = w.setdefault('output.weight', emb)
+        p.shared = np.array_equal(out, emb)  # tied: state_dict() holds the one tensor twice
+        needed = ['norm.weight'] + [f'layers.{i}.{name}.weight' for i in range(n_layers) for name in LAYER_WEIGHTS]
+        missing = [k for k in needed if k not in w]
+        if missing:
+            raise KeyError(missing[0])
+    except (KeyError, ValueError, AttributeError, TypeError) as e:
+        die(f"{path}: the model's weights are incomplete ({type(e).__name__}: "
+            f"{str(e)[:80]}) — not a checkpoint of ours")
+    return w, p
+
+
+def layers(w, p, name):
+    return [w[f'layers.{i}.{name}.weight'] for i in range(p.n_layers)]
+
+
+def precompute_freqs(head_dim, end, theta=10000.0):
+    """model.py's RoPE tables, in numpy: cos and sin of pos * theta^(-2i/head_dim)"""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    angles = np.outer(np.arange(end, dtype=np.float32), freqs)
+    return np.cos(angles), np.sin(angles)
+
+
+# -----------------------------------------------------------------------------
+
 def main():
     _, args = configure(globals(), positional=1)
     if not args:
-        sys.exit("usage: python export.py OUTPUT --checkpoint=out/ckpt.pt [--version=0|2|hf]")
+        die("no output path — usage: python export.py OUTPUT --checkpoint=out/ckpt.pt "
+            "[--version=0|2|hf]")
     out = args[0]
     ckpt = read_checkpoint(checkpoint)
     if 'tokenizer' not in ckpt:
-        sys.exit(f"error: {checkpoint} holds no tokenizer — it was not written by our train.py")
+        die(f"{checkpoint} holds no tokenizer — it was not written by our train.py")
     tok = Tokenizer(ckpt['tokenizer'])
     w, p = model_weights(ckpt, checkpoint)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -397,7 +319,7 @@ def main():
         export_tokenizer_bin(tok, tok_path)
         print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB) and {tok_path}")
     else:
-        sys.exit(f"error: --version={version}: use 0, 2 or hf")
+        die(f"--version={version}: use 0, 2 or hf")
 
 
 if __name__ == '__main__':

@@ -23,18 +23,17 @@ The loaders train.py uses (pretraining windows, SFT rows, DPO pairs) are at the 
 import glob
 import hashlib
 import json
-import math
 import multiprocessing as mp
 import os
 import re
-import shutil
 import sys
 import tarfile
 import time
 
 import numpy as np
 
-from configurator import configure
+from checkpoint import write_atomic
+from configurator import configure, die
 from tokenizer import Tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -52,11 +51,6 @@ shard_docs = 100_000     # documents per train shard
 character_coverage = 0.9995  # tokenizer: share of characters kept (the rest -> bytes)
 input_sentence_size = 200_000  # tokenizer: documents sampled for training, bounds memory
 num_workers = 0          # pretokenize processes; 0 = all cores
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
 
 
 # -----------------------------------------------------------------------------
@@ -208,8 +202,11 @@ def shard_dir(ds=None, kind='tok'):
 
 
 def write_array(path, arr):
-    arr.tofile(path + '.tmp')
-    os.replace(path + '.tmp', path)
+    write_atomic(path, arr.tofile)
+
+
+def copy_atomic(src, dst):
+    write_atomic(dst, lambda f: f.write(open(src, 'rb').read()))
 
 
 def synth():
@@ -217,9 +214,8 @@ def synth():
     out = os.path.join(data_dir, 'synth', 'stories.txt')
     os.makedirs(os.path.dirname(out), exist_ok=True)
     docs = grammar.stories(num_stories, seed=seed, zh_fraction=zh_fraction)
-    with open(out + '.tmp', 'w', encoding='utf-8') as f:
-        f.write(''.join(d + '\n<|endoftext|>\n' for d in docs))
-    os.replace(out + '.tmp', out)
+    write_atomic(out, lambda f: f.write(''.join(d + '\n<|endoftext|>\n' for d in docs)),
+                 mode='w')
     print(f"wrote {len(docs)} stories ({os.path.getsize(out) / 1e6:.1f} MB) to {out}")
 
 
@@ -308,12 +304,11 @@ def pretokenize():
     val = np.concatenate(val).astype(dtype)
     write_array(os.path.join(out, 'val.bin'), val)
     tokens['val'] = len(val)
-    shutil.copyfile(tokenizer_path(), os.path.join(out, 'tokenizer.model'))
+    copy_atomic(tokenizer_path(), os.path.join(out, 'tokenizer.model'))
     meta = dict(dataset=dataset, vocab_size=tok.n_words, dtype=np.dtype(dtype).name,
                 bos_id=tok.bos_id, val_every=val_every, documents=docs, tokens=tokens,
                 tokenizer_sha256=hashlib.sha256(tok.model_bytes).hexdigest())
-    with open(os.path.join(out, 'meta.json'), 'w') as f:
-        json.dump(meta, f, indent=1)
+    write_atomic(os.path.join(out, 'meta.json'), lambda f: json.dump(meta, f, indent=1), mode='w')
     dt = time.time() - t0
     print(f"{docs['train']} + {docs['val']} documents -> {tokens['train']} train + "
           f"{tokens['val']} val tokens in {out} ({dt:.1f}s)")
@@ -363,10 +358,9 @@ def read_rows(path, convert):
 def save_sequences(path, seqs):
     """seqs: [(ids, mask)] -> one .npz with the ids, masks and offsets of every sequence"""
     offsets = np.cumsum([0] + [len(i) for i, _ in seqs])
-    tmp = path + '.tmp.npz'
-    np.savez(tmp, tokens=np.array([t for i, _ in seqs for t in i], dtype=np.int32),
-             mask=np.array([m for _, k in seqs for m in k], dtype=np.uint8), offsets=offsets)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(
+        f, tokens=np.array([t for i, _ in seqs for t in i], dtype=np.int32),
+        mask=np.array([m for _, k in seqs for m in k], dtype=np.uint8), offsets=offsets))
 
 
 def chat_data(kind):
@@ -412,32 +406,22 @@ def chats(kind):
         save_sequences(os.path.join(out, f'{split}.npz'), seqs)
         print(f"{split}: {len(rows)} {'conversations' if kind == 'sft' else 'pairs'}, "
               f"{sum(len(i) for i, _ in seqs)} tokens -> {out}/{split}.npz")
-    shutil.copyfile(tokenizer_path(), os.path.join(out, 'tokenizer.model'))
+    copy_atomic(tokenizer_path(), os.path.join(out, 'tokenizer.model'))
 
 
 # -----------------------------------------------------------------------------
 # loaders for train.py: batch k is a pure function of (seed, rank, k), so a resumed run
-# draws exactly the batches an uninterrupted one would, and no two ranks or DataLoader
-# workers draw the same stream
+# draws exactly the batches an uninterrupted one would, and no two ranks draw the same
+# stream. Batches are numpy int64 arrays; train.py turns them into tensors.
 
-import torch  # noqa: E402  (only the loaders need it)
-
-
-class Batches(torch.utils.data.IterableDataset):
-    def __init__(self, batch_size, max_seq_len, seed=0, rank=0, start=0):
-        super().__init__()
-        self.B, self.T, self.seed, self.rank, self.start = batch_size, max_seq_len, seed, rank, start
+class Batches:
+    def __init__(self, batch_size, max_seq_len, seed=0, rank=0):
+        self.B, self.T, self.seed, self.rank = batch_size, max_seq_len, seed, rank
 
     def rng(self, k):
+        """The random stream of batch k: train.py's steps use k = 0, 1, ...; its evals use
+        their own fixed range of k, far above any step's."""
         return np.random.default_rng([self.seed, self.rank, k])
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        k = self.start + worker  # worker w makes batches w, w+W, ...: the DataLoader
-        while True:              # takes them round robin, so they arrive in order
-            yield self.batch(self.rng(k))
-            k += workers
 
     def batch(self, rng):
         raise NotImplementedError
@@ -469,7 +453,7 @@ class PretokWindows(Batches):
         at = rng.integers(0, self.cum[-1], self.B)
         shard = np.searchsorted(self.cum, at, side='right') - 1
         rows = np.stack([self.shards[s][o:o + self.T + 1] for s, o in zip(shard, at - self.cum[shard])])
-        rows = torch.from_numpy(rows.astype(np.int64))
+        rows = rows.astype(np.int64)
         return rows[:, :-1], rows[:, 1:]
 
 
@@ -491,7 +475,7 @@ def rows_of(seqs, length):
         ids, mask = ids[:length + 1], mask[:length + 1]
         tok[r, :len(ids) - 1] = ids[:-1]
         tgt[r, :len(ids) - 1] = np.where(mask[1:] == 1, ids[1:], -1)
-    return torch.from_numpy(tok), torch.from_numpy(tgt)
+    return tok, tgt
 
 
 class ChatRows(Batches):
@@ -525,7 +509,8 @@ class PreferencePairs(Batches):
         self.n = len(seqs) // 2
 
     def pairs(self, i):
-        return torch.cat([self.x[2 * i], self.x[2 * i + 1]]), torch.cat([self.y[2 * i], self.y[2 * i + 1]])
+        return (np.concatenate([self.x[2 * i], self.x[2 * i + 1]]),
+                np.concatenate([self.y[2 * i], self.y[2 * i + 1]]))
 
     def batch(self, rng):
         return self.pairs(rng.integers(0, self.n, self.B))

@@ -19,6 +19,8 @@ import sys
 
 import sentencepiece as spm
 
+from checkpoint import write_atomic
+
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # One chat template (ChatML), used by SFT data, sample.py --chat, run.c -m chat and the
 # Hugging Face export. A conversation is BOS followed by messages rendered as:
@@ -40,7 +42,8 @@ def train_tokenizer(sentences, vocab_size, model_path, character_coverage=0.9995
         raise ValueError(f"vocab_size={vocab_size} is too small: 261 ids are taken by "
                          "special and byte tokens; use at least 300 (512 or more is typical)")
     os.makedirs(os.path.dirname(model_path) or '.', exist_ok=True)
-    with open(model_path + '.tmp', 'wb') as f:
+
+    def train(f):
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_writer=f,
             model_type='bpe', vocab_size=vocab_size,
@@ -58,7 +61,7 @@ def train_tokenizer(sentences, vocab_size, model_path, character_coverage=0.9995
             user_defined_symbols=[IM_START, IM_END],  # always one id, even inside text
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             num_threads=os.cpu_count() or 1, minloglevel=2)
-    os.replace(model_path + '.tmp', model_path)
+    write_atomic(model_path, train)
 
 
 # -----------------------------------------------------------------------------
@@ -156,9 +159,7 @@ def export_tokenizer_bin(tok, path):
     out = bytearray(struct.pack('I', max(len(p) for p in pieces)))
     for p, s in zip(pieces, scores):
         out += struct.pack('fI', s, len(p)) + p
-    with open(path + '.tmp', 'wb') as f:
-        f.write(out)
-    os.replace(path + '.tmp', path)
+    write_atomic(path, lambda f: f.write(out))
 
 
 if __name__ == '__main__':

@@ -20,7 +20,6 @@ import csv
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 
@@ -29,7 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure
+from checkpoint import write_atomic
+from configurator import configure, die
 from model import ModelArgs, Transformer, load_checkpoint
 from preprocess import ChatRows, PreferencePairs, PretokWindows, dataset_name
 from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT
@@ -85,12 +85,6 @@ peak_flops = 0.0         # for MFU; 0 = look up the GPU (bf16 dense), unknown ->
 # -----------------------------------------------------------------------------
 config, _ = configure(globals())
 
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
 if task not in ('pretrain', 'sft', 'dpo'):
     die(f"--task={task}: use pretrain, sft or dpo")
 if task != 'pretrain' and init_from == 'scratch':
@@ -136,15 +130,36 @@ if not os.path.exists(tok_path):
 tokenizer_bytes = open(tok_path, 'rb').read()
 
 
-def make_batches(split, start=0):
-    args = (batch_size, max_seq_len, seed, rank, start)
+EVAL_BATCHES = 10**9     # evals draw batches k = EVAL_BATCHES + 0, 1, ...: never a step's
+
+
+def make_batches(split):
+    args = (batch_size, max_seq_len, seed, rank)
     if task == 'pretrain':
         return PretokWindows(data_folder, split, *args)
     cls = ChatRows if task == 'sft' else PreferencePairs
     return cls(os.path.join(data_folder, f'{split}.npz'), *args)
 
 
+class BatchStream(torch.utils.data.IterableDataset):
+    """Batches start, start + 1, ... of ds. With W DataLoader workers, worker w makes
+    batches start + w, start + w + W, ...; the DataLoader takes them round robin, so they
+    arrive in order."""
+    def __init__(self, ds, start):
+        super().__init__()
+        self.ds, self.start = ds, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        k = self.start + worker
+        while True:
+            yield self.ds.batch(self.ds.rng(k))
+            k += workers
+
+
 def to_device(x, y):
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
     if device_type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -250,8 +265,9 @@ def evaluate():
         for split in ('train', 'val'):
             ds, losses = make_batches(split), []
             for k in range(eval_iters):
+                x, y = to_device(*ds.batch(ds.rng(EVAL_BATCHES + k)))
                 with autocast:
-                    losses.append(compute_loss(eval_model, *to_device(*ds.batch(ds.rng(10**9 + k)))).item())
+                    losses.append(compute_loss(eval_model, x, y).item())
             out[split] = sum(losses) / len(losses)
     eval_model.train()
     return out
@@ -277,16 +293,9 @@ def save_checkpoint():
         ckpt['scaler'] = scaler.state_dict()
     if ref_model is not None:
         ckpt['ref_model'] = ref_model.state_dict()
-    tmp = ckpt_path + '.tmp'
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, ckpt_path)
+        write_atomic(ckpt_path, lambda f: torch.save(ckpt, f))
     except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
         reason = getattr(e, 'strerror', None) or str(e).strip().splitlines()[0][:120]
         die(f"cannot write {ckpt_path}: {reason} — free some space or choose another "
             "--out_dir; the previous checkpoint is intact")
@@ -339,7 +348,7 @@ def on_sigint(signum, frame):
 
 signal.signal(signal.SIGINT, on_sigint)
 batches = iter(torch.utils.data.DataLoader(
-    make_batches('train', start=iter_num * gradient_accumulation_steps),
+    BatchStream(make_batches('train'), start=iter_num * gradient_accumulation_steps),
     batch_size=None, num_workers=num_workers))
 X, Y = to_device(*next(batches))
 t0, local_iter, running_mfu = time.time(), 0, -1.0
