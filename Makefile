@@ -1,6 +1,6 @@
 # The whole pipeline, and the C runner's builds.
 #   make demo    install, write the offline corpus, train a tokenizer and a small model on
-#                the CPU, and print a story (a few minutes)
+#                the CPU, and print a story (about eight minutes on 2 cores)
 #   make test    the test suite
 #   make run     build ./run (then: ./run out/model.bin)
 PYTHON ?= python3
@@ -8,7 +8,7 @@ CC ?= gcc
 TORCH ?= torch==2.13.0
 VOCAB ?= 1024
 
-# the demo model: small enough to train on a laptop CPU in about eight minutes (2 cores)
+# the demo model: small enough to train on a laptop CPU
 DEMO_DATA = --dataset=synth --vocab_size=$(VOCAB)
 DEMO_MODEL = --dim=128 --n_layers=4 --n_heads=4 --n_kv_heads=2 --max_seq_len=256
 DEMO_TRAIN = $(DEMO_DATA) $(DEMO_MODEL) --device=cpu --compile=False --batch_size=32 \
@@ -19,7 +19,8 @@ DEMO_TRAIN = $(DEMO_DATA) $(DEMO_MODEL) --device=cpu --compile=False --batch_siz
 TUNE = $(DEMO_DATA) --device=cpu --compile=False --batch_size=16 --gradient_accumulation_steps=1 \
 	--warmup_iters=10 --eval_iters=10 --log_interval=20
 
-.PHONY: install demo demo-chat test testc bench fuzz clean run runfast runomp rundebug runasan
+.PHONY: install demo demo-chat test testc bench fuzz fuzz-replay clean run runfast runomp rundebug \
+	runasan runarm
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH)
@@ -67,11 +68,16 @@ rundebug: run.c
 runasan: run.c
 	$(CC) -g -O1 -fsanitize=address,undefined -fno-omit-frame-pointer -o runasan run.c -lm
 
+# aarch64 (ARM) from an x86 machine: Debian's gcc-aarch64-linux-gnu, run with qemu-aarch64
+CROSS_CC ?= aarch64-linux-gnu-gcc
+runarm: run.c
+	$(CROSS_CC) -O3 -static -o run-aarch64 run.c -lm
+
 testc: run runasan
 	RUN_BINARIES=./runasan $(PYTHON) -m pytest -q -rs test_all.py -k "malformed"
 
 clean:
-	rm -f run runasan
+	rm -f run runasan run-aarch64
 
 # ---------------------------------------------------------------------------
 # benchmarks beside llama2.c (bench.py): random-weight models, built into BENCH_DIR
@@ -96,15 +102,30 @@ FUZZ_DIR ?= /tmp/run-fuzz
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 
 fuzz:
-	@mkdir -p $(FUZZ_DIR)
-	set -e; for t in $(FUZZ_TARGETS); do \
+	@mkdir -p $(FUZZ_DIR); failed=""; \
+	for t in $(FUZZ_TARGETS); do \
 		T=$$(echo $$t | tr a-z A-Z); \
-		$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_$$T -o $(FUZZ_DIR)/fuzz_$$t fuzz/fuzz.c -lm; \
-	done
-	set -e; for t in $(FUZZ_TARGETS); do \
-		mkdir -p $(FUZZ_DIR)/corpus_$$t; \
 		R=$$(ls -d fuzz/regressions/$$t 2>/dev/null || true); \
+		mkdir -p $(FUZZ_DIR)/corpus_$$t; \
+		$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_$$T -o $(FUZZ_DIR)/fuzz_$$t fuzz/fuzz.c -lm && \
 		ASAN_OPTIONS=detect_leaks=0 $(FUZZ_DIR)/fuzz_$$t $(FUZZ_DIR)/corpus_$$t fuzz/corpus/$$t $$R \
 			-max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -close_fd_mask=3 \
-			-artifact_prefix=$(FUZZ_DIR)/$$t- -print_final_stats=1; \
-	done
+			-artifact_prefix=$(FUZZ_DIR)/$$t- -print_final_stats=1 \
+		|| failed="$$failed $$t"; \
+	done; \
+	if [ -n "$$failed" ]; then \
+		echo "fuzz: FAILED:$$failed (inputs that crashed: $(FUZZ_DIR)/<target>-crash-*)"; exit 1; \
+	fi; echo "fuzz: $(FUZZ_TARGETS): no crash in $(FUZZ_SECONDS) s each"
+
+# the same three targets built with $(CC) and a main() that replays the corpus and the
+# regressions (no libFuzzer needed): make test runs this, so a change to run.c that breaks
+# the harness fails the tests
+fuzz-replay:
+	@mkdir -p $(FUZZ_DIR); failed=""; \
+	for t in $(FUZZ_TARGETS); do \
+		T=$$(echo $$t | tr a-z A-Z); \
+		R=$$(ls -d fuzz/regressions/$$t 2>/dev/null || true); \
+		$(CC) -g -O1 -Wall -Wextra -DFUZZ_$$T -DFUZZ_REPLAY -o $(FUZZ_DIR)/replay_$$t fuzz/fuzz.c -lm \
+		&& $(FUZZ_DIR)/replay_$$t fuzz/corpus/$$t $$R || failed="$$failed $$t"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz-replay: FAILED:$$failed"; exit 1; fi

@@ -1096,6 +1096,50 @@ def test_fuzz_regressions_and_corpus(tmp_path):
     print(f"{len(cases)} fuzz corpus and regression cases x {len(run_binaries())} binaries")
 
 
+def test_fuzz_harness_builds_and_replays(tmp_path):
+    """fuzz/fuzz.c includes run.c: all three targets build with gcc and a replay main (no
+    libFuzzer), and replay fuzz/corpus and fuzz/regressions without a crash, so a change to
+    run.c that breaks the harness fails here, not weeks later in `make fuzz`."""
+    r = subprocess.run(['make', '-s', 'fuzz-replay', f'FUZZ_DIR={tmp_path}'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    counts = [int(n) for n in re.findall(r'(\d+) inputs replayed', r.stdout)]
+    assert len(counts) == 3 and min(counts) > 0, r.stdout
+
+
+@pytest.mark.parametrize('cc', ['gcc', 'clang'])
+def test_run_c_builds_without_warnings(cc, tmp_path):
+    """-Wall -Wextra -Werror, plain and fast (OpenMP, this CPU's vector instructions)."""
+    if not shutil.which(cc):
+        pytest.skip(f"{cc} not installed (.ci/run installs it)")
+    for flags in (['-O3'], ['-Ofast', '-march=native', '-fopenmp']):
+        r = subprocess.run([cc, *flags, '-Wall', '-Wextra', '-Werror', '-o', str(tmp_path / 'run'),
+                            os.path.join(ROOT, 'run.c'), '-lm'], capture_output=True, text=True)
+        assert r.returncode == 0, (cc, flags, r.stderr[-3000:])
+
+
+def test_run_c_aarch64_prints_what_x86_prints(exported, runc, tmp_path):
+    """run.c built for aarch64 (the portable path: no x86 kernels) and run under qemu prints
+    the same text as the x86-64 build at -t 0: float32 and int8 files, and llama2.c's model."""
+    if not (shutil.which('aarch64-linux-gnu-gcc') and shutil.which('qemu-aarch64')):
+        pytest.skip("aarch64-linux-gnu-gcc or qemu-aarch64 not installed (.ci/run installs them)")
+    build('runarm')
+    arm = os.path.join(ROOT, 'run-aarch64')
+    ckpt, model_bin = exported['trained']
+    q80 = export(exported['work'], ckpt, tmp_path / 'q80.bin', '--version=2')
+    tok = os.path.join(os.path.dirname(model_bin), 'tokenizer.bin')
+    cases = [(model_bin, tok, 'Once upon a time'), (q80, tok, 'Once upon a time'),
+             (model_bin, tok, '从前，有一只小猫')]
+    if os.path.exists(os.path.join(FIXTURES, 'stories260K.bin')):
+        cases.append((os.path.join(FIXTURES, 'stories260K.bin'), os.path.join(FIXTURES, 'tok512.bin'), ''))
+    for model, tok_bin, prompt in cases:
+        args = [model, '-z', tok_bin, '-t', '0', '-n', '200', '-i', prompt]
+        x86 = run_c(runc, *args).stdout
+        r = subprocess.run(['qemu-aarch64', arm, *args], capture_output=True, timeout=600)
+        assert r.returncode == 0, r.stderr.decode(errors='replace')
+        assert r.stdout == x86 and len(x86) > 50, (model, prompt)
+
+
 def test_int8_close_to_float32(exported, runc):
     """Teacher-forced over held-out text: the int8 file's top-1 next token agrees with
     float32's on at least 95% of positions, and its loss is within 2%."""
