@@ -1,6 +1,6 @@
 """
 Our files on disk: every file is written whole or not at all, and a checkpoint is read as
-data, with or without torch.
+data, with or without torch, and checked before anything is built from it.
 
 write_atomic() writes to a temporary name beside the file and renames it over the file, so a
 crash at any moment leaves the old file or the new one, never half of one.
@@ -10,7 +10,11 @@ export.py: importing torch takes longer than writing a 110M model. torch.save wr
 data.pkl, the pickled dict in which every tensor is a reference to data/<key>, a raw
 little-endian storage kept uncompressed. The storages are mapped, not copied, and only the
 arrays asked for are touched (the model's, not the optimizer's, twice as large); only plain
-data is unpickled, as torch.load(weights_only=True) does.
+data is unpickled, as torch.load(weights_only=True) does. Every size the pickle declares is
+bounded by the bytes the file holds, so a small damaged file cannot claim gigabytes.
+
+check_model() holds every checkpoint to its model_args: sane numbers, and each weight the
+shape they imply; load_model() (sample.py, train.py) and export.py both call it.
 """
 
 import codecs
@@ -76,8 +80,11 @@ class Stored:
     def numpy(self):
         a = self.reader.storage(*self.storage)
         last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
-        if 0 not in self.shape and (min((self.offset, *self.stride)) < 0 or last >= len(a)):
-            raise ValueError("a tensor reaches outside its storage")  # as_strided reads anywhere
+        if 0 not in self.shape and (min((self.offset, *self.stride)) < 0 or last >= len(a)
+                                    or np.prod(self.shape, dtype=np.float64) > len(a)):
+            # as_strided would read any memory, and a zero stride would repeat a few values
+            # into an array of any size
+            raise ValueError("a tensor reaches outside its storage")
         return np.lib.stride_tricks.as_strided(a[self.offset:], self.shape,
                                                [s * a.itemsize for s in self.stride])
 
@@ -106,7 +113,14 @@ class CheckpointReader(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
 
     def persistent_load(self, pid):  # ('storage', storage type, key, location, numel)
-        return pid[2], pid[1]
+        kind, key, numel = pid[1], pid[2], pid[4]
+        if kind not in STORAGES:
+            raise pickle.UnpicklingError(f"storage type {kind!r} is not plain data")
+        itemsize = 2 if STORAGES[kind] == 'bfloat16' else np.dtype(STORAGES[kind]).itemsize
+        size = self.zip.getinfo(f'{self.prefix}data/{key}').file_size
+        if not isinstance(numel, int) or not 0 <= numel * itemsize <= size:
+            raise ValueError(f"storage {key} claims {numel} values but holds {size} bytes")
+        return key, kind
 
     def storage(self, key, kind):
         if key not in self.storages:
@@ -131,3 +145,111 @@ def read_checkpoint(path):
     except Exception as e:  # truncated zips, foreign pickles, garbage: all mean "unreadable"
         unreadable(path, e)
     return check_is_ours(path, ckpt)
+
+
+# -----------------------------------------------------------------------------
+# checking a checkpoint against its model_args
+
+MAX_SEQ_LEN = 1 << 20   # positions: larger is a damaged header, not a model
+
+
+def layer_shapes(dim, hidden_dim, n_heads, n_kv_heads):
+    head_dim = dim // n_heads
+    return {'attention_norm': (dim,), 'attention.wq': (n_heads * head_dim, dim),
+            'attention.wk': (n_kv_heads * head_dim, dim), 'attention.wv': (n_kv_heads * head_dim, dim),
+            'attention.wo': (dim, n_heads * head_dim), 'ffn_norm': (dim,),
+            'feed_forward.w1': (hidden_dim, dim), 'feed_forward.w2': (dim, hidden_dim),
+            'feed_forward.w3': (hidden_dim, dim)}
+
+
+def check_model(path, ckpt):
+    """Stop with one line unless model_args are sane and every weight has the shape they
+    imply. Returns the weights by name (without torch.compile's prefix) and hidden_dim,
+    which model_args may leave to be derived."""
+    def bad(why):
+        die(f"{path}: {why} — the checkpoint is damaged, or not a model of ours")
+    a, weights = ckpt['model_args'], ckpt['model']
+    if not isinstance(a, dict) or not isinstance(weights, dict):
+        bad("model_args and model must be dicts")
+    for key in ('dim', 'n_layers', 'n_heads', 'vocab_size', 'max_seq_len'):
+        if type(a.get(key)) is not int or a[key] < 1:
+            bad(f"model_args {key}={a.get(key)!r} is not a positive integer")
+    for key, types in (('n_kv_heads', (int,)), ('hidden_dim', (int,)), ('multiple_of', (int,)),
+                       ('norm_eps', (int, float)), ('dropout', (int, float))):
+        if key in a and (type(a[key]) not in types or not 0 <= a[key] < 1e9):
+            bad(f"model_args {key}={a[key]!r} is not a number of the right kind")
+    dim, n_heads, n_kv_heads = a['dim'], a['n_heads'], a.get('n_kv_heads') or a['n_heads']
+    if n_heads % n_kv_heads:
+        bad(f"n_kv_heads={n_kv_heads!r} does not divide n_heads={n_heads}")
+    if dim % n_heads or (dim // n_heads) % 2:
+        bad(f"n_heads={n_heads} does not split dim={dim} into heads of an even size")
+    if a['max_seq_len'] > MAX_SEQ_LEN:
+        bad(f"max_seq_len={a['max_seq_len']} is beyond any model's")
+    weights = {str(k).removeprefix('_orig_mod.'): v for k, v in weights.items()}
+    w1 = weights.get('layers.0.feed_forward.w1.weight')
+    hidden_dim = a.get('hidden_dim') or (w1.shape[0] if hasattr(w1, 'shape') and w1.shape else 0)
+    want = {'tok_embeddings.weight': (a['vocab_size'], dim), 'norm.weight': (dim,),
+            'output.weight': (a['vocab_size'], dim)}
+    for i in range(a['n_layers']):
+        for name, shape in layer_shapes(dim, hidden_dim, n_heads, n_kv_heads).items():
+            want[f'layers.{i}.{name}.weight'] = shape
+    for name, shape in want.items():
+        t = weights.get(name)
+        if t is None and name != 'output.weight':  # a tied classifier may be left out
+            bad(f"the weight {name} is missing")
+        if t is not None and (not hasattr(t, 'shape') or tuple(t.shape) != shape):
+            got = tuple(t.shape) if hasattr(t, 'shape') else type(t).__name__
+            bad(f"{name} is {got} but model_args say {shape}")
+        try:
+            if isinstance(t, Stored):
+                t.numpy()  # a view: checks that the tensor lies inside its storage
+        except ValueError as e:
+            bad(f"{name}: {e}")
+    extra = sorted(set(weights) - set(want))
+    if extra:
+        bad(f"{extra[0]} is not a weight of a model with these model_args")
+    return weights, hidden_dim
+
+
+def nonfinite_weights(path, name):
+    die(f"{path}: the weight {name} holds NaN or inf — the run that wrote it diverged; use an "
+        "earlier checkpoint, or train again with a lower --learning_rate")
+
+
+def checkpoint_tokenizer(path, ckpt):
+    """The checkpoint's own tokenizer, which must fit its vocabulary."""
+    from tokenizer import Tokenizer  # tokenizer.py imports this file for write_atomic
+    blob = ckpt.get('tokenizer')
+    if not isinstance(blob, (bytes, bytearray)):
+        die(f"{path} holds no tokenizer — it was not written by our train.py")
+    try:
+        tok = Tokenizer(blob)
+    except Exception as e:  # SentencePiece raises RuntimeError on a foreign blob
+        die(f"{path}: its tokenizer is not a SentencePiece model ({str(e).strip()[:80]})")
+    if tok.n_words != ckpt['model_args']['vocab_size']:
+        die(f"{path}: its tokenizer has {tok.n_words} tokens but the model "
+            f"{ckpt['model_args']['vocab_size']} — the checkpoint was put together wrongly")
+    return tok
+
+
+def load_model(path, device='cpu'):
+    """The model and the checkpoint dict, read with torch.load(weights_only=True) after the
+    torch-free reader has bounded every size and check_model every shape."""
+    import torch
+    from model import ModelArgs, Transformer
+    _, hidden_dim = check_model(path, read_checkpoint(path))
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        unreadable(path, e)
+    weights, _ = check_model(path, check_is_ours(path, ckpt))
+    for name, t in weights.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            die(f"{path}: the weight {name} is not a tensor of floats — not a model of ours")
+        if not torch.isfinite(t).all():
+            nonfinite_weights(path, name)
+    args = {k: v for k, v in ckpt['model_args'].items() if k in ModelArgs.__dataclass_fields__}
+    model = Transformer(ModelArgs(**dict(args, hidden_dim=hidden_dim)))
+    weights.setdefault('output.weight', weights['tok_embeddings.weight'])
+    model.load_state_dict(weights)
+    return model.to(device), ckpt

@@ -35,6 +35,30 @@ def die(msg):
     sys.exit(1)
 
 
+def check(g, rules):
+    """Stop at the first knob that breaks its rule. rules: {key: (ok(value), 'what it must
+    be')}, checked after configure() so that a value is judged whatever set it."""
+    for key, (ok, want) in rules.items():
+        if not ok(g[key]):
+            die(f"--{key}={g[key]!r}: must be {want}")
+
+
+def check_device(device):
+    """cpu, cuda, cuda:N or mps, and present on this machine."""
+    import torch
+    kind, _, index = device.partition(':')
+    if kind not in ('cpu', 'cuda', 'mps') or (index and not (kind == 'cuda' and index.isdigit())):
+        die(f"--device={device}: use cpu, cuda, cuda:N or mps")
+    if kind == 'cuda' and not torch.cuda.is_available():
+        die(f"--device={device}: this machine has no CUDA GPU (or PyTorch was built without "
+            "CUDA) — use --device=cpu")
+    if kind == 'cuda' and index and int(index) >= torch.cuda.device_count():
+        die(f"--device={device}: this machine has {torch.cuda.device_count()} GPU(s), "
+            "numbered from 0")
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        die(f"--device={device}: Apple's MPS is not available here — use --device=cpu")
+
+
 def coerce(key, value, default):
     """Return value converted to the type of default, or stop with a message."""
     want = type(default)

@@ -29,6 +29,7 @@ import re
 import sys
 import tarfile
 import time
+import zipfile
 
 import numpy as np
 
@@ -135,37 +136,46 @@ def dataset_name(ds):
 
 
 def read_txt(path):
-    text = open(path, encoding='utf-8').read()
+    raw = open(path, 'rb').read()
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = raw.count(b'\n', 0, e.start) + 1
+        die(f"{path}: line {line} is not UTF-8 text (byte {e.start}) — convert the file, e.g. "
+            "iconv -f GB18030 -t UTF-8")
     sep = r'\n?^<\|endoftext\|>$\n?' if re.search(r'^<\|endoftext\|>$', text, re.M) else r'\n\s*\n'
     return [d.strip() for d in re.split(sep, text, flags=re.M) if d.strip()]
 
 
 def read_jsonl(path, field='text'):
-    """Yields (line_number, value); lines that are not JSON or lack the field are
-    counted and reported, never silently dropped."""
+    """Yields (line_number, value); lines that are not UTF-8 JSON, lack the field or hold
+    no text in it are counted and reported, never silently dropped."""
     bad = []
-    with open(path, encoding='utf-8') as f:
+    with open(path, 'rb') as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode('utf-8'))
                 value = row[field] if field else row
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+                bad.append(n)
+                continue
+            if field and not isinstance(value, str):  # null is no document, not "None"
                 bad.append(n)
                 continue
             yield n, value
     if bad:
-        print(f"warning: {path}: skipped {len(bad)} line(s) that are not JSON or have no "
-              f"{field!r} field (first: line {bad[0]})", file=sys.stderr)
+        print(f"warning: {path}: skipped {len(bad)} line(s) that are not UTF-8 JSON or have "
+              f"no text in {field!r} (first: line {bad[0]})", file=sys.stderr)
 
 
 def iter_documents(ds):
     if ds == 'tinystories':
         files = sorted(glob.glob(os.path.join(data_dir, 'TinyStories_all_data', '*.json')))
         if not files:
-            die(f"no TinyStories in {data_dir}/TinyStories_all_data — run "
-                "`python preprocess.py download` (or use --dataset=synth offline)")
+            die(f"no TinyStories in {data_dir}/TinyStories_all_data — "
+                + recipe(ds, vocab_size, data_dir))
         for fn in files:
             for ex in json.load(open(fn)):
                 yield ex['story'].strip()
@@ -173,7 +183,7 @@ def iter_documents(ds):
     if ds == 'synth':
         ds = os.path.join(data_dir, 'synth', 'stories.txt')
         if not os.path.exists(ds):
-            die(f"{ds} not found — run `python preprocess.py synth` first")
+            die(f"{ds} not found — " + recipe('synth', vocab_size, data_dir))
     if os.path.isdir(ds):
         files = sorted(glob.glob(os.path.join(ds, '**', '*.txt'), recursive=True)
                        + glob.glob(os.path.join(ds, '**', '*.jsonl'), recursive=True))
@@ -185,13 +195,34 @@ def iter_documents(ds):
         die(f"dataset {ds!r} is neither tinystories, synth, nor an existing file or folder")
     for fn in files:
         if fn.endswith('.jsonl'):
-            yield from (str(t) for _, t in read_jsonl(fn) if str(t).strip())
+            yield from (t for _, t in read_jsonl(fn) if t.strip())
         else:
             yield from read_txt(fn)
 
 
 # -----------------------------------------------------------------------------
 # stages: synth, train_vocab, pretokenize
+
+def recipe(ds, vocab, data, kind='tok'):
+    """Every preprocess.py command still needed before train.py can read
+    {data}/{ds}/{kind}{vocab}, in one line, with the offline way where the corpus is missing."""
+    flags = f" --dataset={ds} --vocab_size={vocab}" + (f" --data_dir={data}" if data != 'data' else '')
+    steps = []
+    corpus = {'tinystories': os.path.join(data, 'TinyStories_all_data'),
+              'synth': os.path.join(data, 'synth', 'stories.txt')}.get(ds, ds)
+    if not os.path.exists(corpus):
+        steps.append({'tinystories': 'download', 'synth': 'synth'}.get(ds, '') or None)
+    if not os.path.exists(os.path.join(data, f'tok{vocab}.model')):
+        steps.append('train_vocab' + flags)
+    steps.append({'tok': 'pretokenize'}.get(kind, kind) + flags)
+    if None in steps:
+        return f"{ds} is neither tinystories, synth, nor an existing .txt/.jsonl file or folder"
+    how = "run: " + " && ".join(f"python preprocess.py {s}" for s in steps)
+    if ds == 'tinystories' and 'download' in steps:
+        how += (" (downloads 1.5 GB; offline, or to try everything in minutes, use --dataset=synth "
+                "with train.py too, after python preprocess.py synth)")
+    return how
+
 
 def tokenizer_path():
     return os.path.join(data_dir, f'tok{vocab_size}.model')
@@ -266,8 +297,7 @@ def batched(items, n):
 
 def pretokenize():
     if not os.path.exists(tokenizer_path()):
-        die(f"{tokenizer_path()} not found — run `python preprocess.py train_vocab "
-            f"--vocab_size={vocab_size} --dataset={dataset}` first")
+        die(f"{tokenizer_path()} not found — " + recipe(dataset, vocab_size, data_dir))
     tok = Tokenizer(tokenizer_path())
     dtype = np.uint16 if tok.n_words <= 1 << 16 else np.uint32
     out = shard_dir()
@@ -321,6 +351,12 @@ ROLES = {'system': 'system', 'user': 'user', 'human': 'user', 'assistant': 'assi
          'gpt': 'assistant', 'bot': 'assistant'}
 
 
+def text(value):
+    if not isinstance(value, str):  # null content is a broken row, not the word "None"
+        raise TypeError(f"content {value!r} is not text")
+    return value
+
+
 def to_messages(row):
     """Both common shapes: [{"role", "content"}] (or {"messages": [...]}) and ShareGPT's
     {"conversations": [{"from": "human"|"gpt", "value"}]}."""
@@ -328,7 +364,7 @@ def to_messages(row):
         row = [{'role': m['from'], 'content': m['value']} for m in row['conversations']]
     elif isinstance(row, dict):
         row = row['messages']
-    msgs = [{'role': ROLES[m['role']], 'content': str(m['content'])} for m in row]
+    msgs = [{'role': ROLES[m['role']], 'content': text(m['content'])} for m in row]
     if not any(m['role'] == 'assistant' for m in msgs):
         raise ValueError('no assistant message')
     return msgs
@@ -339,7 +375,7 @@ def to_preference(row):
     answer = lambda a: a if isinstance(a, str) else to_messages(a if isinstance(a, list) else [a])[-1]['content']
     prompt = row['prompt']
     prompt = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else [
-        {'role': ROLES[m['role']], 'content': str(m['content'])} for m in prompt]
+        {'role': ROLES[m['role']], 'content': text(m['content'])} for m in prompt]
     return prompt, answer(row['chosen']), answer(row['rejected'])
 
 
@@ -348,7 +384,7 @@ def read_rows(path, convert):
     for n, row in read_jsonl(path, field=None):
         try:
             rows.append(convert(row))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             print(f"warning: {path}:{n}: skipped, not a usable row ({e!r})", file=sys.stderr)
     if not rows:
         die(f"{path}: no usable rows")
@@ -390,6 +426,8 @@ def chat_data(kind):
 
 def chats(kind):
     """preprocess.py sft|dpo: write data/{name}/{kind}{N}/train.npz and val.npz"""
+    if not os.path.exists(tokenizer_path()):
+        die(f"{tokenizer_path()} not found — " + recipe(dataset, vocab_size, data_dir, kind))
     tok = Tokenizer(tokenizer_path())
     out = shard_dir(kind=kind)
     os.makedirs(out, exist_ok=True)
@@ -428,14 +466,31 @@ class Batches:
 
 
 def load_shards(folder, split):
-    meta_path = os.path.join(folder, 'meta.json')
-    if not os.path.exists(meta_path):
-        die(f"no pretokenized data in {folder} — run `python preprocess.py pretokenize` "
+    """The split's shards, memory-mapped, each checked: present, whole, and every id inside
+    the vocabulary (a corrupt shard would fail deep inside the model)."""
+    rebuild = "rebuild them with python preprocess.py pretokenize (the same --dataset and --vocab_size)"
+    try:
+        meta = json.load(open(os.path.join(folder, 'meta.json')))
+        dtype, vocab = np.dtype(meta['dtype']), int(meta['vocab_size'])
+    except FileNotFoundError:
+        die(f"no pretokenized data in {folder} — run python preprocess.py pretokenize "
             "with the same --dataset and --vocab_size")
-    meta = json.load(open(meta_path))
+    except (ValueError, KeyError, TypeError) as e:
+        die(f"{folder}/meta.json is damaged ({e!r:.60}) — {rebuild}")
     files = sorted(glob.glob(os.path.join(folder, 'train_*.bin'))) if split == 'train' \
         else [os.path.join(folder, 'val.bin')]
-    return [np.memmap(f, dtype=meta['dtype'], mode='r') for f in files], files
+    if not files or not all(os.path.isfile(f) for f in files):
+        die(f"{folder}: the {split} shards are missing — {rebuild}")
+    shards = []
+    for f in files:
+        size = os.path.getsize(f)
+        if size == 0 or size % dtype.itemsize:
+            die(f"{f} is {size} bytes, not a whole number of {dtype.name} ids — {rebuild}")
+        shard = np.memmap(f, dtype=dtype, mode='r')
+        if shard.max() >= vocab:
+            die(f"{f} holds the id {shard.max()}, outside its {vocab}-token vocabulary — {rebuild}")
+        shards.append(shard)
+    return shards, files
 
 
 class PretokWindows(Batches):
@@ -459,10 +514,13 @@ class PretokWindows(Batches):
 
 def load_sequences(path):
     if not os.path.exists(path):
-        die(f"{path} not found — run `python preprocess.py sft` (or dpo) with the same "
+        die(f"{path} not found — run python preprocess.py sft (or dpo) with the same "
             "--dataset and --vocab_size")
-    with np.load(path) as d:  # (each d[key] would read the array from the file again)
-        tokens, mask, o = d['tokens'], d['mask'], d['offsets']
+    try:
+        with np.load(path) as d:  # (each d[key] would read the array from the file again)
+            tokens, mask, o = d['tokens'], d['mask'], d['offsets']
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        die(f"{path} is damaged ({e!r:.60}) — rebuild it with python preprocess.py sft (or dpo)")
     return [(tokens[a:b], mask[a:b]) for a, b in zip(o[:-1], o[1:])]
 
 

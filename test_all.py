@@ -527,6 +527,189 @@ def test_bad_checkpoints_are_refused(work, tmp_path):
     assert not (tmp_path / 'm.bin').exists()
 
 
+CASE_RUNNER = r"""
+import contextlib, gc, io, json, os, runpy, sys, traceback
+results = []
+sys.path.insert(0, os.path.dirname(json.loads(sys.argv[1])[0][0]))
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        sys.argv = argv
+        try:
+            runpy.run_path(argv[0], run_name='__main__')
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            code = 'traceback'
+            traceback.print_exc()
+    gc.collect()  # the script's globals (train.py's lock on out_dir) go with it
+    results.append((code, err.getvalue()))
+print(json.dumps(results))
+"""
+
+
+def refused(script, cases, cwd):
+    """Run script once per case in one Python process (torch is imported once, so dozens
+    of cases take seconds) and check each answer: exit status 1 and exactly one line,
+    'error: ...'. cases: {name: [args]}; returns {name: that line}."""
+    argvs = [[os.path.join(ROOT, script), *args] for args in cases.values()]
+    r = subprocess.run([sys.executable, '-c', CASE_RUNNER, json.dumps(argvs)], cwd=cwd,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    answers = {}
+    for name, (code, err) in zip(cases, json.loads(r.stdout.splitlines()[-1])):
+        lines = err.splitlines()
+        assert code == 1 and len(lines) == 1 and lines[0].startswith('error: '), (name, code, err[-2000:])
+        answers[name] = lines[0]
+    return answers
+
+
+@pytest.fixture(scope='session')
+def bad_checkpoints(work, tmp_path_factory):
+    """Checkpoints that load as data but do not fit: {name: path}. Each is a tiny model's
+    checkpoint with the VOCAB tokenizer and one thing wrong."""
+    import zipfile
+    d = tmp_path_factory.mktemp('bad_ckpts')
+    tok = open(os.path.join(work, 'data', f'tok{VOCAB}.model'), 'rb').read()
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64))
+    opt = torch.optim.AdamW(m.parameters())
+    good = dict(model=m.state_dict(), model_args=asdict(m.params), tokenizer=tok, optimizer=opt.state_dict(),
+                iter_num=2, best_val_loss=9.0, task='pretrain')
+
+    def variant(**change):
+        c = {k: (dict(v) if isinstance(v, dict) else v) for k, v in good.items()}
+        for k, v in change.items():
+            if '.' in k:
+                part, key = k.split('.', 1)
+                if v is None:
+                    del c[part][key]
+                else:
+                    c[part][key] = v
+            else:
+                c[k] = v
+        return c
+    wq = 'layers.0.attention.wq.weight'
+    other = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=VOCAB, max_seq_len=64))
+    ckpts = {
+        'not_ours': {'weights': 1}, 'args_str': variant(**{'model_args.dim': '32'}),
+        'heads': variant(**{'model_args.n_heads': 3}), 'zero_heads': variant(**{'model_args.n_heads': 0}),
+        'huge_seq': variant(**{'model_args.max_seq_len': 10**9}),
+        'wrong_shape': variant(**{'model.' + wq: torch.randn(16, 32)}),
+        'missing_key': variant(**{'model.norm.weight': None}),
+        'not_tensor': variant(**{'model.norm.weight': 'x'}),
+        'extra_key': variant(**{'model.layers.9.attention.wq.weight': torch.randn(32, 32)}),
+        'nan': variant(**{'model.' + wq: torch.full((32, 32), float('nan'))}),
+        'inf': variant(**{'model.norm.weight': torch.full((32,), float('inf'))}),
+        'zero_stride': variant(**{'model.norm.weight': torch.ones(1).expand(32)}),
+        'tok_garbage': variant(tokenizer=b'not a sentencepiece model'),
+        'tok_other_vocab': variant(tokenizer=open(os.path.join(work, 'data', 'tok2048.model'), 'rb').read()),
+        'no_optimizer': variant(optimizer=None, iter_num=None),
+        'other_optimizer': variant(optimizer=torch.optim.AdamW(other.parameters()).state_dict()),
+    }
+    paths = {}
+    for name, c in ckpts.items():
+        paths[name] = str(d / f'{name}.pt')
+        torch.save({k: v for k, v in c.items() if v is not None}, paths[name])
+    data = open(paths['heads'], 'rb').read()
+    for name, blob in (('truncated', data[:len(data) // 2]), ('empty', b''), ('garbage', os.urandom(4096))):
+        paths[name] = str(d / f'{name}.pt')
+        open(paths[name], 'wb').write(blob)
+    # a storage that holds 8 bytes where the pickle declares the whole tensor
+    paths['short_storage'] = str(d / 'short_storage.pt')
+    torch.save(good, str(d / 'good.pt'))
+    with zipfile.ZipFile(str(d / 'good.pt')) as src, \
+            zipfile.ZipFile(paths['short_storage'], 'w', zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            blob = src.read(info)
+            dst.writestr(info, blob[:8] if info.filename.endswith('/data/0') else blob)
+    paths['missing'] = str(d / 'missing.pt')
+    return paths
+
+
+def test_train_refuses_bad_input(work, bad_checkpoints, tmp_path):
+    """Bad settings, data and checkpoints: exit 1 with one line each, and the previous run's
+    checkpoint and log in --out_dir are byte-identical afterwards."""
+    out = os.path.join(work, 'out_guard')
+    if not os.path.exists(os.path.join(out, 'ckpt.pt')):
+        train(work, out, '--max_iters=2', '--eval_interval=2', '--eval_iters=1')
+    before = {f: open(os.path.join(out, f), 'rb').read() for f in ('ckpt.pt', 'log.csv')}
+    # a damaged copy of the prepared data
+    data = tmp_path / 'data'
+    shutil.copytree(os.path.join(work, 'data'), data,
+                    ignore=lambda p, names: [n for n in names if n.startswith(('TinyStories', 'sft', 'dpo'))])
+
+    def damaged(name, change):
+        d = tmp_path / name
+        shutil.copytree(data, d)
+        change(d / 'synth' / f'tok{VOCAB}')
+        return f'--data_dir={d}'
+    config = tmp_path / 'bad_config.py'
+    config.write_text('batch_size = = 3\n')
+    base = ['--dataset=synth', f'--vocab_size={VOCAB}', *TINY, *CPU, f'--out_dir={out}', '--max_iters=1',
+            '--eval_iters=1', '--batch_size=2']
+    cases = {k: base + v for k, v in {
+        'batch_size': ['--batch_size=0'], 'eval_interval': ['--eval_interval=0'], 'eval_iters': ['--eval_iters=0'],
+        'log_interval': ['--log_interval=0'], 'max_seq_len': ['--max_seq_len=0'], 'max_seq_len<0': ['--max_seq_len=-3'],
+        'dtype': ['--dtype=float8'], 'device': ['--device=gpu'], 'cuda': ['--device=cuda'],
+        'float16_cpu': ['--dtype=float16'], 'lr': ['--learning_rate=-1'], 'dropout': ['--dropout=1.5'],
+        'accumulation': ['--gradient_accumulation_steps=0'], 'max_iters': ['--max_iters=-1'],
+        'n_layers': ['--n_layers=0'], 'heads': ['--n_heads=5'], 'vocab': ['--vocab_size=70000'],
+        'task': ['--task=rm'], 'sft_scratch': ['--task=sft'], 'typo': ['--batch_sise=8'],
+        'type': ['--batch_size=abc'], 'config_syntax': [str(config)], 'config_missing': ['nope.py'],
+        'no_data': ['--dataset=nothing_here'], 'no_tinystories': ['--dataset=tinystories'],
+        'shards_deleted': [damaged('deleted', lambda s: os.remove(s / 'train_000.bin'))],
+        'shard_empty': [damaged('empty', lambda s: open(s / 'train_000.bin', 'wb').close())],
+        'shard_odd': [damaged('odd', lambda s: open(s / 'val.bin', 'ab').write(b'x'))],
+        'shard_ids': [damaged('ids', lambda s: np.full(100, 60000, np.uint16).tofile(s / 'val.bin'))],
+        'meta': [damaged('meta', lambda s: open(s / 'meta.json', 'w').write('{'))],
+        **{f'ckpt_{name}': [f'--init_from={path}'] for name, path in bad_checkpoints.items()
+           if name not in ('no_optimizer', 'other_optimizer')},
+    }.items()}
+    # resuming: a checkpoint that cannot be resumed, in an out_dir of its own
+    for name in ('no_optimizer', 'other_optimizer', 'nan', 'truncated'):
+        d = tmp_path / f'resume_{name}'
+        d.mkdir()
+        shutil.copy(bad_checkpoints[name], d / 'ckpt.pt')
+        cases[f'resume_{name}'] = base + ['--init_from=resume', f'--out_dir={d}', '--max_seq_len=64']
+    answers = refused('train.py', cases, work)
+    assert {f: open(os.path.join(out, f), 'rb').read() for f in ('ckpt.pt', 'log.csv')} == before
+    assert 'run: python preprocess.py' in answers['no_data'] or 'neither' in answers['no_data']
+    assert all(s in answers['no_tinystories'] for s in ('download', 'pretokenize', 'synth'))
+    assert 'pretokenize' in answers['shards_deleted'] and 'no CUDA' in answers['cuda']
+    assert 'NaN' in answers['ckpt_nan'] and 'NaN' in answers['resume_nan']
+    assert 'optimizer' in answers['resume_no_optimizer'] and 'optimizer' in answers['resume_other_optimizer']
+    print(f"{len(answers)} bad inputs to train.py, one line each:")
+    print('\n'.join(f"  {k}: {v}" for k, v in answers.items()))
+
+
+def test_two_runs_on_one_out_dir(work):
+    """A second train.py on an out_dir in use stops at once, naming the process that holds
+    it; the first run's checkpoint and log are its own; once it ends, the lock is free."""
+    out = os.path.join(work, 'out_twice')
+    args = [sys.executable, os.path.join(ROOT, 'train.py'), '--dataset=synth', f'--vocab_size={VOCAB}',
+            *TINY, *CPU, '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_interval=10',
+            '--eval_iters=1', '--log_interval=1', f'--out_dir={out}']
+    first = subprocess.Popen(args + ['--max_iters=30'], cwd=work, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    while not first.stdout.readline().startswith('iter 0'):
+        assert first.poll() is None, first.stderr.read()
+    second = subprocess.run(args + ['--max_iters=5'], cwd=work, capture_output=True, text=True)
+    rest, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert second.returncode == 1 and second.stderr.count('\n') == 1, second.stderr
+    assert f'in use by another training run (process {first.pid})' in second.stderr
+    steps = [int(r['iter']) for r in read_log(os.path.join(out, 'log.csv')) if not r['val_loss']]
+    assert steps == list(range(30))
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['iter_num'] == 30
+    again = subprocess.run(args + ['--max_iters=31', '--init_from=resume'], cwd=work, capture_output=True,
+                           text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
 def test_sigkill_during_saves_never_corrupts(work):
     """Kill train.py with SIGKILL while it writes checkpoints (every iteration), many
     times; each time the checkpoint on disk loads, and resuming continues from it."""

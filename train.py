@@ -17,6 +17,7 @@ an argument too (nanoGPT style). Ctrl-C saves a checkpoint and stops.
 
 import copy
 import csv
+import fcntl
 import math
 import os
 import signal
@@ -28,10 +29,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import write_atomic
-from configurator import configure, die
-from model import ModelArgs, Transformer, load_checkpoint
-from preprocess import ChatRows, PreferencePairs, PretokWindows, dataset_name
+from checkpoint import load_model, write_atomic
+from configurator import check, check_device, configure, die
+from model import ModelArgs, Transformer
+from preprocess import ChatRows, PreferencePairs, PretokWindows, dataset_name, recipe
 from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT
 
 # -----------------------------------------------------------------------------
@@ -85,8 +86,28 @@ peak_flops = 0.0         # for MFU; 0 = look up the GPU (bf16 dense), unknown ->
 # -----------------------------------------------------------------------------
 config, _ = configure(globals())
 
-if task not in ('pretrain', 'sft', 'dpo'):
-    die(f"--task={task}: use pretrain, sft or dpo")
+at_least_1, at_least_0 = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, "0 or more")
+fraction = (lambda v: 0 <= v < 1, "at least 0 and below 1")
+rate = (lambda v: math.isfinite(v) and v >= 0, "a number, 0 or more")
+check(globals(), {
+    'task': (lambda v: v in ('pretrain', 'sft', 'dpo'), "pretrain, sft or dpo"),
+    'batch_size': at_least_1, 'max_seq_len': at_least_1, 'gradient_accumulation_steps': at_least_1,
+    'eval_interval': at_least_1, 'eval_iters': at_least_1, 'log_interval': at_least_1,
+    'max_iters': at_least_0, 'warmup_iters': at_least_0, 'lr_decay_iters': at_least_0,
+    'num_workers': at_least_0, 'seed': at_least_0,
+    'dim': at_least_1, 'n_layers': at_least_1, 'n_heads': at_least_1,
+    'n_kv_heads': (lambda v: v >= 0, "0 (= n_heads) or more"), 'multiple_of': at_least_1,
+    'vocab_size': (lambda v: 1 <= v <= 1 << 16, "between 1 and 65536 (shards hold uint16 ids)"),
+    'dropout': fraction, 'beta1': fraction, 'beta2': fraction,
+    'learning_rate': rate, 'min_lr': rate, 'weight_decay': rate, 'grad_clip': rate,
+    'beta': (lambda v: math.isfinite(v) and v > 0, "above 0"), 'peak_flops': rate,
+    'dtype': (lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'),
+              "auto, float32, bfloat16 or float16"),
+})
+check_device(device)
+if dtype == 'float16' and not device.startswith('cuda'):
+    die(f"--dtype=float16 needs a CUDA GPU (its loss scaling is CUDA's) — on {device} use "
+        "float32 or bfloat16")
 if task != 'pretrain' and init_from == 'scratch':
     die(f"--task={task} fine-tunes a model: give --init_from=path/to/ckpt.pt (or resume)")
 lr_decay_iters = lr_decay_iters or max_iters
@@ -109,6 +130,29 @@ if ddp:
 else:
     rank, world_size = 0, 1
 master = rank == 0  # only rank 0 writes files and logs
+
+
+def lock_out_dir():
+    """One run per out_dir: rank 0 holds an flock on out_dir/lock, which the kernel drops
+    when the process ends, however it ends, so a lock is never stale."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, 'lock'), 'a+')
+    except OSError as e:
+        die(f"cannot write to --out_dir={out_dir}: {e.strerror}")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        die(f"--out_dir={out_dir} is in use by another training run (process "
+            f"{f.read().strip() or '?'}) — wait for it, stop it, or choose another --out_dir")
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f  # kept open: closing it would release the lock
+
+
+out_dir_lock = lock_out_dir() if master else None
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * max_seq_len
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -125,8 +169,7 @@ kind = {'pretrain': 'tok', 'sft': 'sft', 'dpo': 'dpo'}[task]
 data_folder = os.path.join(data_dir, dataset_name(dataset), f'{kind}{vocab_size}')
 tok_path = os.path.join(data_folder, 'tokenizer.model')
 if not os.path.exists(tok_path):
-    die(f"no prepared data in {data_folder} — run `python preprocess.py "
-        f"{ {'tok': 'pretokenize'}.get(kind, kind)} --dataset={dataset} --vocab_size={vocab_size}`")
+    die(f"no prepared data in {data_folder} — " + recipe(dataset, vocab_size, data_dir, kind))
 tokenizer_bytes = open(tok_path, 'rb').read()
 
 
@@ -139,6 +182,9 @@ def make_batches(split):
         return PretokWindows(data_folder, split, *args)
     cls = ChatRows if task == 'sft' else PreferencePairs
     return cls(os.path.join(data_folder, f'{split}.npz'), *args)
+
+
+splits = {split: make_batches(split) for split in ('train', 'val')}
 
 
 class BatchStream(torch.utils.data.IterableDataset):
@@ -179,7 +225,7 @@ if init_from == 'scratch':
         die(f"model shape: {e}")
 else:
     path = ckpt_path if init_from == 'resume' else init_from
-    model, ckpt = load_checkpoint(path)
+    model, ckpt = load_model(path)
     model_args = dict(ckpt['model_args'], dropout=dropout)
     model.params.dropout = dropout
     if ckpt.get('tokenizer') != tokenizer_bytes:
@@ -188,10 +234,18 @@ else:
     if model_args['max_seq_len'] < max_seq_len:
         die(f"--max_seq_len={max_seq_len} exceeds the checkpoint's {model_args['max_seq_len']}")
     if init_from == 'resume':
-        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+        if type(ckpt.get('iter_num')) is not int or not isinstance(ckpt.get('optimizer'), dict):
+            die(f"{path} holds no optimizer state or iteration — it cannot be resumed; "
+                f"fine-tune from it instead: --init_from={path}")
+        if ckpt.get('task', 'pretrain') != task:
+            die(f"{path} is a {ckpt.get('task', 'pretrain')} run; resume it with "
+                f"--task={ckpt.get('task', 'pretrain')}")
+        iter_num, best_val_loss = ckpt['iter_num'], float(ckpt.get('best_val_loss', 1e9))
     if task == 'dpo':  # the reference is the model DPO started from, frozen
         ref_model = copy.deepcopy(model)
         if init_from == 'resume':
+            if not isinstance(ckpt.get('ref_model'), dict):
+                die(f"{path} holds no DPO reference model — resume it with its own --task")
             ref_model.load_state_dict(ckpt['ref_model'])
         ref_model.to(device).eval().requires_grad_(False)
 model.to(device)
@@ -201,9 +255,13 @@ if model_args['vocab_size'] != vocab_size:
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if 'scaler' in ckpt:
-        scaler.load_state_dict(ckpt['scaler'])
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if 'scaler' in ckpt:
+            scaler.load_state_dict(ckpt['scaler'])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        die(f"{ckpt_path}: its optimizer state does not fit the model ({str(e)[:80]}) — "
+            f"fine-tune from it instead: --init_from={ckpt_path}")
 ckpt = None  # free the memory
 
 raw_model = model  # the plain module: its state_dict has clean names
@@ -254,7 +312,7 @@ def evaluate():
     out = {}
     if task == 'dpo':
         stats = [[] for _ in range(4)]
-        for x, y in make_batches('val').in_order():
+        for x, y in splits['val'].in_order():
             with autocast:
                 loss, margin, logp_margin = dpo_loss(eval_model, *to_device(x, y))
             for s, v in zip(stats, (loss.expand(len(margin)), margin, logp_margin, logp_margin > 0)):
@@ -263,7 +321,7 @@ def evaluate():
         out = dict(val=loss, reward_margin=margin, logp_margin=logp_margin, pref_acc=acc)
     else:
         for split in ('train', 'val'):
-            ds, losses = make_batches(split), []
+            ds, losses = splits[split], []
             for k in range(eval_iters):
                 x, y = to_device(*ds.batch(ds.rng(EVAL_BATCHES + k)))
                 with autocast:
@@ -299,7 +357,21 @@ def save_checkpoint():
         reason = getattr(e, 'strerror', None) or str(e).strip().splitlines()[0][:120]
         die(f"cannot write {ckpt_path}: {reason} — free some space or choose another "
             "--out_dir; the previous checkpoint is intact")
+    global saved_at
+    saved_at = iter_num
     print(f"saved {ckpt_path} at iteration {iter_num}")
+
+
+saved_at = None  # the iteration this run last saved
+
+
+def kept():
+    """What a run that diverged leaves behind, for its last words."""
+    if saved_at is not None:
+        return f"{ckpt_path} holds iteration {saved_at}, from before"
+    if init_from != 'scratch':
+        return f"{ckpt_path if init_from == 'resume' else init_from} is unchanged"
+    return "no checkpoint was written"
 
 
 def peak():
@@ -318,17 +390,25 @@ def peak():
 # the training loop
 
 log_path = os.path.join(out_dir, 'log.csv')
-if master:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
+log_extra = ['pref_acc', 'logp_margin', 'reward_margin'] if task == 'dpo' else []
+log_file = None
+
+
+def log_row(row):
+    """One row of out_dir/log.csv. The file is opened at the first row, once the run has
+    really started, so a fresh run that fails before it leaves the previous log alone."""
+    global log_file, log_csv
+    if log_file is None:
         fresh = init_from != 'resume' or not os.path.exists(log_path)
         log_file = open(log_path, 'w' if fresh else 'a', newline='')
-    except OSError as e:
-        die(f"cannot write to --out_dir={out_dir}: {e.strerror}")
-    log_csv = csv.writer(log_file)
-    extra = ['pref_acc', 'logp_margin', 'reward_margin'] if task == 'dpo' else []
-    if fresh:
-        log_csv.writerow(['iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec'] + extra)
+        log_csv = csv.writer(log_file)
+        if fresh:
+            log_csv.writerow(['iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec'] + log_extra)
+    log_csv.writerow(row)
+    log_file.flush()
+
+
+if master:
     print(f"{task} on {data_folder}: {tokens_per_iter:,} tokens per iteration = "
           f"{gradient_accumulation_steps} accumulation steps x {world_size} processes x "
           f"{batch_size} x {max_seq_len}; {sum(p.numel() for p in raw_model.parameters()):,} "
@@ -348,7 +428,7 @@ def on_sigint(signum, frame):
 
 signal.signal(signal.SIGINT, on_sigint)
 batches = iter(torch.utils.data.DataLoader(
-    BatchStream(make_batches('train'), start=iter_num * gradient_accumulation_steps),
+    BatchStream(splits['train'], start=iter_num * gradient_accumulation_steps),
     batch_size=None, num_workers=num_workers))
 X, Y = to_device(*next(batches))
 t0, local_iter, running_mfu = time.time(), 0, -1.0
@@ -362,14 +442,13 @@ while True:
         losses = evaluate()
         print(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
         train_loss = f"{losses['train']:.6f}" if 'train' in losses else ''
-        log_csv.writerow([iter_num, train_loss, f"{losses['val']:.6f}", f"{lr:.3e}", '']
-                         + [f"{losses[k]:.6f}" for k in extra])
-        log_file.flush()
+        log_row([iter_num, train_loss, f"{losses['val']:.6f}", f"{lr:.3e}", '']
+                + [f"{losses[k]:.6f}" for k in log_extra])
         if wandb_log:
             wandb.log({'iter': iter_num, **{f'eval/{k}': v for k, v in losses.items()}}, step=iter_num)
         if not all(math.isfinite(v) for v in losses.values()):
-            die(f"evaluation loss is not finite at iteration {iter_num} — the checkpoint "
-                "from before is kept; lower --learning_rate")
+            die(f"evaluation loss is not finite at iteration {iter_num} — stopped; "
+                f"{kept()}; lower --learning_rate")
         if iter_num > 0 and (losses['val'] < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, losses['val'])
             save_checkpoint()
@@ -388,8 +467,8 @@ while True:
         loss_sum += loss.detach()
     lossf = loss_sum.item()
     if not math.isfinite(lossf):
-        die(f"loss is {lossf} at iteration {iter_num} — stopped before the next checkpoint, "
-            f"so {ckpt_path} still holds the last good model; lower --learning_rate")
+        die(f"loss is {lossf} at iteration {iter_num} — stopped before the next checkpoint; "
+            f"{kept()}; lower --learning_rate")
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -408,7 +487,7 @@ while True:
             mfu_txt = f" | mfu {running_mfu * 100:.1f}%"
         print(f"iter {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | "
               f"{tok_s:,.0f} tok/s{mfu_txt}", flush=True)
-        log_csv.writerow([iter_num, f"{lossf:.6f}", '', f"{lr:.3e}", f"{tok_s:.0f}"] + [''] * len(extra))
+        log_row([iter_num, f"{lossf:.6f}", '', f"{lr:.3e}", f"{tok_s:.0f}"] + [''] * len(log_extra))
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': lossf, 'lr': lr, 'tok_s': tok_s}, step=iter_num)
     iter_num += 1
@@ -424,7 +503,7 @@ while True:
             save_checkpoint()
         break
 
-if master:
+if log_file is not None:
     log_file.close()
 if ddp:
     dist.destroy_process_group()
