@@ -3,8 +3,11 @@ A Llama 2 decoder, as in llama2.c: RMSNorm, rotary position embeddings (RoPE),
 grouped-query attention, a SwiGLU feed-forward, tied input/output embeddings, and a
 key/value cache so generation costs one token's work per step.
 
-The parameter names are llama2.c's (tok_embeddings, layers.N.attention.wq, ...), so its
-tools and ours read the same checkpoints. This file imports nothing of ours.
+The model reads first as the reference (what training runs); generation's fast path, the
+KV cache with its own layout of the weights and decode(), is apart in the last sections
+and computes the same. The parameter names are llama2.c's (tok_embeddings,
+layers.N.attention.wq, ...), so its tools and ours read the same checkpoints. This file
+imports nothing of ours.
 """
 
 import math
@@ -71,22 +74,6 @@ def apply_rotary_emb(x, cos2, sin2):
     return (xf * cos2[:, None] + swapped * sin2[:, None]).type_as(x)
 
 
-def column_blocks(w, n):
-    """(in, out) -> (n', in, out/n'), n' the largest divisor of out up to n: consecutive
-    blocks of columns, for matmul_blocks"""
-    n = max(d for d in range(1, n + 1) if w.size(1) % d == 0)
-    return w.unflatten(1, (n, -1)).transpose(0, 1).contiguous()
-
-
-def matmul_blocks(x, w):
-    """x (B, T, in) times column_blocks' (n, in, out/n) -> (B, T, out). One bmm multiplies
-    the n blocks on n threads at once, where CPU BLAS gives one row times a wide matrix
-    to about one thread."""
-    B, T, _ = x.shape
-    y = torch.bmm(x.reshape(1, B * T, -1).expand(w.size(0), -1, -1), w)  # (n, B*T, out/n)
-    return y.transpose(0, 1).reshape(B, T, -1)
-
-
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -98,37 +85,26 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.resid_dropout = nn.Dropout(args.dropout)
         self.dropout = args.dropout
-        self.wqkv_t = self.wo_t = None  # generation only: see Transformer.init_cache
 
-    def forward(self, x, freqs_cos, freqs_sin, cache=None, start_pos=0):
+    def forward(self, x, freqs_cos, freqs_sin):
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.wqkv_t is not None:  # generation: q, k, v in one matmul, q and k rotated at once
-            qk, v = matmul_blocks(x, self.wqkv_t).split([(H + KV) * D, KV * D], dim=-1)
-            q, k = apply_rotary_emb(qk.view(B, T, H + KV, D), freqs_cos, freqs_sin).split([H, KV], 2)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-            q = apply_rotary_emb(q.view(B, T, H, D), freqs_cos, freqs_sin)
-            k = apply_rotary_emb(k.view(B, T, KV, D), freqs_cos, freqs_sin)
-        v = v.view(B, T, KV, D)
-        if cache is not None:  # write this step's keys/values, attend over all so far
-            cache_k, cache_v = cache  # (B, max_len, n_kv_heads, head_dim)
-            cache_k[:B, start_pos:start_pos + T] = k
-            cache_v[:B, start_pos:start_pos + T] = v
-            k, v = cache_k[:B, :start_pos + T], cache_v[:B, :start_pos + T]
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T or S, head_dim)
-        S = k.size(2)
-        mask = None
-        if T > 1 and S > T:  # a new block after cached tokens: causal, shifted by S - T
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-        # flash attention on CUDA; enable_gqa lets n_heads/n_kv_heads query heads share a
-        # key/value head without materialising repeated copies
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=(T > 1 and S == T),
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=H != KV)
-        y = y.transpose(1, 2).contiguous().view(B, T, -1)
-        return self.resid_dropout(self.wo(y) if self.wo_t is None else matmul_blocks(y, self.wo_t))
+        # QKV: each position's query, key and value vector in every head
+        q = self.wq(x).view(B, T, H, D)   # (B, T, n_heads, head_dim)
+        k = self.wk(x).view(B, T, KV, D)  # (B, T, n_kv_heads, head_dim)
+        v = self.wv(x).view(B, T, KV, D)  # (B, T, n_kv_heads, head_dim)
+        # RoPE: rotate queries and keys by their positions, so that q.k depends on their distance
+        q = apply_rotary_emb(q, freqs_cos, freqs_sin)
+        k = apply_rotary_emb(k, freqs_cos, freqs_sin)
+        # heads as batch: (B, n_heads, T, head_dim), and k, v (B, n_kv_heads, T, head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # causal self-attention, flash attention on CUDA; enable_gqa lets n_heads/n_kv_heads
+        # query heads share a key/value head without materialising repeated copies
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        # concat the heads: (B, n_heads, T, head_dim) -> (B, T, n_heads * head_dim)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)
+        return self.resid_dropout(self.wo(y))  # (B, T, dim)
 
 
 class FeedForward(nn.Module):
@@ -138,15 +114,9 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.dropout = nn.Dropout(args.dropout)
-        self.w13_t = self.w2_t = None  # generation only: see Transformer.init_cache
 
     def forward(self, x):  # SwiGLU: a gate (silu(w1 x)) times a value (w3 x)
-        if self.w13_t is not None:  # generation: both in one matmul
-            gate, value = matmul_blocks(x, self.w13_t).chunk(2, dim=-1)
-        else:
-            gate, value = self.w1(x), self.w3(x)
-        h = F.silu(gate) * value
-        return self.dropout(self.w2(h) if self.w2_t is None else matmul_blocks(h, self.w2_t))
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -157,8 +127,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, freqs_cos, freqs_sin, cache=None, start_pos=0):
-        h = x + self.attention(self.attention_norm(x), freqs_cos, freqs_sin, cache, start_pos)
+    def forward(self, x, freqs_cos, freqs_sin):
+        h = x + self.attention(self.attention_norm(x), freqs_cos, freqs_sin)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -180,7 +150,6 @@ class Transformer(nn.Module):
         cos, sin = precompute_freqs(params.dim // params.n_heads, params.max_seq_len)
         self.register_buffer("freqs_cos", cos.repeat_interleave(2, -1), persistent=False)
         self.register_buffer("freqs_sin", torch.stack([-sin, sin], -1).flatten(1), persistent=False)
-        self.cache, self.output_t = None, None  # generation only: see init_cache
         self.apply(self._init_weights)
         # the two projections that write into the residual stream get a smaller init, so
         # the stream's variance does not grow with depth (GPT-2's scaled init)
@@ -192,65 +161,28 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, targets=None, start_pos=None):
+    def forward(self, tokens, targets=None, cache=None):
         """tokens (B, T). With targets (B, T): all logits and the mean cross-entropy over
         targets that are not -1. Without: logits of the last position only, (B, 1, V).
-        With start_pos (after init_cache): tokens sit at positions start_pos.. and the
-        keys/values of earlier positions come from the cache."""
-        B, T = tokens.shape
-        pos = start_pos or 0
-        if pos + T > self.params.max_seq_len:
-            raise ValueError(f"positions {pos}..{pos + T - 1} exceed max_seq_len "
-                             f"{self.params.max_seq_len}")
+        With a cache (a KVCache, for generation): the tokens continue the sequence the
+        cache holds, through decode() in the last section, which computes the same."""
+        if cache is not None:
+            return decode(self, tokens, cache), None
+        T = tokens.size(1)
+        if T > self.params.max_seq_len:
+            raise ValueError(f"{T} positions exceed max_seq_len {self.params.max_seq_len}")
         h = self.dropout(self.tok_embeddings(tokens))
-        cos, sin = self.freqs_cos[pos:pos + T], self.freqs_sin[pos:pos + T]
-        for i, layer in enumerate(self.layers):
-            cache = self.cache[i] if start_pos is not None else None
-            h = layer(h, cos, sin, cache, pos)
+        for layer in self.layers:
+            h = layer(h, self.freqs_cos[:T], self.freqs_sin[:T])
         h = self.norm(h)
         if targets is None:
-            h = h[:, -1:, :]  # a view: [-1] as a list would copy
-            return (matmul_blocks(h, self.output_t) if self.output_t is not None else self.output(h)), None
+            return self.output(h[:, -1:, :]), None  # a view: [-1] as a list would copy
         logits = self.output(h)
         # a mean over the counted targets; clamp so a row with nothing to learn gives 0
         n = (targets != -1).sum().clamp(min=1)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                ignore_index=-1, reduction='sum') / n
         return logits, loss
-
-    def init_cache(self, batch_size, max_len=None):
-        """Prepare for generation: one (keys, values) buffer pair per layer, (B, max_len,
-        n_kv_heads, head_dim), and the weights decoding multiplies by, fused, transposed and
-        cut into one block of columns per thread. free_cache() undoes it.
-
-        Decoding one token is a row times each matrix, and CPU BLAS reads a cold (in, out)
-        matrix fast only when it is wide: one 288x864 q|k|v product takes 86 us where three
-        288x288 ones take 147, 288x1536 w1|w3 121 us against 2 x 83, the 288x32000
-        classifier 2.1 ms against 5.5 ms for the (out, in) layout (one core of this
-        project's CI machine, weights in DRAM). It also gives such a product about one
-        thread; a bmm over column blocks gives each thread its own: all of the 15M shape's
-        matrices, once per token, 2 threads, 4.9 ms as plain products, 3.7 ms in blocks."""
-        p = self.params
-        max_len = min(max_len or p.max_seq_len, p.max_seq_len)
-        w = self.output.weight
-        shape = (batch_size, max_len, p.n_kv_heads, p.dim // p.n_heads)
-        self.cache = [(torch.zeros(shape, dtype=w.dtype, device=w.device),
-                       torch.zeros(shape, dtype=w.dtype, device=w.device)) for _ in self.layers]
-        threads = torch.get_num_threads() if w.device.type == 'cpu' else 1
-
-        def fused(*ms):  # the matrices side by side as (in, out), in column blocks
-            return column_blocks(torch.cat([m.weight.detach().t() for m in ms], dim=1), threads)
-        for layer in self.layers:
-            a, f = layer.attention, layer.feed_forward
-            a.wqkv_t, f.w13_t = fused(a.wq, a.wk, a.wv), fused(f.w1, f.w3)
-            a.wo_t, f.w2_t = fused(a.wo), fused(f.w2)
-        self.output_t = fused(self.output)
-
-    def free_cache(self):
-        self.cache, self.output_t = None, None
-        for layer in self.layers:
-            layer.attention.wqkv_t = layer.feed_forward.w13_t = None
-            layer.attention.wo_t = layer.feed_forward.w2_t = None
 
     # -------------------------------------------------------------------------
     # training helpers
@@ -285,9 +217,9 @@ class Transformer(nn.Module):
         stops = {stop_id} if isinstance(stop_id, int) else set(stop_id or ())
         # the last new token is never run through the model, so it may sit at max_seq_len
         max_new_tokens = min(max_new_tokens, self.params.max_seq_len - T + 1)
-        self.init_cache(B, T + max_new_tokens - 1)
+        cache = KVCache(self, B, T + max_new_tokens - 1)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        logits, _ = self(idx, start_pos=0)
+        logits, _ = self(idx, cache=cache)
         for step in range(max_new_tokens):
             nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             if stops:
@@ -297,8 +229,7 @@ class Transformer(nn.Module):
             idx = torch.cat([idx, nxt[:, None]], dim=1)
             if stops and bool(done.all()) or step == max_new_tokens - 1:
                 break
-            logits, _ = self(nxt[:, None], start_pos=T + step)
-        self.free_cache()
+            logits, _ = self(nxt[:, None], cache=cache)
         return idx
 
 
@@ -323,6 +254,88 @@ def sample_next(logits, temperature, top_k=0, top_p=0.0, generator=None):
     coin = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
     pick = torch.searchsorted(cdf, coin).clamp(max=cdf.size(-1) - 1)  # (B, 1)
     return (pick if ids is None else ids.gather(-1, pick))[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# fast decoding: the KV cache and the weights generation multiplies by
+
+class KVCache:
+    """What generation keeps between steps, for one model and batch size: each layer's keys
+    and values so far, (B, max_len, n_kv_heads, head_dim), the position the next token
+    takes, and copies of the weights that decode() multiplies by. Nothing is stored on the
+    model: drop the cache and all of it is freed. The copies are detached, so a cache is for
+    inference only; the model trains as if it never existed."""
+
+    def __init__(self, model, batch_size, max_len=None):
+        p = model.params
+        self.max_len = min(max_len or p.max_seq_len, p.max_seq_len)
+        self.pos = 0
+        w = model.output.weight
+        shape = (batch_size, self.max_len, p.n_kv_heads, p.dim // p.n_heads)
+        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in model.layers]
+        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in model.layers]
+        # Decoding multiplies one row by each matrix, which CPU BLAS gives to about one
+        # thread, and it reads a cold matrix faster as (in, out) and wide. So the matrices
+        # read by the same input sit side by side (q|k|v, w1|w3), transposed, cut into one
+        # block of columns per thread for matmul_blocks: 117 -> 154 tok/s (15M, 2 threads).
+        threads = torch.get_num_threads() if w.device.type == 'cpu' else 1
+
+        def fused(*linears):  # (out, in) weights -> column blocks of (in, sum of outs)
+            return column_blocks(torch.cat([m.weight.detach().t() for m in linears], 1), threads)
+        attn, ffn = [l.attention for l in model.layers], [l.feed_forward for l in model.layers]
+        self.wqkv = [fused(a.wq, a.wk, a.wv) for a in attn]
+        self.wo = [fused(a.wo) for a in attn]
+        self.w13 = [fused(f.w1, f.w3) for f in ffn]
+        self.w2 = [fused(f.w2) for f in ffn]
+        self.output = fused(model.output)
+
+
+def column_blocks(w, n):
+    """(in, out) -> (n', in, out/n'), n' the largest divisor of out up to n: consecutive
+    blocks of columns, for matmul_blocks"""
+    n = max(d for d in range(1, n + 1) if w.size(1) % d == 0)
+    return w.unflatten(1, (n, -1)).transpose(0, 1).contiguous()
+
+
+def matmul_blocks(x, w):
+    """x (B, T, in) times column_blocks' (n, in, out/n) -> (B, T, out): one bmm multiplies
+    the n blocks on n threads at once"""
+    B, T, _ = x.shape
+    y = torch.bmm(x.reshape(1, B * T, -1).expand(w.size(0), -1, -1), w)  # (n, B*T, out/n)
+    return y.transpose(0, 1).reshape(B, T, -1)
+
+
+def decode(model, tokens, cache):
+    """model(tokens, cache=cache): tokens (B, T) at positions cache.pos.. -> logits of the
+    last one (B, 1, V). The steps of Transformer.forward, with the cache's weights, q and k
+    rotated in one call, and the keys and values of earlier positions from the cache."""
+    B, T = tokens.shape
+    p, pos = model.params, cache.pos
+    H, KV, D = p.n_heads, p.n_kv_heads, p.dim // p.n_heads
+    if pos + T > cache.max_len:
+        raise ValueError(f"positions {pos}..{pos + T - 1} exceed the cache's {cache.max_len} "
+                         f"(max_seq_len {p.max_seq_len})")
+    cos, sin = model.freqs_cos[pos:pos + T], model.freqs_sin[pos:pos + T]
+    S = pos + T  # positions attended to
+    # a block after cached positions sees them all and, causally, itself: row i sees 0..pos+i
+    mask = None
+    if pos and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=tokens.device).tril(pos)
+    h = model.tok_embeddings(tokens)
+    for i, layer in enumerate(model.layers):
+        x = layer.attention_norm(h)
+        qk, v = matmul_blocks(x, cache.wqkv[i]).split([(H + KV) * D, KV * D], dim=-1)
+        q, k = apply_rotary_emb(qk.view(B, T, H + KV, D), cos, sin).split([H, KV], dim=2)
+        cache.k[i][:B, pos:S], cache.v[i][:B, pos:S] = k, v.view(B, T, KV, D)
+        k, v = cache.k[i][:B, :S], cache.v[i][:B, :S]  # (B, S, n_kv_heads, head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not pos and T > 1,
+                                           enable_gqa=H != KV)  # (B, n_heads, T, head_dim)
+        h = h + matmul_blocks(y.transpose(1, 2).reshape(B, T, H * D), cache.wo[i])
+        gate, value = matmul_blocks(layer.ffn_norm(h), cache.w13[i]).chunk(2, dim=-1)
+        h = h + matmul_blocks(F.silu(gate) * value, cache.w2[i])
+    cache.pos = S
+    return matmul_blocks(model.norm(h[:, -1:, :]), cache.output)
 
 
 # -----------------------------------------------------------------------------

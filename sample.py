@@ -17,7 +17,7 @@ import sys
 import torch
 
 from configurator import configure
-from model import load_checkpoint, sample_next
+from model import KVCache, load_checkpoint, sample_next
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -64,27 +64,25 @@ class ContextFull(Exception):
 
 
 class Chat:
-    """A conversation kept in the KV cache: each turn only feeds its new tokens."""
+    """A conversation kept in its own KV cache: each turn only feeds its new tokens."""
     def __init__(self):
-        model.init_cache(1, max_seq_len)
-        self.pos, self.pending = 0, [tok.bos_id]
+        self.cache, self.pending = KVCache(model, 1, max_seq_len), [tok.bos_id]
         if system:
             self.pending += tok.encode_message('system', system)[0]
 
     def feed(self, ids):
-        if self.pos + len(ids) >= max_seq_len:  # (as run.c: leave room for a reply)
+        if self.cache.pos + len(ids) >= max_seq_len:  # (as run.c: leave room for a reply)
             raise ContextFull
         x = torch.tensor([ids], dtype=torch.long, device=device)
         with torch.inference_mode():
-            logits, _ = model(x, start_pos=self.pos)
-        self.pos += len(ids)
+            logits, _ = model(x, cache=self.cache)
         return logits[:, -1, :]
 
     def reply(self, user):
         """Greedy or sampled reply to one user message; stops at <|im_end|>."""
         head = self.pending + tok.encode_message('user', user)[0] + tok.generation_prompt()
         logits, out = self.feed(head), []
-        while len(out) < max_new_tokens and self.pos < max_seq_len:
+        while len(out) < max_new_tokens and self.cache.pos < max_seq_len:
             nxt = int(sample_next(logits, temperature, top_k, top_p)[0])
             if nxt in (tok.im_end_id,) + stop_ids:
                 break

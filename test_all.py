@@ -208,10 +208,36 @@ def test_kv_cache_generation_equals_full_forward(threads, monkeypatch):
     # incremental logits equal the full forward's at every position, also in blocks
     x = torch.randint(0, 256, (1, 40))
     full, _ = m(x, torch.zeros_like(x))
-    m.init_cache(1, 40)
-    parts = [m(x[:, a:b], start_pos=a)[0][:, -1] for a, b in ((0, 10), (10, 11), (11, 25), (25, 40))]
+    from model import KVCache
+    cache = KVCache(m, 1, 40)
+    parts = [m(x[:, a:b], cache=cache)[0][:, -1] for a, b in ((0, 10), (10, 11), (11, 25), (25, 40))]
     for (a, b), p in zip(((0, 10), (10, 11), (11, 25), (25, 40)), parts):
         assert torch.allclose(p, full[:, b - 1], atol=1e-5)
+
+
+def test_generation_leaves_training_unchanged():
+    """A model that generated, and whose KV cache is still alive (as in a chat), trains as an
+    identical model that never generated: equal gradients, equal weights after an AdamW step."""
+    from model import KVCache
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=48)
+    used, fresh = Transformer(args), Transformer(args)
+    fresh.load_state_dict(used.state_dict())
+    used.generate(torch.randint(3, 256, (2, 5)), 20, temperature=0)
+    cache = KVCache(used, 1, 48)
+    used(torch.randint(3, 256, (1, 7)), cache=cache)
+    # generation left nothing on the model's modules
+    assert all(vars(a).keys() == vars(b).keys() for a, b in zip(used.modules(), fresh.modules()))
+    x, y = torch.randint(0, 256, (2, 4, 48))
+    opts = [m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu') for m in (used, fresh)]
+    for m in (used, fresh):
+        m.train()(x, y)[1].backward()
+    for (name, a), b in zip(used.named_parameters(), fresh.parameters()):
+        assert a.grad is not None and torch.equal(a.grad, b.grad), name
+    for opt in opts:
+        opt.step()
+    for (name, a), b in zip(used.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_sampler_distribution():
