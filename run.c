@@ -6,12 +6,14 @@ Inference for a Llama 2 Transformer in one C file: float32 and int8 (Q8_0) weigh
     ./run out/model.bin -i "Once upon a time"
     ./run out/model.bin -m chat -y "You are a helpful assistant."
 
-The file reads top to bottom: model files -> neural net blocks -> forward pass ->
-tokenizer -> sampler -> generation and chat loops -> command line. It reads the
-formats of karpathy/llama2.c: version 0 (the legacy float32 file), version 1
-(float32 with a 256-byte header) and version 2 (int8 weights in groups with a
-float32 scale each, as written by llama2.c's export.py and read by its runq.c).
-Only loading and matmul know the difference; everything else is shared.
+The file reads top to bottom: model files -> neural net blocks -> forward pass -> tokenizer
+-> sampler -> generation and chat loops -> command line. What makes it fast (vector code,
+the int8 layout, 2 MB pages) is one last section, fast kernels and memory layouts, which the
+code above calls through the few functions declared before it. It reads the formats of
+karpathy/llama2.c: version 0 (the legacy float32 file), version 1 (float32 with a 256-byte
+header) and version 2 (int8 weights in groups with a float32 scale each, as written by
+llama2.c's export.py and read by its runq.c). Only loading and matmul know the difference;
+everything else is shared.
 */
 #define _POSIX_C_SOURCE 200809L
 #define _DEFAULT_SOURCE // and madvise
@@ -27,9 +29,6 @@ Only loading and matmul know the difference; everything else is shared.
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#endif
 
 // OpenMP is optional: without -fopenmp these pragmas vanish (and -Wall stays quiet)
 #ifdef _OPENMP
@@ -59,7 +58,7 @@ static void die(const char *fmt, ...) {
     exit(1);
 }
 
-static void *xalloc(size_t n) { // zeroed, 64-byte aligned (one cache line, one AVX-512 vector)
+static void *xalloc(size_t n) { // zeroed, and 64-byte aligned: a row starts on a cache line
     void *p = NULL;
     if (posix_memalign(&p, 64, n ? n : 1) != 0) die("out of memory allocating %zu bytes", n);
     memset(p, 0, n);
@@ -85,16 +84,16 @@ typedef struct {
     int max_seq_len; // context length the model was trained for
 } Config;
 
-// A weight matrix (rows, cols) lives in the model file's bytes in memory, in one of two forms:
-// float32 (w), or int8 values q with one float32 scale s per group of group_size
-// consecutive values, w ~= q * s. A group never straddles two rows (checked at load).
+// A weight matrix (rows, cols) in the model file's bytes in memory: float32 values w, or
+// int8 values q with one float32 scale per group of group_size consecutive values of a row,
+// w ~= q * scale. A group never straddles two rows (checked at load).
 typedef struct {
-    const float *w;
-    const int8_t *q;
-    const float *s;
-    int rows;
-    int pitch;      // int8: bytes from one 32-byte piece of a row to the next: 32, or 128 where
-                    // pack_q8 interleaved the rows in fours
+    const float *w;      // (rows, cols) float32 files
+    const int8_t *q;     // (rows, cols) int8 files
+    const float *scale;  // (rows, cols / group_size) int8 files
+    int rows, cols;
+    int group_size;      // 0 for float32
+    int slab;            // int8 rows lie interleaved in slabs of this many (pack_int8), else 1
 } Matrix;
 
 typedef struct {
@@ -112,29 +111,55 @@ typedef struct {
     Layer *layers;           // (n_layers,)
     const float *rms_final;  // (dim,)
     Matrix wcls;             // (vocab_size, dim), often the token embedding itself
-    void *file;              // the model file's weights (all but the header), read into memory (load_file)
+    void *file;              // the model file's weights (all but the header), in memory
 } Transformer;
 
 // Activations for a block of up to B tokens processed together (B = 1 when decoding).
 typedef struct {
-    int B;            // tokens per block
-    int n_ctx;        // positions the kv cache holds
-    float *x;         // (B, dim) the residual stream
-    float *xb;        // (B, dim) normalized input of a block, then attention output
-    float *xb2;       // (B, dim) output of wo and w2, added to x
-    float *qkv;       // (B, dim + 2*kv_dim) q, k, v of each token, side by side
-    float *hb;        // (B, 2*hidden_dim) w1 x and w3 x side by side
-    float *hb2;       // (B, hidden_dim) silu(w1 x) * w3 x
-    float *att;       // (B, n_heads, n_ctx) attention scores
-    float *rope_cos;  // (B, head_size/2) rotation of each token's position
-    float *rope_sin;  // (B, head_size/2)
-    float *logits;    // (B, vocab_size) (only the first row is used unless all logits are asked for)
-    int8_t *xq;       // (B, max(dim, hidden)) int8 activations (int8 files only)
-    float *xs;        // (B, max(dim, hidden) / group_size) their scales
-    int32_t *xsum;    // (B, max(dim, hidden) / group_size) the sum of each group's values
-    float *key_cache;   // (n_layers, kv_dim, n_ctx): transposed, see attention()
+    int B;              // tokens per block
+    int n_ctx;          // positions the kv cache holds
+    float *x;           // (B, dim) the residual stream
+    float *xb;          // (B, dim) normalized input of a block, then attention output
+    float *xb2;         // (B, dim) output of wo and w2, added to x
+    float *qkv;         // (B, dim + 2*kv_dim) q, k, v of each token, side by side
+    float *hb;          // (B, 2*hidden_dim) w1 x and w3 x side by side
+    float *hb2;         // (B, hidden_dim) silu(w1 x) * w3 x
+    float *att;         // (B, n_heads, n_ctx) attention scores
+    float *rope_cos;    // (B, head_size/2) rotation of each token's position
+    float *rope_sin;    // (B, head_size/2)
+    float *logits;      // (B, vocab_size): only the first row unless all logits are asked for
+    int8_t *xq;         // (B, max(dim, hidden)) int8 activations (int8 files only)
+    float *xq_scale;    // (B, max(dim, hidden) / group_size) their scales
+    int32_t *xq_sum;    // (B, max(dim, hidden) / group_size) the sum of each group's values
+    float *key_cache;   // (n_layers, kv_dim, n_ctx): transposed, see forward()
     float *value_cache; // (n_layers, n_ctx, kv_dim)
 } RunState;
+
+// one kv head of one layer's cache, as attention reads it
+typedef struct {
+    const float *keys;    // (head_size, n_ctx): key i of position t at keys[i * n_ctx + t]
+    const float *values;  // (n_ctx, kv_dim), of which this head's head_size columns
+    int head_size, n_ctx, kv_dim;
+} HeadCache;
+
+// The last section of this file, "fast kernels and memory layouts", does the work behind
+// these calls. Each line says what the function computes; how is told there.
+
+// size bytes of the file at offset, read into memory that starts on a page
+static void *read_weights(int fd, const char *path, uint64_t offset, uint64_t size);
+// every int8 matrix of tf rearranged for the machine's int8 dot product (else left as it is)
+static void pack_int8(Transformer *tf);
+// x (m->cols,) = row of the int8 matrix m, dequantized
+static void dequantize_row(float *x, const Matrix *m, int row);
+// x (n,) -> int8 values xq in groups of gs, max |x| -> 127, with each group's scale and sum
+static void quantize(int8_t *xq, float *xq_scale, int32_t *xq_sum, const float *x, int n, int gs);
+// matmul's loops (see matmul)
+static void matmul_tiles(float *out, const float *x, int T, const Matrix *mats, int n_mats,
+                         const RunState *s);
+// att[t] = q . k_t for the positions t = 0..pos of one head
+static void attention_scores(float *att, const float *q, const HeadCache *kv, int pos);
+// out (head_size,) = sum over t = 0..pos of att[t] v_t
+static void attention_values(float *out, const float *att, const HeadCache *kv, int pos);
 
 // ----------------------------------------------------------------------------
 // reading model files. Every header field is checked, and the file size must be
@@ -143,10 +168,17 @@ typedef struct {
 #define MAGIC_AK42 0x616b3432u // "ak42", the versioned llama2.c formats
 #define HEADER_V12 256         // header bytes of versions 1 and 2
 
+typedef struct {
+    int version;    // 0 (the legacy float32 file), 1 (float32) or 2 (int8)
+    int shared;     // 1: the classifier is the token embedding table
+    int group_size; // version 2: int8 values per float32 scale, else 0
+} Format;
+
 static int32_t read_i32(const unsigned char *p) { int32_t v; memcpy(&v, p, 4); return v; }
 
 static void read_config(Config *c, const unsigned char *p) { // 7 int32, in the order of Config
-    int *fields[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads, &c->vocab_size, &c->max_seq_len};
+    int *fields[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads,
+                     &c->vocab_size, &c->max_seq_len};
     for (int i = 0; i < 7; i++) *fields[i] = read_i32(p + 4 * i);
 }
 
@@ -157,230 +189,177 @@ static void check_config(const char *path, const Config *c) {
     struct { const char *name; int value, min, max; } f[] = {
         {"dim", c->dim, 1, 1 << 16}, {"hidden_dim", c->hidden_dim, 1, 1 << 18},
         {"n_layers", c->n_layers, 1, 1 << 10}, {"n_heads", c->n_heads, 1, 1 << 10},
-        {"n_kv_heads", c->n_kv_heads, 1, 1 << 10}, {"vocab_size", c->vocab_size, 3, 1 << 22}, // 3: <unk>, BOS, EOS
+        {"n_kv_heads", c->n_kv_heads, 1, 1 << 10},
+        {"vocab_size", c->vocab_size, 3, 1 << 22}, // 3: <unk>, BOS, EOS
         {"max_seq_len", c->max_seq_len, 1, 1 << 22},
     };
     for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) {
         if (f[i].value < f[i].min || f[i].value > f[i].max)
-            die("%s: header field %s = %d is outside %d..%d — %s", path, f[i].name, f[i].value, f[i].min, f[i].max, hint);
+            die("%s: header field %s = %d is outside %d..%d — %s", path, f[i].name, f[i].value,
+                f[i].min, f[i].max, hint);
     }
     if (c->dim % c->n_heads != 0)
         die("%s: n_heads = %d does not divide dim = %d — %s", path, c->n_heads, c->dim, hint);
     if (c->n_heads % c->n_kv_heads != 0)
-        die("%s: n_kv_heads = %d does not divide n_heads = %d — %s", path, c->n_kv_heads, c->n_heads, hint);
+        die("%s: n_kv_heads = %d does not divide n_heads = %d — %s", path, c->n_kv_heads,
+            c->n_heads, hint);
     if ((c->dim / c->n_heads) % 2 != 0)
-        die("%s: head size %d is odd, but RoPE rotates pairs — %s", path, c->dim / c->n_heads, hint);
+        die("%s: head size %d is odd, but RoPE rotates pairs — %s", path, c->dim / c->n_heads,
+            hint);
 }
 
-// A cursor that walks the file's bytes, handing out consecutive tensors.
-typedef struct { const char *p; } Cursor;
-
-static const float *take_f32(Cursor *c, uint64_t n) {
-    const float *t = (const float *)c->p;
-    c->p += n * sizeof(float);
-    return t;
-}
-
-static Matrix take_matrix(Cursor *c, int rows, int cols, int group_size) {
-    Matrix m = {0};
-    uint64_t n = (uint64_t)rows * cols;
-    m.rows = rows;
-    if (group_size == 0) {
-        m.w = take_f32(c, n);
-    } else { // int8 values, then one float32 scale per group
-        m.q = (const int8_t *)c->p;
-        m.pitch = 32;
-        c->p += n;
-        m.s = take_f32(c, n / group_size);
+// Read and check the header h: the first 256 bytes of a file of size bytes (zeros past its
+// end), at least 28.
+static void read_header(Config *c, Format *f, const char *path, const unsigned char *h,
+                        uint64_t size) {
+    *f = (Format){.version = 0, .shared = 1, .group_size = 0};
+    if ((uint32_t)read_i32(h) == MAGIC_AK42) {
+        if (size < HEADER_V12)
+            die("%s: %llu bytes is too small for its 256-byte header — is the file truncated?",
+                path, (unsigned long long)size);
+        f->version = read_i32(h + 4);
+        if (f->version != 1 && f->version != 2)
+            die("%s: unknown format version %d (this program reads 0, 1 and 2) — re-export the "
+                "model", path, f->version);
+        read_config(c, h + 8);
+        f->shared = h[36];
+        if (f->shared > 1)
+            die("%s: shared_classifier flag is %d, must be 0 or 1 — is this a model file?", path,
+                f->shared);
+        if (f->version == 2) {
+            f->group_size = read_i32(h + 37);
+            if (f->group_size <= 0)
+                die("%s: group_size %d must be positive — re-export the model", path,
+                    f->group_size);
+        }
+    } else { // version 0: 7 int32, a negative vocab_size means the classifier is not shared
+        read_config(c, h);
+        if (c->vocab_size < 0 && c->vocab_size != INT32_MIN) {
+            f->shared = 0;
+            c->vocab_size = -c->vocab_size;
+        }
     }
-    return m;
+    check_config(path, c);
+    int gs = f->group_size;
+    if (gs && (c->dim % gs != 0 || c->hidden_dim % gs != 0))
+        die("%s: group_size %d does not divide dim %d and hidden_dim %d — re-export with a group "
+            "size that does", path, gs, c->dim, c->hidden_dim);
+    if (gs && c->dim % 4 != 0) // else the float32 scales after the int8 values would be misaligned
+        die("%s: int8 files need dim %% 4 == 0 (dim = %d) — export this model as float32", path,
+            c->dim);
 }
 
-// the size in bytes of one matrix, and of all the weights, in a file of this version
+static uint64_t header_bytes(const Format *f) { return f->version == 0 ? 28 : HEADER_V12; }
+
+// the size in bytes of one matrix, and of the whole file, in a file of this format
 static uint64_t matrix_bytes(uint64_t rows, uint64_t cols, int group_size) {
     uint64_t n = rows * cols;
     return group_size == 0 ? 4 * n : n + 4 * (n / group_size);
 }
 
-static uint64_t expected_size(const Config *c, int version, int shared, int group_size) {
+static uint64_t expected_size(const Config *c, const Format *f) {
     uint64_t L = c->n_layers, dim = c->dim, hidden = c->hidden_dim, vocab = c->vocab_size;
     uint64_t kv_dim = dim * c->n_kv_heads / c->n_heads, head_size = dim / c->n_heads;
+    int gs = f->group_size;
     uint64_t norms = 4 * (2 * L * dim + dim);
-    uint64_t per_layer = 2 * matrix_bytes(dim, dim, group_size) + 2 * matrix_bytes(kv_dim, dim, group_size)
-                       + 3 * matrix_bytes(hidden, dim, group_size);
-    uint64_t size = (version == 0 ? 28 : HEADER_V12) + norms + L * per_layer
-                  + matrix_bytes(vocab, dim, group_size) * (shared ? 1 : 2);
-    if (version == 0) size += 4 * (uint64_t)c->max_seq_len * head_size; // unused RoPE tables
+    uint64_t per_layer = 2 * matrix_bytes(dim, dim, gs) + 2 * matrix_bytes(kv_dim, dim, gs)
+                       + 3 * matrix_bytes(hidden, dim, gs);
+    uint64_t size = header_bytes(f) + norms + L * per_layer
+                  + matrix_bytes(vocab, dim, gs) * (f->shared ? 1 : 2);
+    if (f->version == 0) size += 4 * (uint64_t)c->max_seq_len * head_size; // unused RoPE tables
     return size;
 }
 
-// Point every weight of t into the file's bytes. Version 0 interleaves the norms with
+// A cursor that walks the file's bytes, handing out consecutive tensors.
+typedef struct { const char *p; } Cursor;
+
+static const float *take_f32(Cursor *cur, uint64_t n) {
+    const float *t = (const float *)cur->p;
+    cur->p += n * sizeof(float);
+    return t;
+}
+
+static Matrix take_matrix(Cursor *cur, int rows, int cols, int group_size) {
+    Matrix m = {.rows = rows, .cols = cols, .group_size = group_size, .slab = 1};
+    uint64_t n = (uint64_t)rows * cols;
+    if (group_size == 0) {
+        m.w = take_f32(cur, n);
+    } else { // int8 values, then one float32 scale per group
+        m.q = (const int8_t *)cur->p;
+        cur->p += n;
+        m.scale = take_f32(cur, n / group_size);
+    }
+    return m;
+}
+
+// Point every weight of tf into the file's bytes. Version 0 interleaves the norms with
 // the matrices; versions 1 and 2 put all norms first.
-static void map_weights(Transformer *t, const char *weights, int version, int shared) {
-    Config *c = &t->config;
-    int L = c->n_layers, dim = c->dim, hidden = c->hidden_dim, gs = t->group_size;
+static void map_weights(Transformer *tf, const char *weights, const Format *f) {
+    Config *c = &tf->config;
+    int L = c->n_layers, dim = c->dim, hidden = c->hidden_dim, gs = f->group_size;
     int kv_dim = dim * c->n_kv_heads / c->n_heads, head_size = dim / c->n_heads;
     Cursor cur = {weights};
-    Layer *ls = t->layers = xalloc(L * sizeof(Layer));
-    if (version == 0) {
-        t->token_embedding = take_matrix(&cur, c->vocab_size, dim, 0);
+    Layer *ls = tf->layers = xalloc(L * sizeof(Layer));
+    if (f->version == 0) {
+        tf->token_embedding = take_matrix(&cur, c->vocab_size, dim, 0);
         for (int l = 0; l < L; l++) ls[l].rms_att = take_f32(&cur, dim);
     } else {
         for (int l = 0; l < L; l++) ls[l].rms_att = take_f32(&cur, dim);
         for (int l = 0; l < L; l++) ls[l].rms_ffn = take_f32(&cur, dim);
-        t->rms_final = take_f32(&cur, dim);
-        t->token_embedding = take_matrix(&cur, c->vocab_size, dim, gs);
+        tf->rms_final = take_f32(&cur, dim);
+        tf->token_embedding = take_matrix(&cur, c->vocab_size, dim, gs);
     }
     for (int l = 0; l < L; l++) ls[l].wq = take_matrix(&cur, dim, dim, gs);
     for (int l = 0; l < L; l++) ls[l].wk = take_matrix(&cur, kv_dim, dim, gs);
     for (int l = 0; l < L; l++) ls[l].wv = take_matrix(&cur, kv_dim, dim, gs);
     for (int l = 0; l < L; l++) ls[l].wo = take_matrix(&cur, dim, dim, gs);
-    if (version == 0) for (int l = 0; l < L; l++) ls[l].rms_ffn = take_f32(&cur, dim);
+    if (f->version == 0) for (int l = 0; l < L; l++) ls[l].rms_ffn = take_f32(&cur, dim);
     for (int l = 0; l < L; l++) ls[l].w1 = take_matrix(&cur, hidden, dim, gs);
     for (int l = 0; l < L; l++) ls[l].w2 = take_matrix(&cur, dim, hidden, gs);
     for (int l = 0; l < L; l++) ls[l].w3 = take_matrix(&cur, hidden, dim, gs);
-    if (version == 0) {
-        t->rms_final = take_f32(&cur, dim);
-        take_f32(&cur, (uint64_t)c->max_seq_len * head_size); // freq_cis_real and _imag: RoPE is computed on the fly
+    if (f->version == 0) {
+        tf->rms_final = take_f32(&cur, dim);
+        take_f32(&cur, (uint64_t)c->max_seq_len * head_size); // RoPE tables: computed instead
     }
-    t->wcls = shared ? t->token_embedding : take_matrix(&cur, c->vocab_size, dim, gs);
+    tf->wcls = f->shared ? tf->token_embedding : take_matrix(&cur, c->vocab_size, dim, gs);
 }
 
-// The weights are read into memory in 2 MB pages where the OS offers them (Linux's
-// transparent huge pages), rather than mapped from the file in 4 KB pages: a token reads
-// every weight once, and at each 4 KB page the TLB misses and the hardware prefetcher stops.
-// Decode, alternating A/B: 15M float32 567 -> 711 tok/s (2 threads), 338 -> 453 (1 thread);
-// 110M float32 74 -> 83, 15M int8 1472 -> 1631 (2 threads). The price is at start: the 440 MB
-// 110M file loads ~50 ms slower (up to ~1 s when the kernel first compacts memory for 2 MB pages).
-// Only the weights are read (size bytes from offset, after the header), so that they start on
-// a page: behind version 0's 28-byte header every row began 28 bytes into a cache line and
-// each 64-byte load touched two lines. float32 decode, alternating, version 0: 110M 42.3 ->
-// 46.8 tok/s (1 thread), 63.8 -> 68.9 (2); 15M 278 -> 299 (1 thread), 361 -> 367 (2).
-static void *load_file(int fd, const char *path, uint64_t offset, uint64_t size) {
-    size_t huge = (size_t)2 << 20, cap = size < huge ? size : (size + huge - 1) / huge * huge;
-    void *p = NULL;
-    if (posix_memalign(&p, size < huge ? 64 : huge, cap) != 0)
-        die("%s: out of memory reading %llu bytes of weights", path, (unsigned long long)size);
-#ifdef MADV_HUGEPAGE
-    if (size >= huge) madvise(p, cap, MADV_HUGEPAGE); // a hint: where it is refused, 4 KB pages
-#endif
-    for (uint64_t got = 0; got < size;) {
-        uint64_t left = size - got;
-        ssize_t r = pread(fd, (char *)p + got, left < (1u << 30) ? left : (1u << 30), (off_t)(offset + got));
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) die("%s: read failed after %llu of the %llu bytes of weights: %s", path, (unsigned long long)got,
-                        (unsigned long long)size, r < 0 ? strerror(errno) : "the file got shorter");
-        got += (uint64_t)r;
-    }
-    return p;
-}
-
-// int8 rows in the order of the VNNI dot product (dot_q8). vpdpbusd multiplies 32 pairs of
-// bytes and adds them in fours into 8 int32 lanes. In the file's order a group of 32 values
-// fills all 8 lanes, which must then be summed (or scaled lane by lane) before the next
-// group: more instructions than the products themselves. So a row's groups are taken 8 at a
-// time, and a block of 8 groups holds values 4k..4k+3 of each of its groups in turn: then
-// 32 bytes are 4 values of 8 groups, and each lane sums one group. The last ng % 8 groups of
-// a row stay in the file's order. The weights are rearranged once at load (pack_q8), the
-// activations as they are quantized.
-//
-// Decoding reads 4 rows at a time too (x once for 4 rows), and for that the rows are also
-// interleaved in fours, 32 bytes of each in turn (a slab of 4 rows), so that memory is still
-// read in one stream: 4 rows read side by side from 4 places are 2x slower from DRAM.
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define Q8_PACKED(gs) ((gs) % 32 == 0)
-#else
-#define Q8_PACKED(gs) 0 // without VNNI the scalar loops read the file's order
-#endif
-
-// where value k of group g of row r lies, from the start of its slab of `slab` rows (1 or
-// 4), for rows of ng groups of gs values
-static inline size_t q8_at(int g, int k, int r, int ng, int gs, int slab) {
-    size_t p = g >= ng / 8 * 8 ? (size_t)g * gs + k // the rest: the file's order
-                               : (size_t)(g / 8 * 8) * gs + (size_t)(k / 4) * 32 + g % 8 * 4 + k % 4;
-    return (p / 32 * slab + r) * 32 + p % 32;
-}
-
-// rearrange an int8 matrix (rows, n) into the packed order, in place, in slabs of `slab` rows
-static void pack_q8(Matrix *m, int n, int gs, int slab) {
-    int8_t *rows = (int8_t *)m->q, *tmp = xalloc((size_t)slab * n); // our own copy (load_file)
-    for (int r0 = 0; r0 < m->rows; r0 += slab, rows += (size_t)slab * n) {
-        memcpy(tmp, rows, (size_t)slab * n);
-        for (int r = 0; r < slab; r++)
-            for (int g = 0; g < n / gs; g++)
-                for (int k = 0; k < gs; k += 4)
-                    memcpy(rows + q8_at(g, k, r, n / gs, gs, slab), tmp + (size_t)r * n + (size_t)g * gs + k, 4);
-    }
-    m->pitch = 32 * slab;
-    free(tmp);
-}
-
-static void read_checkpoint(Transformer *t, const char *path) {
+static void read_checkpoint(Transformer *tf, const char *path) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) die("%s: cannot open: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
     uint64_t size = (uint64_t)st.st_size;
-    if (size < 28) die("%s: %llu bytes is too small for a model header — is the file truncated?", path, (unsigned long long)size);
+    if (size < 28)
+        die("%s: %llu bytes is too small for a model header — is the file truncated?", path,
+            (unsigned long long)size);
     if (size > SIZE_MAX) die("%s: too large for this machine's address space", path);
     unsigned char h[HEADER_V12] = {0}; // the header is checked before the weights are read
-    if (pread(fd, h, size < HEADER_V12 ? size : HEADER_V12, 0) < 0) die("%s: cannot read: %s", path, strerror(errno));
-    Config *c = &t->config;
-    int version = 0, shared = 1;
-    t->group_size = 0;
-    if ((uint32_t)read_i32(h) == MAGIC_AK42) {
-        if (size < HEADER_V12) die("%s: %llu bytes is too small for its 256-byte header — is the file truncated?", path, (unsigned long long)size);
-        version = read_i32(h + 4);
-        if (version != 1 && version != 2) die("%s: unknown format version %d (this program reads 0, 1 and 2) — re-export the model", path, version);
-        read_config(c, h + 8);
-        shared = h[36];
-        if (shared > 1) die("%s: shared_classifier flag is %d, must be 0 or 1 — is this a model file?", path, shared);
-        if (version == 2) {
-            t->group_size = read_i32(h + 37);
-            if (t->group_size <= 0) die("%s: group_size %d must be positive — re-export the model", path, t->group_size);
-        }
-    } else { // version 0: 7 int32, a negative vocab_size means the classifier is not shared
-        read_config(c, h);
-        if (c->vocab_size < 0 && c->vocab_size != INT32_MIN) { shared = 0; c->vocab_size = -c->vocab_size; }
-    }
-    check_config(path, c);
-    int gs = t->group_size;
-    if (gs && (c->dim % gs != 0 || c->hidden_dim % gs != 0))
-        die("%s: group_size %d does not divide dim %d and hidden_dim %d — re-export with a group size that does", path, gs, c->dim, c->hidden_dim);
-    if (gs && c->dim % 4 != 0) // else the float32 scales after the int8 values would be misaligned
-        die("%s: int8 files need dim %% 4 == 0 (dim = %d) — export this model as float32", path, c->dim);
-    uint64_t want = expected_size(c, version, shared, gs);
+    if (pread(fd, h, size < HEADER_V12 ? size : HEADER_V12, 0) < 0)
+        die("%s: cannot read: %s", path, strerror(errno));
+    Format f;
+    read_header(&tf->config, &f, path, h, size);
+    uint64_t want = expected_size(&tf->config, &f);
     if (size != want)
-        die("%s: file is %llu bytes but its header implies %llu — %s", path, (unsigned long long)size,
-            (unsigned long long)want, size < want ? "was the export interrupted?" : "is the header from another model?");
-    uint64_t header = version == 0 ? 28 : HEADER_V12;
-    t->file = load_file(fd, path, header, size - header);
+        die("%s: file is %llu bytes but its header implies %llu — %s", path,
+            (unsigned long long)size, (unsigned long long)want,
+            size < want ? "was the export interrupted?" : "is the header from another model?");
+    tf->group_size = f.group_size;
+    tf->file = read_weights(fd, path, header_bytes(&f), size - header_bytes(&f));
     close(fd);
-    map_weights(t, t->file, version, shared);
-    if (gs && Q8_PACKED(gs)) { // int8 rows into the VNNI order (see q8_at)
-        int dim = c->dim, hidden = c->hidden_dim, kv_dim = dim * c->n_kv_heads / c->n_heads;
-        int slab = kv_dim % 4 || hidden % 4 || c->vocab_size % 4 ? 1 : 4; // every matrix or none (dim % 4 == 0)
-        pack_q8(&t->token_embedding, dim, gs, slab);
-        for (int l = 0; l < c->n_layers; l++) {
-            Layer *y = &t->layers[l];
-            Matrix *by_dim[] = {&y->wq, &y->wk, &y->wv, &y->wo, &y->w1, &y->w3};
-            for (int i = 0; i < 6; i++) pack_q8(by_dim[i], dim, gs, slab);
-            pack_q8(&y->w2, hidden, gs, slab);
-        }
-        if (shared) t->wcls = t->token_embedding;
-        else pack_q8(&t->wcls, dim, gs, slab);
-    }
+    map_weights(tf, tf->file, &f);
+    pack_int8(tf);
 }
 
-static void free_transformer(Transformer *t) {
-    free(t->file);
-    free(t->layers);
+static void free_transformer(Transformer *tf) {
+    free(tf->file);
+    free(tf->layers);
 }
 
-static void malloc_run_state(RunState *s, const Transformer *t, int B, int n_ctx, int all_logits) {
-    const Config *c = &t->config;
+static void malloc_run_state(RunState *s, const Transformer *tf, int B, int n_ctx, int all_logits) {
+    const Config *c = &tf->config;
     size_t dim = c->dim, hidden = c->hidden_dim, kv_dim = dim * c->n_kv_heads / c->n_heads;
-    n_ctx = (n_ctx + 15) / 16 * 16; // attention() computes the scores of 16 positions at a time
+    n_ctx = (n_ctx + 15) / 16 * 16; // attention_scores computes 16 positions at a time
     size_t widest = hidden > dim ? hidden : dim, cache = (size_t)c->n_layers * n_ctx * kv_dim;
     *s = (RunState){.B = B, .n_ctx = n_ctx};
     s->x = xalloc(B * dim * sizeof(float));
@@ -393,10 +372,10 @@ static void malloc_run_state(RunState *s, const Transformer *t, int B, int n_ctx
     s->rope_cos = xalloc(B * dim / c->n_heads / 2 * sizeof(float));
     s->rope_sin = xalloc(B * dim / c->n_heads / 2 * sizeof(float));
     s->logits = xalloc((all_logits ? B : 1) * (size_t)c->vocab_size * sizeof(float));
-    if (t->group_size) {
+    if (tf->group_size) {
         s->xq = xalloc(B * widest);
-        s->xs = xalloc(B * widest / t->group_size * sizeof(float));
-        s->xsum = xalloc(B * widest / t->group_size * sizeof(int32_t));
+        s->xq_scale = xalloc(B * widest / tf->group_size * sizeof(float));
+        s->xq_sum = xalloc(B * widest / tf->group_size * sizeof(int32_t));
     }
     s->key_cache = xalloc(cache * sizeof(float));
     s->value_cache = xalloc(cache * sizeof(float));
@@ -404,10 +383,10 @@ static void malloc_run_state(RunState *s, const Transformer *t, int B, int n_ctx
 
 static void free_run_state(RunState *s) {
     float *f[] = {s->x, s->xb, s->xb2, s->qkv, s->hb, s->hb2, s->att, s->rope_cos, s->rope_sin,
-                  s->logits, s->xs, s->key_cache, s->value_cache};
+                  s->logits, s->xq_scale, s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) free(f[i]);
     free(s->xq);
-    free(s->xsum);
+    free(s->xq_sum);
 }
 
 // ----------------------------------------------------------------------------
@@ -424,249 +403,35 @@ static void softmax(float *x, int size) {
     float max_val = x[0];
     for (int i = 1; i < size; i++) if (x[i] > max_val) max_val = x[i];
     float sum = 0.0f;
-    for (int i = 0; i < size; i++) { x[i] = expf(x[i] - max_val); sum += x[i]; } // minus max: no overflow
+    for (int i = 0; i < size; i++) { // minus the max: no overflow
+        x[i] = expf(x[i] - max_val);
+        sum += x[i];
+    }
     for (int i = 0; i < size; i++) x[i] /= sum;
 }
 
-// Q8_0 quantization of activations, as runq.c does: symmetric, per group, max |x| -> 127,
-// written in the weights' order. Also the sum of each group's int8 values, which the VNNI
-// dot product needs.
-static void quantize(int8_t *q, float *s, int32_t *qsum, const float *x, int n, int gs) {
-    for (int g = 0; g < n / gs; g++) {
-        const float *xg = x + (size_t)g * gs;
-        float wmax = 0.0f;
-        for (int i = 0; i < gs; i++) wmax = fmaxf(wmax, fabsf(xg[i]));
-        float scale = wmax / 127.0f;
-        s[g] = scale;
-        int32_t sum = 0;
-        for (int i0 = 0; i0 < gs; i0 += 32) { // 32 values at a time (fewer where gs is not 32k)
-            int m = gs - i0 < 32 ? gs - i0 : 32;
-            int8_t v[32];
-            for (int i = 0; i < m; i++) { // NaN or inf (from a broken model) becomes 0: casting them is undefined
-                float f = scale == 0.0f ? 0.0f : roundf(xg[i0 + i] / scale);
-                v[i] = fabsf(f) <= 127.0f ? (int8_t)f : 0;
-                sum += v[i];
-            }
-            if (Q8_PACKED(gs)) // (then m = 32) 4 values at a time to their places
-                for (int i = 0; i < 32; i += 4) memcpy(q + q8_at(g, i0 + i, 0, n / gs, gs, 1), v + i, 4);
-            else memcpy(q + (size_t)g * gs + i0, v, m);
-        }
-        qsum[g] = sum;
-    }
-}
-
-// w (NR, n) . x (NT, n) -> out (NR, NT), float32 weights: NR = 1 or 4 rows (w[r] is row r), NT =
-// 1 or 4 tokens (constants at each call). Each (row, token) sum is kept in LANES partial sums,
-// added in a fixed order at the end (lane_sum, dot_tail): the compiler may then use vector registers
-// without -ffast-math, and a token gets the same bits whether it comes alone or in a block. A
-// vector type, because gcc 12 spills plain a[4][16] arrays. A 16-float piece of w is loaded
-// once for the NT tokens, and of x once for the NR rows: prefill reads x again for every row
-// (from L2, 250 x 768 floats), 4 rows x 4 tokens read it a quarter as often. One-thread
-// microbenchmark, 250 tokens, GFLOP/s: 1 x 4: 50 (768x2304), 39 (2048x768), 49 (288x864);
-// 4 x 4: 70, 77, 65. Decoding keeps 1 row: four interleaved weight streams are slower there.
-#define LANES 16
-typedef float f32x16 __attribute__((vector_size(64))); // 16 floats (a GCC/Clang extension)
-
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef float f32x2 __attribute__((vector_size(8)));
-
-// a's 16 lanes added in one order, in halves as vector adds (lane by lane: -Ofast has nothing
-// to reorder, so that every inlined copy gives the same bits)
-static inline __attribute__((always_inline)) float lane_sum(const f32x16 *ap) {
-    f32x16 a = *ap;
-    f32x8 h = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
-              __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-    f32x4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-    f32x2 p = __builtin_shufflevector(q, q, 0, 1) + __builtin_shufflevector(q, q, 2, 3);
-    return p[0] + p[1];
-}
-
-// w . x over the last n % 16 values of a row (not inlined: one order for every caller)
-static __attribute__((noinline)) float dot_tail(const float *w, const float *x, int left) {
-    float sum = 0.0f;
-    for (int k = 0; k < left; k++) sum += w[k] * x[k];
-    return sum;
-}
-
-static inline __attribute__((always_inline)) void dot_f32(float *out, const float *const *w, const float *x, int n,
-                                                           int NR, int NT) {
-    f32x16 a[4][4] = {{{0}}}; // a[r][t]: row r, token t
-    int j = 0;
-    for (; j + LANES <= n; j += LANES) {
-        f32x16 xv[4], wv;
-        for (int t = 0; t < NT; t++) memcpy(&xv[t], x + (size_t)t * n + j, sizeof xv[t]);
-        for (int r = 0; r < NR; r++) {
-            memcpy(&wv, w[r] + j, sizeof wv);
-            for (int t = 0; t < NT; t++) a[r][t] += wv * xv[t];
-        }
-    }
-    for (int r = 0; r < NR; r++)
-        for (int t = 0; t < NT; t++)
-            out[r * NT + t] = lane_sum(&a[r][t]) + (j < n ? dot_tail(w[r] + j, x + (size_t)t * n + j, n - j) : 0.0f);
-}
-
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-// One operand of vpdpbusd must be unsigned: w + 128 is w with its top bit flipped, read as
-// unsigned, and sum((w + 128) x) = sum(w x) + 128 sum(x), so 128 sum(x) is taken off. 256-bit
-// vectors: this CPU (Zen 4) splits a 512-bit one in two anyway. NR rows (w[r], ws[r]) and NT
-// tokens at once, both 1 or 4 (constants at each call): 32 bytes of w are loaded once for the
-// NT tokens, and of x once for the NR rows. Prefill reads x again for every row (from L2,
-// 250 tokens x 768 bytes): 4 rows read it a quarter as often.
-
-// isum[r][t] += piece p (32 bytes) of row r . the 32 bytes of token t at xp + t n; a row's
-// pieces lie pitch bytes apart (pack_q8)
-static inline __attribute__((always_inline)) void q8_piece(__m256i (*isum)[4], const int8_t *const *w, size_t p,
-        size_t pitch, const int8_t *xp, size_t n, int NR, int NT) {
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
-    __m256i wu[4];
-    for (int r = 0; r < NR; r++) wu[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w[r] + p * pitch)), flip);
-    for (int t = 0; t < NT; t++) {
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xp + t * n));
-        for (int r = 0; r < NR; r++) isum[r][t] = _mm256_dpbusd_epi32(isum[r][t], wu[r], xv);
-    }
-}
-
-// The packed block of groups g .. g + 7 of NR rows, for NT tokens: acc[r][t] lane i +=
-// (w_r . x_t over group g + i) * ws[r][g + i] * xs[t][g + i].
-static inline __attribute__((always_inline)) void q8_block(__m256 (*acc)[4], const int8_t *const *w,
-        const float *const *ws, const int8_t *x, const float *xs, const int32_t *xsum, int NR, int NT, int g,
-        int ng, int gs, size_t pitch) {
-    size_t n = (size_t)ng * gs, at = (size_t)g * gs;
-    __m256i isum[4][4];
-    for (int r = 0; r < NR; r++)
-        for (int t = 0; t < NT; t++) isum[r][t] = _mm256_setzero_si256();
-    for (int k = 0; k < gs / 4; k++) // values 4k..4k+3 of each group
-        q8_piece(isum, w, at / 32 + k, pitch, x + at + 32 * k, n, NR, NT);
-    for (int t = 0; t < NT; t++) {
-        __m256i corr = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(xsum + t * ng + g)), 7); // 128 sum(x)
-        __m256 xsv = _mm256_loadu_ps(xs + t * ng + g);
-        for (int r = 0; r < NR; r++)
-            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r][t], corr)),
-                                        _mm256_mul_ps(_mm256_loadu_ps(ws[r] + g), xsv), acc[r][t]);
-    }
-}
-
-// One group g in the file's order (the last ng % 8 of a row), NR rows, NT tokens: its sum is
-// spread over the 8 lanes, each lane scaled by ws[r][g] * xs[t][g].
-static inline __attribute__((always_inline)) void q8_group(__m256 (*acc)[4], const int8_t *const *w,
-        const float *const *ws, const int8_t *x, const float *xs, const int32_t *xsum, int NR, int NT, int g,
-        int ng, int gs, size_t pitch) {
-    size_t n = (size_t)ng * gs, at = (size_t)g * gs;
-    __m256i isum[4][4];
-    for (int r = 0; r < NR; r++)
-        for (int t = 0; t < NT; t++) isum[r][t] = _mm256_setr_epi32(-128 * xsum[t * ng + g], 0, 0, 0, 0, 0, 0, 0);
-    for (int k = 0; k < gs; k += 32) q8_piece(isum, w, (at + k) / 32, pitch, x + at + k, n, NR, NT);
-    for (int r = 0; r < NR; r++)
-        for (int t = 0; t < NT; t++)
-            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][t]), _mm256_set1_ps(ws[r][g] * xs[t * ng + g]), acc[r][t]);
-}
-#endif
-
-// w (NR, n) . x (NT, n) -> out (NR, NT) for int8 weights and activations, NR and NT = 1 or 4
-// (constants at each call): an exact integer dot product per group, scaled by the weight's
-// and the activation's scale.
-static inline __attribute__((always_inline)) void dot_q8(float *out, const int8_t *const *w, const float *const *ws,
-        const int8_t *x, const float *xs, const int32_t *xsum, int NR, int NT, int ng, int gs, size_t pitch) {
-    int n = ng * gs; // ng groups of gs values (the caller divides once, not once per row)
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    if (Q8_PACKED(gs)) { // packed rows: 8 groups at a time, each in its own lane (q8_block)
-        __m256 acc[4][4];
-        for (int r = 0; r < NR; r++)
-            for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
-        int g = 0;
-        for (; g + 8 <= ng; g += 8) q8_block(acc, w, ws, x, xs, xsum, NR, NT, g, ng, gs, pitch);
-        for (; g < ng; g++) q8_group(acc, w, ws, x, xs, xsum, NR, NT, g, ng, gs, pitch);
-        for (int r = 0; r < NR; r++)
-            for (int t = 0; t < NT; t++) { // the 8 lanes' sum (in a fixed order: prefill == decode)
-                __m256 a = acc[r][t];
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                out[r * NT + t] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-            }
-        return;
-    }
-#endif
-    (void)xsum, (void)pitch; // (without VNNI the rows are in the file's order)
-    for (int r = 0; r < NR; r++)
-        for (int t = 0; t < NT; t++) {
-            const int8_t *xt = x + (size_t)t * n;
-            float val = 0.0f;
-            for (int g = 0; g < ng; g++) {
-                int32_t isum = 0;
-                for (int k = g * gs; k < (g + 1) * gs; k++) isum += xt[k] * w[r][k];
-                val += (float)isum * ws[r][g] * xs[t * ng + g];
-            }
-            out[r * NT + t] = val;
-        }
-}
-
-// One step of matmul: NR rows x NT tokens (constants at each call) -> o (NR, NT), float32
-// or int8. For int8 the group sizes 32 and 64 (the exporters' choices) as constants too, so
-// the compiler unrolls each group: 1.1-1.5x faster rows than a variable gs.
-static inline __attribute__((always_inline)) void dot(float *o, const float *const *wr, const int8_t *const *wq,
-        const float *const *wsc, const float *x, const RunState *s, int t, int n, int ng, int gs, int pitch,
-        int NR, int NT) {
-    if (!gs) { dot_f32(o, wr, x + (size_t)t * n, n, NR, NT); return; }
-    const int8_t *xq = s->xq + (size_t)t * n;
-    const float *xs = s->xs + t * ng;
-    const int32_t *xsum = s->xsum + t * ng;
-    if (gs == 32) dot_q8(o, wq, wsc, xq, xs, xsum, NR, NT, ng, 32, pitch);
-    else if (gs == 64) dot_q8(o, wq, wsc, xq, xs, xsum, NR, NT, ng, 64, pitch);
-    else dot_q8(o, wq, wsc, xq, xs, xsum, NR, NT, ng, gs, pitch);
-}
-
-// W (d, n) @ x (T, n) -> out (T, d), where W is the rows of nw matrices stacked, so that
-// wq, wk, wv (or w1, w3) share one parallel loop. A block of rows is read from memory once
-// and then stays in the L1 cache for all T tokens: that is what makes prefill fast.
-static void matmul(float *out, const float *x, int T, int n, const Matrix *ws, int nw,
-                   int gs, RunState *s) {
-    int d = 0, ng = gs ? n / gs : 0; // rows, and int8 groups per row
-    for (int m = 0; m < nw; m++) d += ws[m].rows;
+// W (d, n) @ x (T, n) -> out (T, d): out[t][i] = sum over j of W[i][j] x[t][j], where W is
+// the rows of n_mats matrices stacked, so that wq, wk, wv (or w1, w3) share one pass. By far
+// the most time is spent here. For int8 weights each token of x is quantized first, in groups
+// of the weights' group size, and each group's integer dot product is scaled by the weight's
+// and the token's scale. matmul_tiles (in the last section) reads a block of rows once for
+// all T tokens, which is what makes a batched prompt fast.
+static void matmul(float *out, const float *x, int T, const Matrix *mats, int n_mats, RunState *s) {
+    int n = mats[0].cols, gs = mats[0].group_size;
     if (gs) {
         OMP(omp parallel for if(T > 1))
         for (int t = 0; t < T; t++)
-            quantize(s->xq + (size_t)t * n, s->xs + t * ng, s->xsum + t * ng, x + (size_t)t * n, n, gs);
+            quantize(s->xq + (size_t)t * n, s->xq_scale + t * (n / gs), s->xq_sum + t * (n / gs),
+                     x + (size_t)t * n, n, gs);
     }
-    // rows per step: 4 for prefill (see dot_f32 and q8_block), and for int8 rows in slabs of 4
-    // (pack_q8) also when decoding: 1.4-1.7x faster rows from the cache, one thread
-    int pitch = gs ? ws[0].pitch : 0, slab = pitch / 32; // the same for every int8 matrix
-    int R = T >= 4 || slab == 4 ? 4 : 1;
-    OMP(omp parallel for schedule(static))
-    for (int rb = 0; rb < (d + R - 1) / R; rb++) {
-        int nr = d - rb * R < R ? d - rb * R : R; // rows in this block (the last may have fewer)
-        const float *wr[4] = {0}, *wsc[4] = {0};
-        const int8_t *wq[4] = {0};
-        for (int r = 0; r < R; r++) { // row i of matrix m; a short block repeats its first row
-            int i = rb * R + (r < nr ? r : 0), m = 0;
-            while (i >= ws[m].rows) i -= ws[m++].rows;
-            if (gs) wq[r] = ws[m].q + (size_t)(i - i % slab) * n + i % slab * 32, wsc[r] = ws[m].s + (size_t)i * ng;
-            else wr[r] = ws[m].w + (size_t)i * n;
-        }
-        for (int t = 0; t < T;) {
-            float o[16];
-            int nt = T - t >= 4 ? 4 : 1; // 4 tokens per step while there are 4
-            if (R == 4 && nt == 4) dot(o, wr, wq, wsc, x, s, t, n, ng, gs, pitch, 4, 4);
-            else if (R == 4) dot(o, wr, wq, wsc, x, s, t, n, ng, gs, pitch, 4, 1);
-            else if (nt == 4) dot(o, wr, wq, wsc, x, s, t, n, ng, gs, pitch, 1, 4);
-            else dot(o, wr, wq, wsc, x, s, t, n, ng, gs, pitch, 1, 1);
-            for (int k = 0; k < nt; k++, t++)
-                for (int r = 0; r < nr; r++) out[(size_t)t * d + rb * R + r] = o[r * nt + k];
-        }
-    }
+    matmul_tiles(out, x, T, mats, n_mats, s);
 }
 
-// copy (and for int8 files dequantize) the embedding of token into x (dim,)
-static void embed(float *x, const Transformer *t, int token) {
-    int dim = t->config.dim, gs = t->group_size;
-    size_t off = (size_t)token * dim;
-    if (gs == 0) { memcpy(x, t->token_embedding.w + off, dim * sizeof(float)); return; }
-    int slab = t->token_embedding.pitch / 32, r = token % slab;
-    const int8_t *q = t->token_embedding.q + (size_t)(token - r) * dim; // the token's slab
-    const float *s = t->token_embedding.s + off / gs;
-    for (int g = 0; g < dim / gs; g++)
-        for (int k = 0; k < gs; k++)
-            x[g * gs + k] = q[Q8_PACKED(gs) ? q8_at(g, k, r, dim / gs, gs, slab) : (size_t)g * gs + k] * s[g];
+// x (dim,) = the embedding of token (a row of the table, dequantized in int8 files)
+static void embed(float *x, const Transformer *tf, int token) {
+    const Matrix *e = &tf->token_embedding;
+    if (e->q) dequantize_row(x, e, token);
+    else memcpy(x, e->w + (size_t)token * e->cols, e->cols * sizeof(float));
 }
 
 // RoPE: the angles for one position, shared by all heads and layers
@@ -682,66 +447,23 @@ static void rope_angles(float *fcos, float *fsin, int pos, int head_size) {
 // rotate each adjacent pair (v[i], v[i+1]) of every head in v (n,) by its angle
 static void rope(float *v, int n, const float *fcos, const float *fsin, int head_size) {
     for (int i = 0; i < n; i += 2) {
-        float c = fcos[(i % head_size) / 2], s = fsin[(i % head_size) / 2];
+        float fcr = fcos[(i % head_size) / 2], fci = fsin[(i % head_size) / 2];
         float v0 = v[i], v1 = v[i + 1];
-        v[i] = v0 * c - v1 * s;
-        v[i + 1] = v0 * s + v1 * c;
+        v[i] = v0 * fcr - v1 * fci;
+        v[i + 1] = v0 * fci + v1 * fcr;
     }
 }
 
-// att[0 .. 16 NV) = q . the keys of 16 NV positions, and out[0 .. 16 NV) = sum over
-// positions t <= pos of att[t] v_t: NV (1 or 4, a constant at each call) vectors of 16 at
-// once, as NV independent sums. One alone waits on each FMA's latency (4 cycles) before the
-// next; four keep the FMA units busy. Each sum still runs over i (or t) in order.
-static inline __attribute__((always_inline)) void scores(float *att, const float *q, const float *keys,
-        int head_size, int n_ctx, int NV) {
-    f32x16 a[4] = {0};
-    for (int i = 0; i < head_size; i++)
-        for (int j = 0; j < NV; j++) {
-            f32x16 k;
-            memcpy(&k, keys + (size_t)i * n_ctx + 16 * j, sizeof k);
-            a[j] += q[i] * k;
-        }
-    memcpy(att, a, NV * sizeof a[0]);
-}
-
-static inline __attribute__((always_inline)) void weigh_values(float *out, const float *att, const float *values,
-        int pos, int kv_dim, int NV) {
-    f32x16 o[4] = {0};
-    for (int t = 0; t <= pos; t++)
-        for (int j = 0; j < NV; j++) {
-            f32x16 v;
-            memcpy(&v, values + (size_t)t * kv_dim + 16 * j, sizeof v);
-            o[j] += att[t] * v;
-        }
-    memcpy(out, o, NV * sizeof o[0]);
-}
-
-// One head of causal self-attention for the token at pos: q (head_size,) against the keys
-// of positions 0..pos -> out (head_size,). The cache holds a head's keys transposed,
-// (head_size, n_ctx), so that the scores of 16 positions are computed side by side in a
-// vector register (past pos too, up to the next 16: those scores are never used). The
-// partial sums stay in registers, not in att[] and out[]; written with a vector type
-// because gcc 12 turns the plain loops into scalar code. Each sum runs over i (or t) in
-// order, so a token's result does not depend on how many tokens came in its block.
-// 4 vectors at a time instead of 1 (scores, weigh_values): 110M int8 decoding, 2 threads,
-// 1024 tokens 133 -> 148 tok/s; no change at 256, where the weights dominate.
-static void attention(float *out, const float *q, const float *keys, const float *values,
-                      float *att, int pos, int head_size, int kv_dim, int n_ctx) {
-    int t0 = 0; // 64 positions while the last 16 of them start at or before pos (in n_ctx)
-    for (; t0 + 48 <= pos; t0 += 64) scores(att + t0, q, keys + t0, head_size, n_ctx, 4);
-    for (; t0 <= pos; t0 += 16) scores(att + t0, q, keys + t0, head_size, n_ctx, 1);
-    float scale = sqrtf(head_size);
+// One head of causal self-attention for the token at pos: its query q (head_size,) against
+// the keys of positions 0..pos -> out (head_size,), the values weighted by the softmax of the
+// scores, which att (n_ctx,) holds. Each sum runs over the positions (or over i) in order, so
+// a token's result does not depend on how many tokens came in its block.
+static void attention(float *out, const float *q, float *att, int pos, const HeadCache *kv) {
+    attention_scores(att, q, kv, pos);
+    float scale = sqrtf(kv->head_size);
     for (int t = 0; t <= pos; t++) att[t] /= scale;
     softmax(att, pos + 1);
-    int i = 0;
-    for (; i + 64 <= head_size; i += 64) weigh_values(out + i, att, values + i, pos, kv_dim, 4);
-    for (; i + 16 <= head_size; i += 16) weigh_values(out + i, att, values + i, pos, kv_dim, 1);
-    for (; i < head_size; i++) { // head sizes that are no multiple of 16
-        float o = 0.0f;
-        for (int t = 0; t <= pos; t++) o += att[t] * values[(size_t)t * kv_dim + i];
-        out[i] = o;
-    }
+    attention_values(out, att, kv, pos);
 }
 
 // ----------------------------------------------------------------------------
@@ -750,65 +472,90 @@ static void attention(float *out, const float *q, const float *keys, const float
 // Forward T tokens at positions pos..pos+T-1 (the prompt in blocks, or one generated
 // token). Returns the logits (vocab_size,) of the last token, or of all T tokens
 // (T, vocab_size) when all_logits is set.
-static float *forward(Transformer *tf, RunState *s, const int *tokens, int T, int pos, int all_logits) {
+static float *forward(Transformer *tf, RunState *s, const int *tokens, int T, int pos,
+                      int all_logits) {
     const Config *c = &tf->config;
-    int dim = c->dim, hidden = c->hidden_dim, gs = tf->group_size, n_heads = c->n_heads;
+    int dim = c->dim, hidden = c->hidden_dim, n_heads = c->n_heads, n_ctx = s->n_ctx;
     int head_size = dim / n_heads, kv_dim = dim * c->n_kv_heads / n_heads;
     int kv_mul = n_heads / c->n_kv_heads; // query heads per kv head
     int qkv_dim = dim + 2 * kv_dim, half = head_size / 2;
 
+    // each token's embedding starts the residual stream x; the RoPE angles of its position
     for (int t = 0; t < T; t++) {
         embed(s->x + (size_t)t * dim, tf, tokens[t]);
         rope_angles(s->rope_cos + t * half, s->rope_sin + t * half, pos + t, head_size);
     }
     for (int l = 0; l < c->n_layers; l++) {
-        const Layer *w = &tf->layers[l];
-        float *key_cache = s->key_cache + (size_t)l * s->n_ctx * kv_dim;
-        float *value_cache = s->value_cache + (size_t)l * s->n_ctx * kv_dim;
+        const Layer *layer = &tf->layers[l];
+        float *key_cache = s->key_cache + (size_t)l * n_ctx * kv_dim;
+        float *value_cache = s->value_cache + (size_t)l * n_ctx * kv_dim;
 
-        // attention: q, k, v of every token, rotated; k and v go into the cache
+        // attention rmsnorm
         OMP(omp parallel for if(T > 1))
-        for (int t = 0; t < T; t++) rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_att, dim);
-        Matrix qkv[3] = {w->wq, w->wk, w->wv};
-        matmul(s->qkv, s->xb, T, dim, qkv, 3, gs, s);
+        for (int t = 0; t < T; t++)
+            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->rms_att, dim);
+
+        // q, k and v of every token, in one pass over wq, wk and wv
+        Matrix qkv[3] = {layer->wq, layer->wk, layer->wv};
+        matmul(s->qkv, s->xb, T, qkv, 3, s);
+
+        // RoPE rotates q and k by the token's position; k and v go into the cache. The keys
+        // are stored transposed, (n_kv_heads, head_size, n_ctx), so that the scores of
+        // neighbouring positions are computed side by side.
         OMP(omp parallel for if(T > 1))
         for (int t = 0; t < T; t++) {
             float *q = s->qkv + (size_t)t * qkv_dim, *k = q + dim, *v = k + kv_dim;
             rope(q, dim, s->rope_cos + t * half, s->rope_sin + t * half, head_size);
             rope(k, kv_dim, s->rope_cos + t * half, s->rope_sin + t * half, head_size);
-            for (int i = 0; i < kv_dim; i++) // keys transposed: (n_kv_heads, head_size, n_ctx)
-                key_cache[(size_t)i * s->n_ctx + pos + t] = k[i];
+            for (int i = 0; i < kv_dim; i++) key_cache[(size_t)i * n_ctx + pos + t] = k[i];
             memcpy(value_cache + (size_t)(pos + t) * kv_dim, v, kv_dim * sizeof(float));
         }
-        // each token attends to the cache up to its own position: causal within the block
+
+        // multihead attention: each token attends to the cache up to its own position, so
+        // it is causal within the block too
         OMP(omp parallel for schedule(static))
         for (int th = 0; th < T * n_heads; th++) {
             int t = th / n_heads, h = th % n_heads, kv_off = (h / kv_mul) * head_size;
-            attention(s->xb + (size_t)t * dim + h * head_size, s->qkv + (size_t)t * qkv_dim + h * head_size,
-                      key_cache + (size_t)kv_off * s->n_ctx, value_cache + kv_off, s->att + (size_t)th * s->n_ctx,
-                      pos + t, head_size, kv_dim, s->n_ctx);
+            HeadCache kv = {key_cache + (size_t)kv_off * n_ctx, value_cache + kv_off, head_size,
+                            n_ctx, kv_dim};
+            attention(s->xb + (size_t)t * dim + h * head_size,
+                      s->qkv + (size_t)t * qkv_dim + h * head_size, s->att + (size_t)th * n_ctx,
+                      pos + t, &kv);
         }
-        matmul(s->xb2, s->xb, T, dim, &w->wo, 1, gs, s);
-        for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i]; // residual
 
-        // feed-forward: w2(silu(w1 x) * w3 x)
+        // the output projection, and the residual connection
+        matmul(s->xb2, s->xb, T, &layer->wo, 1, s);
+        for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i];
+
+        // ffn rmsnorm
         OMP(omp parallel for if(T > 1))
-        for (int t = 0; t < T; t++) rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_ffn, dim);
-        Matrix w13[2] = {w->w1, w->w3};
-        matmul(s->hb, s->xb, T, dim, w13, 2, gs, s);
+        for (int t = 0; t < T; t++)
+            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->rms_ffn, dim);
+
+        // w1 x and w3 x, in one pass over both
+        Matrix w13[2] = {layer->w1, layer->w3};
+        matmul(s->hb, s->xb, T, w13, 2, s);
+
+        // SwiGLU: silu(w1 x) * w3 x, where silu(x) = x * sigmoid(x)
         OMP(omp parallel for if(T > 1))
         for (int t = 0; t < T; t++) {
             const float *h1 = s->hb + (size_t)t * 2 * hidden, *h3 = h1 + hidden;
             float *out = s->hb2 + (size_t)t * hidden;
-            for (int i = 0; i < hidden; i++) out[i] = h1[i] * (1.0f / (1.0f + expf(-h1[i]))) * h3[i]; // silu(x) = x*sigmoid(x)
+            for (int i = 0; i < hidden; i++)
+                out[i] = h1[i] * (1.0f / (1.0f + expf(-h1[i]))) * h3[i];
         }
-        matmul(s->xb2, s->hb2, T, hidden, &w->w2, 1, gs, s);
-        for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i]; // residual
+
+        // w2, and the residual connection
+        matmul(s->xb2, s->hb2, T, &layer->w2, 1, s);
+        for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i];
     }
-    // the classifier is the largest matrix: run it only on the rows that are needed
+
+    // the final rmsnorm and the classifier into logits. The classifier is the largest
+    // matrix: it runs only on the tokens whose logits are needed.
     int first = all_logits ? 0 : T - 1, n_out = T - first;
-    for (int t = first; t < T; t++) rmsnorm(s->xb + (size_t)(t - first) * dim, s->x + (size_t)t * dim, tf->rms_final, dim);
-    matmul(s->logits, s->xb, n_out, dim, &tf->wcls, 1, gs, s);
+    for (int t = first; t < T; t++)
+        rmsnorm(s->xb + (size_t)(t - first) * dim, s->x + (size_t)t * dim, tf->rms_final, dim);
+    matmul(s->logits, s->xb, n_out, &tf->wcls, 1, s);
     return s->logits;
 }
 
@@ -856,7 +603,8 @@ static int hex_digit(char c) {
 static int piece_kind(const char *p, int len, int id, int *byte) {
     if (id == 0) return UNKNOWN;
     if (id == BOS || id == EOS) return CONTROL;
-    if (len == 6 && memcmp(p, "<0x", 3) == 0 && p[5] == '>' && hex_digit(p[3]) >= 0 && hex_digit(p[4]) >= 0) {
+    if (len == 6 && memcmp(p, "<0x", 3) == 0 && p[5] == '>' && hex_digit(p[3]) >= 0
+        && hex_digit(p[4]) >= 0) {
         *byte = hex_digit(p[3]) * 16 + hex_digit(p[4]);
         return BYTE;
     }
@@ -864,69 +612,77 @@ static int piece_kind(const char *p, int len, int id, int *byte) {
     return NORMAL;
 }
 
-static void build_tokenizer(Tokenizer *t, const char *path, int vocab_size) {
+static void build_tokenizer(Tokenizer *tok, const char *path, int vocab_size) {
     const char *hint = "is this the tokenizer.bin of this model?";
     FILE *f = fopen(path, "rb");
     if (!f) die("%s: cannot open: %s — pass the tokenizer with -z", path, strerror(errno));
     struct stat st;
     if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
     size_t size = (size_t)st.st_size;
-    t->data = xalloc(size);
-    if (size > 0 && fread(t->data, 1, size, f) != size) die("%s: read failed", path);
+    tok->data = xalloc(size);
+    if (size > 0 && fread(tok->data, 1, size, f) != size) die("%s: read failed", path);
     fclose(f);
     if (size < 4) die("%s: %zu bytes is too small for a tokenizer — %s", path, size, hint);
     int32_t max_len;
-    memcpy(&max_len, t->data, 4);
-    if (max_len <= 0 || max_len > 4096) die("%s: max_token_length %d is outside 1..4096 — %s", path, max_len, hint);
-    t->vocab_size = vocab_size;
-    t->max_token_length = max_len;
-    t->piece = xalloc(vocab_size * sizeof(char *));
-    t->piece_len = xalloc(vocab_size * sizeof(int));
-    t->score = xalloc(vocab_size * sizeof(float));
-    t->kind = xalloc(vocab_size);
-    t->sorted = xalloc(vocab_size * sizeof(TokenIndex));
-    t->special = xalloc(vocab_size * sizeof(int));
-    for (int b = 0; b < 256; b++) t->byte_id[b] = -1;
+    memcpy(&max_len, tok->data, 4);
+    if (max_len <= 0 || max_len > 4096)
+        die("%s: max_token_length %d is outside 1..4096 — %s", path, max_len, hint);
+    tok->vocab_size = vocab_size;
+    tok->max_token_length = max_len;
+    tok->piece = xalloc(vocab_size * sizeof(char *));
+    tok->piece_len = xalloc(vocab_size * sizeof(int));
+    tok->score = xalloc(vocab_size * sizeof(float));
+    tok->kind = xalloc(vocab_size);
+    tok->sorted = xalloc(vocab_size * sizeof(TokenIndex));
+    tok->special = xalloc(vocab_size * sizeof(int));
+    for (int b = 0; b < 256; b++) tok->byte_id[b] = -1;
     size_t off = 4;
     for (int i = 0; i < vocab_size; i++) {
-        if (size - off < 8) die("%s: ends after %d of the model's %d tokens — %s", path, i, vocab_size, hint);
+        if (size - off < 8)
+            die("%s: ends after %d of the model's %d tokens — %s", path, i, vocab_size, hint);
         int32_t len;
-        memcpy(&t->score[i], t->data + off, 4);
-        memcpy(&len, t->data + off + 4, 4);
+        memcpy(&tok->score[i], tok->data + off, 4);
+        memcpy(&len, tok->data + off + 4, 4);
         off += 8;
-        if (len <= 0 || len > max_len) die("%s: token %d has length %d, outside 1..%d — %s", path, i, len, max_len, hint);
-        if (size - off < (size_t)len) die("%s: token %d runs past the end of the file — is it truncated?", path, i);
-        t->piece[i] = t->data + off;
-        t->piece_len[i] = len;
+        if (len <= 0 || len > max_len)
+            die("%s: token %d has length %d, outside 1..%d — %s", path, i, len, max_len, hint);
+        if (size - off < (size_t)len)
+            die("%s: token %d runs past the end of the file — is it truncated?", path, i);
+        tok->piece[i] = tok->data + off;
+        tok->piece_len[i] = len;
         off += len;
         int byte = 0;
-        t->kind[i] = piece_kind(t->piece[i], len, i, &byte);
-        if (t->kind[i] == BYTE) t->byte_id[byte] = i;
-        if (t->kind[i] == SPECIAL) t->special[t->n_special++] = i;
-        if (t->kind[i] == NORMAL) t->sorted[t->n_sorted++] = (TokenIndex){t->piece[i], len, i};
+        tok->kind[i] = piece_kind(tok->piece[i], len, i, &byte);
+        if (tok->kind[i] == BYTE) tok->byte_id[byte] = i;
+        if (tok->kind[i] == SPECIAL) tok->special[tok->n_special++] = i;
+        if (tok->kind[i] == NORMAL)
+            tok->sorted[tok->n_sorted++] = (TokenIndex){tok->piece[i], len, i};
     }
-    if (off != size) die("%s: has %zu bytes after the model's %d tokens — is the tokenizer from another model?", path, size - off, vocab_size);
-    qsort(t->sorted, t->n_sorted, sizeof(TokenIndex), compare_index);
+    if (off != size)
+        die("%s: has %zu bytes after the model's %d tokens — is the tokenizer from another model?",
+            path, size - off, vocab_size);
+    qsort(tok->sorted, tok->n_sorted, sizeof(TokenIndex), compare_index);
 }
 
-static void free_tokenizer(Tokenizer *t) {
-    free(t->data); free(t->piece); free(t->piece_len); free(t->score);
-    free(t->kind); free(t->sorted); free(t->special);
+static void free_tokenizer(Tokenizer *tok) {
+    free(tok->data); free(tok->piece); free(tok->piece_len); free(tok->score);
+    free(tok->kind); free(tok->sorted); free(tok->special);
 }
 
 // the id of the NORMAL piece with these bytes, or -1
-static int lookup(const Tokenizer *t, const char *str, int len) {
-    if (len > t->max_token_length) return -1;
+static int lookup(const Tokenizer *tok, const char *str, int len) {
+    if (len > tok->max_token_length) return -1;
     TokenIndex key = {str, len, 0};
-    const TokenIndex *r = bsearch(&key, t->sorted, t->n_sorted, sizeof(TokenIndex), compare_index);
+    const TokenIndex *r = bsearch(&key, tok->sorted, tok->n_sorted, sizeof(TokenIndex),
+                                  compare_index);
     return r ? r->id : -1;
 }
 
-// UTF-8: the length of the valid sequence at s (n bytes available), 0 if s does not
+// UTF-8: the length of the valid sequence at p (n bytes available), 0 if p does not
 // start a valid sequence (overlong, surrogate, > U+10FFFF, stray continuation byte),
 // -1 if it could still become valid with more bytes.
-static int utf8_length(const unsigned char *s, size_t n) {
-    unsigned char c = s[0], lo = 0x80, hi = 0xBF;
+static int utf8_length(const unsigned char *p, size_t n) {
+    unsigned char c = p[0], lo = 0x80, hi = 0xBF;
     int need;
     if (c < 0x80) return 1;
     if (c < 0xC2) return 0;
@@ -936,15 +692,15 @@ static int utf8_length(const unsigned char *s, size_t n) {
     else return 0;
     for (int i = 1; i < need; i++) {
         if ((size_t)i >= n) return -1;
-        if (s[i] < (i == 1 ? lo : 0x80) || s[i] > (i == 1 ? hi : 0xBF)) return 0;
+        if (p[i] < (i == 1 ? lo : 0x80) || p[i] > (i == 1 ? hi : 0xBF)) return 0;
     }
     return need;
 }
 
-static int valid_utf8(const char *s) {
-    size_t n = strlen(s);
+static int valid_utf8(const char *text) {
+    size_t n = strlen(text);
     for (size_t i = 0; i < n;) {
-        int len = utf8_length((const unsigned char *)s + i, n - i);
+        int len = utf8_length((const unsigned char *)text + i, n - i);
         if (len <= 0) return 0;
         i += len;
     }
@@ -966,31 +722,34 @@ static void push(Tokens *v, int id) {
 // start from one symbol per UTF-8 character, then keep merging the adjacent pair whose
 // concatenation is the highest-scoring piece (leftmost on ties). A character that is
 // not in the vocabulary becomes its bytes, <0xNN> pieces.
-static void encode_segment(const Tokenizer *t, const char *text, size_t n, int dummy_prefix, Tokens *out) {
-    char *s = xalloc(n + 2); // the text, after a space if dummy_prefix
+static void encode_segment(const Tokenizer *tok, const char *text, size_t n, int dummy_prefix,
+                           Tokens *out) {
+    char *str = xalloc(n + 2); // the text, after a space if dummy_prefix
     size_t len = 0;
-    if (dummy_prefix) s[len++] = ' ';
-    for (size_t i = 0; i < n; i++) { // SentencePiece writes spaces as U+2581 '▁', so it reads '▁' as a space
-        if (i + 2 < n && memcmp(text + i, "\xE2\x96\x81", 3) == 0) { s[len++] = ' '; i += 2; }
-        else s[len++] = text[i];
+    if (dummy_prefix) str[len++] = ' ';
+    for (size_t i = 0; i < n; i++) { // '▁' (U+2581) is SentencePiece's space
+        if (i + 2 < n && memcmp(text + i, "\xE2\x96\x81", 3) == 0) { str[len++] = ' '; i += 2; }
+        else str[len++] = text[i];
     }
-    if (len == 0) { free(s); return; }
-    // symbol i covers s[start[i] .. start[i]+size[i]); merged[i] = piece of i and i+1 joined
+    if (len == 0) { free(str); return; }
+    // symbol i covers str[start[i] .. start[i]+size[i]); merged[i] = piece of i and i+1 joined
     int *start = xalloc(len * sizeof(int)), *size = xalloc(len * sizeof(int));
     int *id = xalloc(len * sizeof(int)), *merged = xalloc(len * sizeof(int));
     int n_sym = 0;
     for (size_t i = 0; i < len; n_sym++) {
-        int l = utf8_length((const unsigned char *)s + i, len - i); // the text is valid UTF-8
+        int l = utf8_length((const unsigned char *)str + i, len - i); // the text is valid UTF-8
         start[n_sym] = (int)i;
         size[n_sym] = l;
-        id[n_sym] = lookup(t, s + i, l);
+        id[n_sym] = lookup(tok, str + i, l);
         i += l;
     }
-    for (int i = 0; i + 1 < n_sym; i++) merged[i] = lookup(t, s + start[i], size[i] + size[i + 1]);
+    for (int i = 0; i + 1 < n_sym; i++)
+        merged[i] = lookup(tok, str + start[i], size[i] + size[i + 1]);
     for (;;) {
         int best = -1;
         for (int i = 0; i + 1 < n_sym; i++)
-            if (merged[i] >= 0 && (best < 0 || t->score[merged[i]] > t->score[merged[best]])) best = i;
+            if (merged[i] >= 0 && (best < 0 || tok->score[merged[i]] > tok->score[merged[best]]))
+                best = i;
         if (best < 0) break;
         id[best] = merged[best];
         size[best] += size[best + 1];
@@ -1000,26 +759,31 @@ static void encode_segment(const Tokenizer *t, const char *text, size_t n, int d
         memmove(id + best + 1, id + best + 2, tail * sizeof(int));
         memmove(merged + best + 1, merged + best + 2, tail * sizeof(int));
         n_sym--;
-        if (best > 0) merged[best - 1] = lookup(t, s + start[best - 1], size[best - 1] + size[best]);
-        if (best + 1 < n_sym) merged[best] = lookup(t, s + start[best], size[best] + size[best + 1]);
+        if (best > 0)
+            merged[best - 1] = lookup(tok, str + start[best - 1], size[best - 1] + size[best]);
+        if (best + 1 < n_sym)
+            merged[best] = lookup(tok, str + start[best], size[best] + size[best + 1]);
     }
     for (int i = 0; i < n_sym; i++) {
         if (id[i] >= 0) { push(out, id[i]); continue; }
-        for (int b = 0; b < size[i]; b++) { // byte fallback (<unk> if the vocabulary has no byte pieces)
-            int byte = t->byte_id[(unsigned char)s[start[i] + b]];
+        for (int b = 0; b < size[i]; b++) { // byte fallback (<unk> without byte pieces)
+            int byte = tok->byte_id[(unsigned char)str[start[i] + b]];
             push(out, byte >= 0 ? byte : 0);
         }
     }
-    free(s); free(start); free(size); free(id); free(merged);
+    free(str); free(start); free(size); free(id); free(merged);
 }
 
 // the special piece that starts at text (the longest, if several), or -1
-static int match_special(const Tokenizer *t, const char *text, size_t n, int *match_len) {
+static int match_special(const Tokenizer *tok, const char *text, size_t n, int *match_len) {
     int best = -1;
     *match_len = 0;
-    for (int i = 0; i < t->n_special; i++) {
-        int id = t->special[i], l = t->piece_len[id];
-        if ((size_t)l <= n && l > *match_len && memcmp(text, t->piece[id], l) == 0) { best = id; *match_len = l; }
+    for (int i = 0; i < tok->n_special; i++) {
+        int id = tok->special[i], l = tok->piece_len[id];
+        if ((size_t)l <= n && l > *match_len && memcmp(text, tok->piece[id], l) == 0) {
+            best = id;
+            *match_len = l;
+        }
     }
     return best;
 }
@@ -1027,13 +791,14 @@ static int match_special(const Tokenizer *t, const char *text, size_t n, int *ma
 // Encode UTF-8 text, appending to out. The text is cut at special pieces like <|im_end|>,
 // each becoming its own id; the pieces between are encoded by BPE. dummy_prefix puts a
 // space before the text, as SentencePiece's add_dummy_prefix does.
-static void encode(const Tokenizer *t, const char *text, int dummy_prefix, Tokens *out) {
+static void encode(const Tokenizer *tok, const char *text, int dummy_prefix, Tokens *out) {
     size_t n = strlen(text), seg = 0;
     if (n == 0) return;
     for (size_t i = 0; i <= n;) {
-        int len = 0, sp = i < n ? match_special(t, text + i, n - i, &len) : -1;
+        int len = 0, sp = i < n ? match_special(tok, text + i, n - i, &len) : -1;
         if (sp < 0 && i < n) { i++; continue; }
-        if (i > seg || (seg == 0 && dummy_prefix)) encode_segment(t, text + seg, i - seg, seg == 0 && dummy_prefix, out);
+        if (i > seg || (seg == 0 && dummy_prefix))
+            encode_segment(tok, text + seg, i - seg, seg == 0 && dummy_prefix, out);
         if (sp < 0) break;
         push(out, sp);
         i += len;
@@ -1057,18 +822,21 @@ static void flush_bytes(Utf8Buffer *u, int final) {
     }
 }
 
-static void decode(const Tokenizer *t, Utf8Buffer *u, int prev, int token) {
-    if (t->kind[token] == BYTE) {
-        u->bytes[u->n++] = (unsigned char)(hex_digit(t->piece[token][3]) * 16 + hex_digit(t->piece[token][4]));
+static void decode(const Tokenizer *tok, Utf8Buffer *u, int prev, int token) {
+    const char *p = tok->piece[token];
+    if (tok->kind[token] == BYTE) {
+        u->bytes[u->n++] = (unsigned char)(hex_digit(p[3]) * 16 + hex_digit(p[4]));
         flush_bytes(u, 0);
         return;
     }
     flush_bytes(u, 1);
-    if (t->kind[token] == CONTROL) return;
-    if (t->kind[token] == UNKNOWN) { fputs(" \xE2\x81\x87 ", stdout); return; } // SentencePiece's " ⁇ "
-    const char *p = t->piece[token];
-    int len = t->piece_len[token];
-    if (prev == BOS && p[0] == ' ') { p++; len--; } // the dummy prefix of the first word is not text
+    if (tok->kind[token] == CONTROL) return;
+    if (tok->kind[token] == UNKNOWN) { // SentencePiece prints " ⁇ "
+        fputs(" \xE2\x81\x87 ", stdout);
+        return;
+    }
+    int len = tok->piece_len[token];
+    if (prev == BOS && p[0] == ' ') { p++; len--; } // the first word's dummy prefix is not text
     fwrite(p, 1, len, stdout);
 }
 
@@ -1096,7 +864,9 @@ static unsigned int random_u32(unsigned long long *state) {
     return (unsigned int)((*state * 0x2545F4914F6CDD1Dull) >> 32);
 }
 
-static float random_f32(unsigned long long *state) { return (random_u32(state) >> 8) / 16777216.0f; } // [0,1)
+static float random_f32(unsigned long long *state) { // in [0, 1)
+    return (random_u32(state) >> 8) / 16777216.0f;
+}
 
 static int sample_argmax(const float *p, int n) {
     int best = 0;
@@ -1126,7 +896,7 @@ static ProbIndex *sort_descending(ProbIndex *a, ProbIndex *tmp, int n) {
     }
     for (int d = 0; d < 3; d++) {
         memcpy(&key, &a[0].prob, 4);
-        if (count[d][(~key >> 11 * d) & 2047] == n) continue; // all share this digit: nothing to do
+        if (count[d][(~key >> 11 * d) & 2047] == n) continue; // all share this digit
         int start = 0;
         for (int b = 0; b < 2048; b++) { int c = count[d][b]; count[d][b] = start; start += c; }
         for (int i = 0; i < n; i++) {
@@ -1140,7 +910,8 @@ static ProbIndex *sort_descending(ProbIndex *a, ProbIndex *tmp, int n) {
 
 // Top-p (nucleus) sampling: sample from the most likely tokens whose probabilities
 // add up to more than topp. A token below (1-topp)/(n-1) can never be among them.
-static int sample_topp(const float *p, int n, float topp, ProbIndex *pi, ProbIndex *tmp, float coin) {
+static int sample_topp(const float *p, int n, float topp, ProbIndex *pi, ProbIndex *tmp,
+                       float coin) {
     const float cutoff = (1.0f - topp) / (n - 1);
     int n0 = 0;
     for (int i = 0; i < n; i++) if (p[i] >= cutoff) pi[n0++] = (ProbIndex){p[i], i};
@@ -1161,12 +932,13 @@ static int sample_topp(const float *p, int n, float topp, ProbIndex *pi, ProbInd
 }
 
 static int sample(Sampler *sm, float *logits) {
-    if (sm->temperature == 0.0f) return sample_argmax(logits, sm->vocab_size);
-    for (int i = 0; i < sm->vocab_size; i++) logits[i] /= sm->temperature;
-    softmax(logits, sm->vocab_size);
+    int n = sm->vocab_size;
+    if (sm->temperature == 0.0f) return sample_argmax(logits, n);
+    for (int i = 0; i < n; i++) logits[i] /= sm->temperature;
+    softmax(logits, n);
     float coin = random_f32(&sm->rng_state);
-    if (sm->topp <= 0.0f || sm->topp >= 1.0f) return sample_mult(logits, sm->vocab_size, coin);
-    return sample_topp(logits, sm->vocab_size, sm->topp, sm->probindex, sm->probindex + sm->vocab_size, coin);
+    if (sm->topp <= 0.0f || sm->topp >= 1.0f) return sample_mult(logits, n, coin);
+    return sample_topp(logits, n, sm->topp, sm->probindex, sm->probindex + n, coin);
 }
 
 // ----------------------------------------------------------------------------
@@ -1174,14 +946,16 @@ static int sample(Sampler *sm, float *logits) {
 
 // Forward tokens (n,) at positions pos..pos+n-1 in blocks of s->B; returns the logits of
 // the last one. With logits_file, every position's logits are written to it.
-static float *forward_tokens(Transformer *tf, RunState *s, const int *tokens, int n, int pos, FILE *logits_file) {
+static float *forward_tokens(Transformer *tf, RunState *s, const int *tokens, int n, int pos,
+                             FILE *logits_file) {
     int vocab = tf->config.vocab_size;
     float *logits = s->logits;
     for (int i = 0; i < n; i += s->B) {
         int T = n - i < s->B ? n - i : s->B;
         logits = forward(tf, s, tokens + i, T, pos + i, logits_file != NULL);
         if (logits_file) {
-            if (fwrite(logits, sizeof(float) * vocab, T, logits_file) != (size_t)T) die("writing the logits file failed");
+            if (fwrite(logits, sizeof(float) * vocab, T, logits_file) != (size_t)T)
+                die("writing the logits file failed");
             logits += (size_t)(T - 1) * vocab;
         }
     }
@@ -1199,14 +973,12 @@ static void generate(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, 
     encode(tok, prompt, 1, &p);
     int n_prompt = (int)p.n, max_seq_len = tf->config.max_seq_len;
     if (n_prompt > max_seq_len)
-        die("the prompt is %d tokens but the model's context is %d — shorten the prompt", n_prompt, max_seq_len);
+        die("the prompt is %d tokens but the model's context is %d — shorten the prompt", n_prompt,
+            max_seq_len);
     int n_pre = n_prompt < steps ? n_prompt : steps; // positions of the prompt that are run
 
     double t_start = now_seconds();
-    int first_block = n_pre < s->B ? n_pre : s->B;   // llama2.c's tok/s leaves out the first forward
-    float *logits = forward_tokens(tf, s, p.ids, first_block, 0, logits_file);
-    double t_first = now_seconds();
-    if (n_pre > first_block) logits = forward_tokens(tf, s, p.ids + first_block, n_pre - first_block, first_block, logits_file);
+    float *logits = forward_tokens(tf, s, p.ids, n_pre, 0, logits_file); // the prompt, batched
     double t_prefill = now_seconds();
 
     Utf8Buffer u = {0};
@@ -1228,28 +1000,36 @@ static void generate(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, 
     fflush(stdout);
 
     double t_end = now_seconds();
-    if (pos > first_block) fprintf(stderr, "achieved tok/s: %f\n", rate(pos - first_block, t_end - t_first));
+    int n_new = pos - n_pre; // tokens generated after the prompt: llama2.c's line, then ours
+    if (n_new > 0) fprintf(stderr, "achieved tok/s: %f\n", rate(n_new, t_end - t_prefill));
     fprintf(stderr, "prefill: %d tokens, %.1f tok/s; decode: %d tokens, %.1f tok/s\n", n_pre,
-            rate(n_pre, t_prefill - t_start), pos - n_pre, rate(pos - n_pre, t_end - t_prefill));
+            rate(n_pre, t_prefill - t_start), n_new, rate(n_new, t_end - t_prefill));
     free(p.ids);
 }
 
 // the id of a special piece such as <|im_start|>, or -1
-static int special_id(const Tokenizer *t, const char *text) {
+static int special_id(const Tokenizer *tok, const char *text) {
     int len;
-    int id = match_special(t, text, strlen(text), &len);
+    int id = match_special(tok, text, strlen(text), &len);
     return len == (int)strlen(text) ? id : -1;
 }
 
 // <|im_start|>role\ncontent<|im_end|>\n  (role+"\n" and content are encoded separately)
-static void append_message(const Tokenizer *t, Tokens *v, const char *role, const char *content) {
+static void append_message(const Tokenizer *tok, Tokens *v, const char *role, const char *content) {
     char header[16];
     snprintf(header, sizeof(header), "%s\n", role);
-    push(v, special_id(t, "<|im_start|>"));
-    encode(t, header, 0, v);
-    encode(t, content, 0, v);
-    push(v, special_id(t, "<|im_end|>"));
-    encode(t, "\n", 0, v);
+    push(v, special_id(tok, "<|im_start|>"));
+    encode(tok, header, 0, v);
+    encode(tok, content, 0, v);
+    push(v, special_id(tok, "<|im_end|>"));
+    encode(tok, "\n", 0, v);
+}
+
+// whether n more tokens fit in the context after pos; says so when they do not
+static int context_has_room(int pos, size_t n, int max_seq_len) {
+    if (pos + (int)n < max_seq_len) return 1;
+    fprintf(stderr, "context full (%d tokens): end of chat\n", max_seq_len);
+    return 0;
 }
 
 // Chat in the ChatML template of our tokenizer. All turns stay in the kv cache; each
@@ -1257,7 +1037,8 @@ static void append_message(const Tokenizer *t, Tokens *v, const char *role, cons
 static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, const char *user,
                  const char *system, int steps, FILE *logits_file) {
     int im_start = special_id(tok, "<|im_start|>"), im_end = special_id(tok, "<|im_end|>");
-    if (im_start < 0 || im_end < 0) die("chat mode needs <|im_start|> and <|im_end|> in the tokenizer — use -m generate");
+    if (im_start < 0 || im_end < 0)
+        die("chat mode needs <|im_start|> and <|im_end|> in the tokenizer — use -m generate");
     int max_seq_len = tf->config.max_seq_len, pos = 0;
     Tokens pending = {0}; // tokens not yet run through the model
     push(&pending, BOS);
@@ -1278,7 +1059,7 @@ static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, cons
         user = NULL;
         push(&pending, im_start);
         encode(tok, "assistant\n", 0, &pending);
-        if (pos + (int)pending.n >= max_seq_len) { fprintf(stderr, "context full (%d tokens): end of chat\n", max_seq_len); break; }
+        if (!context_has_room(pos, pending.n, max_seq_len)) break;
         float *logits = forward_tokens(tf, s, pending.ids, (int)pending.n, pos, logits_file);
         pos += (int)pending.n;
         int token = pending.ids[pending.n - 1];
@@ -1300,7 +1081,7 @@ static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, cons
         fflush(stdout);
         push(&pending, im_end); // whether sampled or not: the turn is closed in the context
         encode(tok, "\n", 0, &pending);
-        if (pos + (int)pending.n >= max_seq_len) { fprintf(stderr, "context full (%d tokens): end of chat\n", max_seq_len); break; }
+        if (!context_has_room(pos, pending.n, max_seq_len)) break;
     }
     free(line);
     free(pending.ids);
@@ -1310,19 +1091,20 @@ static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, cons
 // command line
 
 static void usage(const char *why) {
-    fprintf(stderr, "error: %s — usage: run <model.bin> [-t temperature=1.0] [-p topp=0.9] [-s seed] "
-                    "[-n steps=256] [-i prompt] [-z tokenizer.bin] [-m generate|chat|tokenize] [-y system_prompt] "
-                    "[-b prefill_block=128] [-L logits_file]\n", why);
+    fprintf(stderr, "error: %s — usage: run <model.bin> [-t temperature=1.0] [-p topp=0.9] "
+                    "[-s seed] [-n steps=256] [-i prompt] [-z tokenizer.bin] "
+                    "[-m generate|chat|tokenize] [-y system_prompt] [-b prefill_block=128] "
+                    "[-L logits_file]\n", why);
     exit(1);
 }
 
-static double parse_number(const char *flag, const char *s, double lo, double hi) {
+static double parse_number(const char *flag, const char *text, double lo, double hi) {
     char *end;
     errno = 0;
-    double v = strtod(s, &end);
-    if (end == s || *end != '\0' || errno != 0 || !(v >= lo && v <= hi)) {
+    double v = strtod(text, &end);
+    if (end == text || *end != '\0' || errno != 0 || !(v >= lo && v <= hi)) {
         static char why[128];
-        snprintf(why, sizeof(why), "%s needs a number in [%g, %g], not '%s'", flag, lo, hi, s);
+        snprintf(why, sizeof(why), "%s needs a number in [%g, %g], not '%s'", flag, lo, hi, text);
         usage(why);
     }
     return v;
@@ -1354,9 +1136,10 @@ int main(int argc, char **argv) {
     float temperature = 1.0f; // 0 = greedy
     float topp = 0.9f;        // top-p in nucleus sampling; 1 = off
     long long seed = 0;       // <= 0: seed from the clock
-    int steps = 256;          // positions to run, prompt included (chat: tokens per reply); 0 = the whole context
-    int block = 128;          // prompt tokens per batched forward pass (64 -> 128: prefill 1.06-1.27x
-                              // faster on the 15M and 110M shapes, float32 and int8)
+    int steps = 256;          // positions to run, prompt included (chat: tokens per reply);
+                              // 0 = the whole context
+    int block = 128;          // prompt tokens per batched forward pass (prefill 1.06-1.27x
+                              // faster than with 64)
 
     if (argc < 2 || argv[1][0] == '-') usage("the first argument must be the model file");
     model_path = argv[1];
@@ -1380,17 +1163,18 @@ int main(int argc, char **argv) {
         }
     }
     int is_chat = strcmp(mode, "chat") == 0, is_tokenize = strcmp(mode, "tokenize") == 0;
-    if (!is_chat && !is_tokenize && strcmp(mode, "generate") != 0) usage("-m must be generate, chat or tokenize");
+    if (!is_chat && !is_tokenize && strcmp(mode, "generate") != 0)
+        usage("-m must be generate, chat or tokenize");
     if (prompt && !valid_utf8(prompt)) die("the prompt is not valid UTF-8");
     if (system_prompt && !valid_utf8(system_prompt)) die("the system prompt is not valid UTF-8");
 
     Transformer tf;
     read_checkpoint(&tf, model_path);
-    int max_seq_len = tf.config.max_seq_len;
+    int max_seq_len = tf.config.max_seq_len, vocab_size = tf.config.vocab_size;
     if (steps == 0 || steps > max_seq_len) steps = max_seq_len;
     char *default_path = tokenizer_path ? NULL : default_tokenizer(model_path);
     Tokenizer tok = {0};
-    build_tokenizer(&tok, tokenizer_path ? tokenizer_path : default_path, tf.config.vocab_size);
+    build_tokenizer(&tok, tokenizer_path ? tokenizer_path : default_path, vocab_size);
 
     if (is_tokenize) {
         Tokens ids = {0};
@@ -1400,11 +1184,12 @@ int main(int argc, char **argv) {
         free(ids.ids);
     } else {
         FILE *logits_file = NULL;
-        if (logits_path && !(logits_file = fopen(logits_path, "wb"))) die("%s: cannot write: %s", logits_path, strerror(errno));
-        int n_ctx = is_chat ? max_seq_len : steps; // the kv cache holds only the positions that can be used
+        if (logits_path && !(logits_file = fopen(logits_path, "wb")))
+            die("%s: cannot write: %s", logits_path, strerror(errno));
+        int n_ctx = is_chat ? max_seq_len : steps; // the kv cache holds only the usable positions
         RunState s;
         malloc_run_state(&s, &tf, block < n_ctx ? block : n_ctx, n_ctx, logits_file != NULL);
-        Sampler sm = {tf.config.vocab_size, temperature, topp, 0, xalloc(2 * tf.config.vocab_size * sizeof(ProbIndex))};
+        Sampler sm = {vocab_size, temperature, topp, 0, xalloc(2 * vocab_size * sizeof(ProbIndex))};
         sm.rng_state = seed > 0 ? (unsigned long long)seed : (unsigned long long)time(NULL);
         if (is_chat) chat(&tf, &s, &tok, &sm, prompt, system_prompt, steps, logits_file);
         else generate(&tf, &s, &tok, &sm, prompt ? prompt : "", steps, logits_file);
@@ -1418,3 +1203,414 @@ int main(int argc, char **argv) {
     return 0;
 }
 #endif
+
+// ----------------------------------------------------------------------------
+// fast kernels and memory layouts
+//
+// What the code above calls (declared at its top): the weights in 2 MB pages, the int8 layout,
+// quantize, matmul's tiles and their float32 and int8 kernels, and attention's kernels. GCC
+// and Clang vector types keep the float32 code portable; x86 intrinsics are used only where
+// the compiler targets AVX-512 VNNI. test_all.py checks that a token gets the same bits alone
+// or in a block of any size, with one thread or two, and the same text from the plain build.
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+// --- the weights in memory
+
+// The weights are read into memory in 2 MB pages where the OS offers them (Linux's
+// transparent huge pages), rather than mapped from the file in 4 KB pages: a token reads
+// every weight once, and at each 4 KB page the TLB misses and the hardware prefetcher stops
+// (15M float32, one thread: 1.34x faster decoding). The price is at start: up to ~1 s when
+// the kernel first compacts memory for 2 MB pages. Only the weights are read (not the header)
+// so that they start on a page: behind version 0's 28-byte header every row would begin 28
+// bytes into a cache line, and each 64-byte load would touch two lines.
+static void *read_weights(int fd, const char *path, uint64_t offset, uint64_t size) {
+    size_t huge = (size_t)2 << 20, cap = size < huge ? size : (size + huge - 1) / huge * huge;
+    void *p = NULL;
+    if (posix_memalign(&p, size < huge ? 64 : huge, cap) != 0)
+        die("%s: out of memory reading %llu bytes of weights", path, (unsigned long long)size);
+#ifdef MADV_HUGEPAGE
+    if (size >= huge) madvise(p, cap, MADV_HUGEPAGE); // a hint: where it is refused, 4 KB pages
+#endif
+    for (uint64_t got = 0; got < size;) {
+        uint64_t left = size - got;
+        size_t chunk = left < (1u << 30) ? left : (1u << 30);
+        ssize_t r = pread(fd, (char *)p + got, chunk, (off_t)(offset + got));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0)
+            die("%s: read failed after %llu of the %llu bytes of weights: %s", path,
+                (unsigned long long)got, (unsigned long long)size,
+                r < 0 ? strerror(errno) : "the file got shorter");
+        got += (uint64_t)r;
+    }
+    return p;
+}
+
+// --- int8 rows in the order of the VNNI dot product
+//
+// vpdpbusd multiplies 32 pairs of bytes and adds them in fours into 8 int32 lanes. In the
+// file's order a group of 32 values fills all 8 lanes, which must then be summed (or scaled
+// lane by lane) before the next group: more instructions than the products themselves. So a
+// row's groups are taken 8 at a time, and a block of 8 groups holds values 4k..4k+3 of each
+// of its groups in turn: then 32 bytes are 4 values of 8 groups, and each lane sums one
+// group. The last ng % 8 groups of a row stay in the file's order. The weights are
+// rearranged once at load (pack_int8), the activations as they are quantized.
+//
+// Decoding reads 4 rows at a time too (x once for 4 rows), and for that the rows are also
+// interleaved in fours, 32 bytes of each in turn (a slab of 4 rows), so that memory is still
+// read in one stream: 4 rows read side by side from 4 places are 2x slower from DRAM.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define HAVE_VNNI 1
+#define Q8_PACKED(gs) ((gs) % 32 == 0)
+#else
+#define HAVE_VNNI 0
+#define Q8_PACKED(gs) 0 // without VNNI the scalar loops read the file's order
+#endif
+
+// where value k of group g of row r lies, from the start of its slab of `slab` rows (1 or
+// 4), for rows of ng groups of gs values
+static inline size_t q8_at(int g, int k, int r, int ng, int gs, int slab) {
+    size_t p = g >= ng / 8 * 8 ? (size_t)g * gs + k // the rest: the file's order
+                               : (size_t)(g / 8 * 8) * gs + (size_t)(k / 4) * 32 + g % 8 * 4
+                                 + k % 4;
+    return (p / 32 * slab + r) * 32 + p % 32;
+}
+
+// rearrange the int8 matrix m into the packed order, in place, in slabs of `slab` rows
+static void pack_matrix(Matrix *m, int slab) {
+    int n = m->cols, gs = m->group_size;
+    int8_t *rows = (int8_t *)m->q, *tmp = xalloc((size_t)slab * n); // our own copy (read_weights)
+    for (int r0 = 0; r0 < m->rows; r0 += slab, rows += (size_t)slab * n) {
+        memcpy(tmp, rows, (size_t)slab * n);
+        for (int r = 0; r < slab; r++)
+            for (int g = 0; g < n / gs; g++)
+                for (int k = 0; k < gs; k += 4)
+                    memcpy(rows + q8_at(g, k, r, n / gs, gs, slab),
+                           tmp + (size_t)r * n + (size_t)g * gs + k, 4);
+    }
+    m->slab = slab;
+    free(tmp);
+}
+
+static void pack_int8(Transformer *tf) {
+    const Config *c = &tf->config;
+    int gs = tf->group_size;
+    if (!gs || !Q8_PACKED(gs)) return;
+    int kv_dim = c->dim * c->n_kv_heads / c->n_heads;
+    int slab = kv_dim % 4 || c->hidden_dim % 4 || c->vocab_size % 4 ? 1 : 4; // (dim % 4 == 0)
+    int shared = tf->wcls.q == tf->token_embedding.q;
+    pack_matrix(&tf->token_embedding, slab);
+    for (int l = 0; l < c->n_layers; l++) {
+        Layer *y = &tf->layers[l];
+        Matrix *ms[] = {&y->wq, &y->wk, &y->wv, &y->wo, &y->w1, &y->w2, &y->w3};
+        for (int i = 0; i < 7; i++) pack_matrix(ms[i], slab);
+    }
+    if (shared) tf->wcls = tf->token_embedding;
+    else pack_matrix(&tf->wcls, slab);
+}
+
+static void dequantize_row(float *x, const Matrix *m, int row) {
+    int n = m->cols, gs = m->group_size, slab = m->slab, r = row % slab;
+    const int8_t *q = m->q + (size_t)(row - r) * n; // the row's slab
+    const float *scale = m->scale + (size_t)row * n / gs;
+    for (int g = 0; g < n / gs; g++)
+        for (int k = 0; k < gs; k++)
+            x[g * gs + k] = q[Q8_PACKED(gs) ? q8_at(g, k, r, n / gs, gs, slab) : (size_t)g * gs + k]
+                          * scale[g];
+}
+
+// Q8_0 quantization of activations, as runq.c does: symmetric, per group, max |x| -> 127,
+// written in the weights' order. Also the sum of each group's int8 values, which the VNNI
+// dot product needs.
+static void quantize(int8_t *xq, float *xq_scale, int32_t *xq_sum, const float *x, int n, int gs) {
+    for (int g = 0; g < n / gs; g++) {
+        const float *xg = x + (size_t)g * gs;
+        float wmax = 0.0f;
+        for (int i = 0; i < gs; i++) wmax = fmaxf(wmax, fabsf(xg[i]));
+        float scale = wmax / 127.0f;
+        xq_scale[g] = scale;
+        int32_t sum = 0;
+        for (int i0 = 0; i0 < gs; i0 += 32) { // 32 values at a time (fewer where gs is not 32k)
+            int m = gs - i0 < 32 ? gs - i0 : 32;
+            int8_t v[32];
+            for (int i = 0; i < m; i++) { // NaN or inf (a broken model) becomes 0: casting it is UB
+                float f = scale == 0.0f ? 0.0f : roundf(xg[i0 + i] / scale);
+                v[i] = fabsf(f) <= 127.0f ? (int8_t)f : 0;
+                sum += v[i];
+            }
+            if (Q8_PACKED(gs)) // (then m = 32) 4 values at a time to their places
+                for (int i = 0; i < 32; i += 4)
+                    memcpy(xq + q8_at(g, i0 + i, 0, n / gs, gs, 1), v + i, 4);
+            else memcpy(xq + (size_t)g * gs + i0, v, m);
+        }
+        xq_sum[g] = sum;
+    }
+}
+
+// --- matmul's tiles
+//
+// A tile is NR rows of W (1 or 4) times NT tokens of x (1 or 4), constants at each call so
+// that the compiler keeps the NR x NT sums in registers. A piece of a row is loaded once for
+// the NT tokens, and a piece of x once for the NR rows: prefill reads x again for every row
+// (from L2, 250 tokens x 768 floats), 4 rows x 4 tokens read it a quarter as often (1.3-2x
+// faster, one thread). Decoding keeps 1 row for float32: four interleaved weight streams are
+// slower there.
+typedef struct {
+    int n, ng;                  // values and int8 groups per row
+    const float *w_f32[4];      // float32: row r
+    const float *x;             // float32: (NT, n) the tokens
+    const int8_t *w_int8[4];    // int8: row r's first 32-byte piece
+    const float *w_scale[4];    // int8: row r's group scales
+    size_t pitch;               // int8: bytes from one 32-byte piece of a row to the next
+    const int8_t *xq;           // int8: (NT, n) the tokens, quantized
+    const float *xq_scale;      // (NT, ng)
+    const int32_t *xq_sum;      // (NT, ng)
+} Tile;
+
+// float32: each (row, token) sum is kept in LANES partial sums, added in a fixed order at the
+// end (lane_sum, dot_tail): the compiler may then use vector registers without -ffast-math,
+// and a token gets the same bits whether it comes alone or in a block. A vector type, because
+// gcc 12 spills plain a[4][16] arrays.
+#define LANES 16
+typedef float f32x16 __attribute__((vector_size(64))); // 16 floats (a GCC/Clang extension)
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x2 __attribute__((vector_size(8)));
+
+// a's 16 lanes added in one order, in halves as vector adds (lane by lane: -Ofast has nothing
+// to reorder, so that every inlined copy gives the same bits)
+ALWAYS_INLINE float lane_sum(const f32x16 *ap) {
+    f32x16 a = *ap;
+    f32x8 h = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    f32x4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    f32x2 p = __builtin_shufflevector(q, q, 0, 1) + __builtin_shufflevector(q, q, 2, 3);
+    return p[0] + p[1];
+}
+
+// w . x over the last n % 16 values of a row (not inlined: one order for every caller)
+static __attribute__((noinline)) float dot_tail(const float *w, const float *x, int left) {
+    float sum = 0.0f;
+    for (int k = 0; k < left; k++) sum += w[k] * x[k];
+    return sum;
+}
+
+// w (NR, n) . x (NT, n) -> out (NR, NT), float32
+ALWAYS_INLINE void dot_f32(float *out, const float *const *w, const float *x, int n, int NR,
+                           int NT) {
+    f32x16 a[4][4] = {{{0}}}; // a[r][t]: row r, token t
+    int j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        f32x16 xv[4], wv;
+        for (int t = 0; t < NT; t++) memcpy(&xv[t], x + (size_t)t * n + j, sizeof xv[t]);
+        for (int r = 0; r < NR; r++) {
+            memcpy(&wv, w[r] + j, sizeof wv);
+            for (int t = 0; t < NT; t++) a[r][t] += wv * xv[t];
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++)
+            out[r * NT + t] = lane_sum(&a[r][t])
+                            + (j < n ? dot_tail(w[r] + j, x + (size_t)t * n + j, n - j) : 0.0f);
+}
+
+#if HAVE_VNNI
+// One operand of vpdpbusd must be unsigned: w + 128 is w with its top bit flipped, read as
+// unsigned, and sum((w + 128) x) = sum(w x) + 128 sum(x), so 128 sum(x) is taken off. 256-bit
+// vectors: Zen 4 splits a 512-bit one in two anyway.
+
+// isum[r][t] += piece p (32 bytes) of row r . the 32 bytes of token t at xp + t n
+ALWAYS_INLINE void q8_piece(__m256i (*isum)[4], const Tile *b, size_t p, const int8_t *xp,
+                            size_t n, int NR, int NT) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m256i wu[4];
+    for (int r = 0; r < NR; r++)
+        wu[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b->w_int8[r] + p * b->pitch)),
+                                 flip);
+    for (int t = 0; t < NT; t++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xp + t * n));
+        for (int r = 0; r < NR; r++) isum[r][t] = _mm256_dpbusd_epi32(isum[r][t], wu[r], xv);
+    }
+}
+
+// The packed block of groups g .. g + 7 of the tile: acc[r][t] lane i +=
+// (w_r . x_t over group g + i) * w_scale[r][g + i] * xq_scale[t][g + i].
+ALWAYS_INLINE void q8_block(__m256 (*acc)[4], const Tile *b, int g, int gs, int NR, int NT) {
+    int ng = b->ng;
+    size_t n = (size_t)ng * gs, at = (size_t)g * gs;
+    __m256i isum[4][4];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) isum[r][t] = _mm256_setzero_si256();
+    for (int k = 0; k < gs / 4; k++) // values 4k..4k+3 of each group
+        q8_piece(isum, b, at / 32 + k, b->xq + at + 32 * k, n, NR, NT);
+    for (int t = 0; t < NT; t++) {
+        __m256i sum = _mm256_loadu_si256((const __m256i *)(b->xq_sum + t * ng + g));
+        __m256i corr = _mm256_slli_epi32(sum, 7); // 128 sum(x)
+        __m256 xsv = _mm256_loadu_ps(b->xq_scale + t * ng + g);
+        for (int r = 0; r < NR; r++)
+            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r][t], corr)),
+                                        _mm256_mul_ps(_mm256_loadu_ps(b->w_scale[r] + g), xsv),
+                                        acc[r][t]);
+    }
+}
+
+// One group g in the file's order (the last ng % 8 of a row): its sum is spread over the 8
+// lanes, each lane scaled by w_scale[r][g] * xq_scale[t][g].
+ALWAYS_INLINE void q8_group(__m256 (*acc)[4], const Tile *b, int g, int gs, int NR, int NT) {
+    int ng = b->ng;
+    size_t n = (size_t)ng * gs, at = (size_t)g * gs;
+    __m256i isum[4][4];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++)
+            isum[r][t] = _mm256_setr_epi32(-128 * b->xq_sum[t * ng + g], 0, 0, 0, 0, 0, 0, 0);
+    for (int k = 0; k < gs; k += 32) q8_piece(isum, b, (at + k) / 32, b->xq + at + k, n, NR, NT);
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) {
+            __m256 scale = _mm256_set1_ps(b->w_scale[r][g] * b->xq_scale[t * ng + g]);
+            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][t]), scale, acc[r][t]);
+        }
+}
+#endif
+
+// w (NR, n) . x (NT, n) -> out (NR, NT) for int8 weights and activations: an exact integer
+// dot product per group, scaled by the weight's and the activation's scale
+ALWAYS_INLINE void dot_q8(float *out, const Tile *b, int gs, int NR, int NT) {
+    int ng = b->ng, n = ng * gs;
+#if HAVE_VNNI
+    if (Q8_PACKED(gs)) { // packed rows: 8 groups at a time, each in its own lane (q8_block)
+        __m256 acc[4][4];
+        for (int r = 0; r < NR; r++)
+            for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+        int g = 0;
+        for (; g + 8 <= ng; g += 8) q8_block(acc, b, g, gs, NR, NT);
+        for (; g < ng; g++) q8_group(acc, b, g, gs, NR, NT);
+        for (int r = 0; r < NR; r++)
+            for (int t = 0; t < NT; t++) { // the 8 lanes' sum (in a fixed order: prefill == decode)
+                __m256 a = acc[r][t];
+                __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                out[r * NT + t] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+            }
+        return;
+    }
+#endif
+    for (int r = 0; r < NR; r++) // the file's order
+        for (int t = 0; t < NT; t++) {
+            const int8_t *xt = b->xq + (size_t)t * n, *w = b->w_int8[r];
+            float val = 0.0f;
+            for (int g = 0; g < ng; g++) {
+                int32_t isum = 0;
+                for (int k = g * gs; k < (g + 1) * gs; k++) isum += xt[k] * w[k];
+                val += (float)isum * b->w_scale[r][g] * b->xq_scale[t * ng + g];
+            }
+            out[r * NT + t] = val;
+        }
+}
+
+// One tile -> o (NR, NT). For int8 the group sizes 32 and 64 (the exporters' choices) as
+// constants too, so that the compiler unrolls each group: 1.1-1.5x faster rows.
+ALWAYS_INLINE void dot_tile(float *o, const Tile *b, int gs, int NR, int NT) {
+    if (!gs) dot_f32(o, b->w_f32, b->x, b->n, NR, NT);
+    else if (gs == 32) dot_q8(o, b, 32, NR, NT);
+    else if (gs == 64) dot_q8(o, b, 64, NR, NT);
+    else dot_q8(o, b, gs, NR, NT);
+}
+
+// matmul (see there): the rows in blocks of R, each block read from memory once and then
+// kept in the L1 cache for all T tokens, 4 tokens at a time while there are 4. The blocks
+// are shared among the threads.
+static void matmul_tiles(float *out, const float *x, int T, const Matrix *mats, int n_mats,
+                         const RunState *s) {
+    int n = mats[0].cols, gs = mats[0].group_size, d = 0, ng = gs ? n / gs : 0;
+    for (int m = 0; m < n_mats; m++) d += mats[m].rows;
+    // rows per block: 4 for prefill, and for int8 rows in slabs of 4 (pack_int8) also when
+    // decoding (1.4-1.7x faster rows from the cache, one thread)
+    int slab = mats[0].slab; // the same for every matrix
+    int R = T >= 4 || slab == 4 ? 4 : 1;
+    OMP(omp parallel for schedule(static))
+    for (int rb = 0; rb < (d + R - 1) / R; rb++) {
+        int nr = d - rb * R < R ? d - rb * R : R; // rows in this block (the last may have fewer)
+        Tile b = {.n = n, .ng = ng, .pitch = (size_t)32 * slab};
+        for (int r = 0; r < R; r++) { // row i of matrix m; a short block repeats its first row
+            int i = rb * R + (r < nr ? r : 0), m = 0;
+            while (i >= mats[m].rows) i -= mats[m++].rows;
+            if (gs) {
+                b.w_int8[r] = mats[m].q + (size_t)(i - i % slab) * n + i % slab * 32;
+                b.w_scale[r] = mats[m].scale + (size_t)i * ng;
+            } else {
+                b.w_f32[r] = mats[m].w + (size_t)i * n;
+            }
+        }
+        for (int t = 0; t < T;) {
+            float o[16];
+            int nt = T - t >= 4 ? 4 : 1;
+            if (gs) {
+                b.xq = s->xq + (size_t)t * n;
+                b.xq_scale = s->xq_scale + t * ng;
+                b.xq_sum = s->xq_sum + t * ng;
+            } else {
+                b.x = x + (size_t)t * n;
+            }
+            if (R == 4 && nt == 4) dot_tile(o, &b, gs, 4, 4);
+            else if (R == 4) dot_tile(o, &b, gs, 4, 1);
+            else if (nt == 4) dot_tile(o, &b, gs, 1, 4);
+            else dot_tile(o, &b, gs, 1, 1);
+            for (int k = 0; k < nt; k++, t++)
+                for (int r = 0; r < nr; r++) out[(size_t)t * d + rb * R + r] = o[r * nt + k];
+        }
+    }
+}
+
+// --- attention's kernels
+//
+// att[0 .. 16 NV) = q . the keys of 16 NV positions, and out[0 .. 16 NV) = sum over
+// positions t <= pos of att[t] v_t: NV (1 or 4, a constant at each call) vectors of 16 at
+// once, as NV independent sums. One alone waits on each FMA's latency (4 cycles) before the
+// next; four keep the FMA units busy. Each sum still runs over i (or t) in order. The partial
+// sums stay in registers; a vector type because gcc 12 turns the plain loops into scalar code.
+ALWAYS_INLINE void scores(float *att, const float *q, const float *keys, int head_size, int n_ctx,
+                          int NV) {
+    f32x16 a[4] = {0};
+    for (int i = 0; i < head_size; i++)
+        for (int j = 0; j < NV; j++) {
+            f32x16 k;
+            memcpy(&k, keys + (size_t)i * n_ctx + 16 * j, sizeof k);
+            a[j] += q[i] * k;
+        }
+    memcpy(att, a, NV * sizeof a[0]);
+}
+
+ALWAYS_INLINE void weigh_values(float *out, const float *att, const float *values, int pos,
+                                int kv_dim, int NV) {
+    f32x16 o[4] = {0};
+    for (int t = 0; t <= pos; t++)
+        for (int j = 0; j < NV; j++) {
+            f32x16 v;
+            memcpy(&v, values + (size_t)t * kv_dim + 16 * j, sizeof v);
+            o[j] += att[t] * v;
+        }
+    memcpy(out, o, NV * sizeof o[0]);
+}
+
+// the scores of 16 positions side by side (the keys are transposed), past pos too, up to the
+// next 16: those are never used
+static void attention_scores(float *att, const float *q, const HeadCache *kv, int pos) {
+    int t0 = 0; // 64 positions while the last 16 of them start at or before pos (in n_ctx)
+    int head_size = kv->head_size, n_ctx = kv->n_ctx;
+    for (; t0 + 48 <= pos; t0 += 64) scores(att + t0, q, kv->keys + t0, head_size, n_ctx, 4);
+    for (; t0 <= pos; t0 += 16) scores(att + t0, q, kv->keys + t0, head_size, n_ctx, 1);
+}
+
+static void attention_values(float *out, const float *att, const HeadCache *kv, int pos) {
+    int i = 0;
+    for (; i + 64 <= kv->head_size; i += 64)
+        weigh_values(out + i, att, kv->values + i, pos, kv->kv_dim, 4);
+    for (; i + 16 <= kv->head_size; i += 16)
+        weigh_values(out + i, att, kv->values + i, pos, kv->kv_dim, 1);
+    for (; i < kv->head_size; i++) { // head sizes that are no multiple of 16
+        float o = 0.0f;
+        for (int t = 0; t <= pos; t++) o += att[t] * kv->values[(size_t)t * kv->kv_dim + i];
+        out[i] = o;
+    }
+}

@@ -13,6 +13,11 @@ libFuzzer harness for run.c's readers of untrusted input. One source, three targ
     make fuzz                     # all three, FUZZ_SECONDS (600) each
     make fuzz FUZZ_TARGETS=prompt FUZZ_SECONDS=60
 
+    # without libFuzzer: -DFUZZ_REPLAY adds a main() that runs every file named (a directory:
+    # every file in it, sorted by name) through the target once, and prints "N inputs replayed"
+    gcc -O1 -DFUZZ_MODEL -DFUZZ_REPLAY -o /tmp/fz fuzz/fuzz.c -lm
+    /tmp/fz fuzz/corpus/model fuzz/regressions/model
+
 run.c is compiled with RUN_FUZZ: die() longjmps back here instead of exiting, and main()
 is left out. What an error path leaves behind is released here (the model file's bytes, the
 tokenizer's arrays, the descriptor read_checkpoint had open), so that the fuzzer can run
@@ -20,13 +25,16 @@ for hours. State that lives across the longjmp is static, so it keeps its value.
 */
 #define _GNU_SOURCE
 #define RUN_FUZZ
+#pragma GCC diagnostic ignored "-Wunused-function" // run.c's command line and loops: not used here
 #include "../run.c"
 
 #include <sys/mman.h>
 
-static jmp_buf jump;
-static int mem_fd = -1;      // the input, as a file that read_checkpoint and build_tokenizer can open
+static int mem_fd = -1; // the input, as a file that read_checkpoint and build_tokenizer can open
 static char mem_path[64];
+#if defined(FUZZ_MODEL) || defined(FUZZ_TOKENIZER)
+static jmp_buf jump;    // where die() returns to
+#endif
 
 static void put_file(const uint8_t *data, size_t n) {
     if (ftruncate(mem_fd, 0) != 0 || (n && pwrite(mem_fd, data, n, 0) != (ssize_t)n)) abort();
@@ -54,17 +62,21 @@ static Transformer tf;
 static RunState rs;
 static Sampler sm;
 static int model_fd = -1;
+static uint64_t weight_bytes; // what read_checkpoint read into tf.file: the file after its header
 
 // every tensor must lie inside the file: this checks expected_size() against map_weights()
 static void check_inside(const void *p, uint64_t bytes) {
-    const char *lo = tf.file, *hi = lo + tf.file_size, *q = p;
-    if (q < lo || q > hi || bytes > (uint64_t)(hi - q)) { fprintf(stderr, "tensor outside the file\n"); abort(); }
+    const char *lo = tf.file, *hi = lo + weight_bytes, *q = p;
+    if (q < lo || q > hi || bytes > (uint64_t)(hi - q)) {
+        fprintf(stderr, "tensor outside the file\n");
+        abort();
+    }
 }
 
 static void check_matrix(const Matrix *m, uint64_t cols) {
     uint64_t n = (uint64_t)m->rows * cols;
     if (tf.group_size == 0) check_inside(m->w, 4 * n);
-    else { check_inside(m->q, n); check_inside(m->s, 4 * (n / tf.group_size)); }
+    else { check_inside(m->q, n); check_inside(m->scale, 4 * (n / tf.group_size)); }
 }
 
 static void check_weights(void) {
@@ -86,7 +98,7 @@ static void check_weights(void) {
 static void release(void) {
     free(tf.file);
     free(tf.layers);
-    if (model_fd >= 0 && fcntl(model_fd, F_GETFD) != -1) close(model_fd); // read_checkpoint died with it open
+    if (model_fd >= 0 && fcntl(model_fd, F_GETFD) != -1) close(model_fd); // died with it open
     model_fd = -1;
     free_run_state(&rs);
     free(sm.probindex);
@@ -98,30 +110,20 @@ static void release(void) {
 // The size the header of data asks for, or 0 if the header is rejected. Random bytes rarely
 // have the exact size their header implies, so each input is also tried at that size: this
 // reaches every shape of model that loads, not only the shapes of the corpus.
-static uint64_t wanted_size(const uint8_t *h, size_t size) {
-    Config *c = &tf.config;
-    int version = 0, shared = 1, gs = 0;
+static uint64_t wanted_size(const uint8_t *data, size_t size) {
     if (size < 28) return 0;
-    if ((uint32_t)read_i32(h) == MAGIC_AK42) {
-        if (size < HEADER_V12) return 0;
-        version = read_i32(h + 4);
-        read_config(c, h + 8);
-        shared = h[36];
-        if (version == 2) gs = read_i32(h + 37);
-        if ((version != 1 && version != 2) || shared > 1 || gs < 0 || (version == 2 && gs == 0)) return 0;
-    } else {
-        read_config(c, h);
-        if (c->vocab_size < 0 && c->vocab_size != INT32_MIN) { shared = 0; c->vocab_size = -c->vocab_size; }
-    }
-    check_config("header", c); // dies (jumps) if it is rejected
-    if (gs && (c->dim % gs != 0 || c->hidden_dim % gs != 0 || c->dim % 4 != 0)) return 0;
-    return expected_size(c, version, shared, gs);
+    unsigned char h[HEADER_V12] = {0};
+    memcpy(h, data, size < HEADER_V12 ? size : HEADER_V12);
+    Format f;
+    read_header(&tf.config, &f, "header", h, size); // dies (jumps) if it is rejected
+    return expected_size(&tf.config, &f);
 }
 
 static void load_and_run(const uint8_t *data, size_t size) {
     put_file(data, size);
     model_fd = next_fd();
     read_checkpoint(&tf, mem_path);
+    weight_bytes = size - ((uint32_t)read_i32(data) == MAGIC_AK42 ? HEADER_V12 : 28);
     check_weights();
     // a block of 4 tokens (the int8 path's 4-token dot product) at positions 0..3, all logits
     int vocab = tf.config.vocab_size, tokens[4] = {BOS, vocab - 1, 0, EOS};
@@ -184,8 +186,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     die_jump = &jump;
     if (setjmp(jump)) { release(); return 0; }
     build_tokenizer(&tok, mem_path, vocab_size);
-    const char *texts[] = {"Once upon a time", "<|im_start|>user\nhi<|im_end|>\n", "h\xC3\xA9llo \xE4\xBD\xA0\xE5\xA5\xBD \xE2\x96\x81x",
-                           "", " ", "<|", "\xF0\x9F\x98\x80<0x41>"};
+    const char *texts[] = {"Once upon a time", "<|im_start|>user\nhi<|im_end|>\n",
+                           "h\xC3\xA9llo \xE4\xBD\xA0\xE5\xA5\xBD \xE2\x96\x81x", "", " ", "<|",
+                           "\xF0\x9F\x98\x80<0x41>"};
     for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++)
         for (int d = 0; d < 2; d++) encode_decode(texts[i], d);
     // the tokenizer's own pieces, joined, as text: this reaches the merges it has
@@ -223,7 +226,8 @@ static void round_trip(const char *text, int dummy_prefix) {
     stdout = mem; // glibc: stdout is an ordinary variable
     Utf8Buffer u = {0};
     for (size_t i = dummy_prefix; i < ids.n; i++) {
-        if (ids.ids[i] <= EOS || ids.ids[i] >= tok.vocab_size) abort(); // no <unk>: the tokenizer has byte pieces
+        // no <unk>: the tokenizer has byte pieces
+        if (ids.ids[i] <= EOS || ids.ids[i] >= tok.vocab_size) abort();
         decode(&tok, &u, i ? ids.ids[i - 1] : -1, ids.ids[i]);
     }
     flush_bytes(&u, 1);
@@ -233,14 +237,14 @@ static void round_trip(const char *text, int dummy_prefix) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (!tok.data) { // once: the tokenizer is not under test here
-        const char *path = getenv("FUZZ_TOKENIZER") ? getenv("FUZZ_TOKENIZER") : "fuzz/tokenizer.bin";
-        build_tokenizer(&tok, path, 512);
+        const char *path = getenv("FUZZ_TOKENIZER");
+        build_tokenizer(&tok, path ? path : "fuzz/tokenizer.bin", 512);
     }
     char *text = malloc(size + 1);
     memcpy(text, data, size);
     text[size] = '\0';
     if (valid_utf8(text)) { // else the CLI stops with an error
-        // what decode gives back: the text itself, except that SentencePiece reads U+2581 as a space
+        // what decode gives back: the text, except that SentencePiece reads U+2581 as a space
         char *want = malloc(size + 1);
         size_t n = 0;
         for (const char *p = text; *p;) {
@@ -250,7 +254,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         for (int d = 0; d < 2; d++) {
             round_trip(text, d);
             if (out_len != n || memcmp(out_buf, want, n) != 0) {
-                fprintf(stderr, "decode(encode(text)) != text (dummy_prefix %d): %zu bytes, not %zu\n", d, out_len, n);
+                fprintf(stderr, "decode(encode(text)) != text (dummy_prefix %d): %zu bytes, "
+                                "not %zu\n", d, out_len, n);
                 abort();
             }
             free(out_buf);
@@ -260,6 +265,53 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         free(want);
     }
     free(text);
+    return 0;
+}
+#endif
+
+#ifdef FUZZ_REPLAY
+// A main() for builds without libFuzzer (any C compiler): every file named on the command line,
+// or every file in a directory named (sorted by name), goes once through the target. A crash
+// or abort fails as it does under libFuzzer; otherwise "N inputs replayed" and exit status 0.
+#include <dirent.h>
+
+static void replay(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) { fprintf(stderr, "%s: cannot open: %s\n", path, strerror(errno)); exit(1); }
+    size_t n = 0, cap = 1 << 16;
+    uint8_t *data = malloc(cap);
+    for (size_t got; data && (got = fread(data + n, 1, cap - n, f)) > 0;)
+        if ((n += got) == cap) data = realloc(data, cap *= 2);
+    if (!data || ferror(f)) { fprintf(stderr, "%s: cannot read\n", path); exit(1); }
+    fclose(f);
+    LLVMFuzzerTestOneInput(data, n);
+    free(data);
+}
+
+static int is_dir(const char *path) {
+    struct stat st;
+    if (stat(path, &st) != 0) { fprintf(stderr, "%s: %s\n", path, strerror(errno)); exit(1); }
+    return S_ISDIR(st.st_mode);
+}
+
+int main(int argc, char **argv) {
+    int out = dup(STDOUT_FILENO); // LLVMFuzzerInitialize sends stdout to /dev/null
+    LLVMFuzzerInitialize(&argc, &argv);
+    int count = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!is_dir(argv[i])) { replay(argv[i]); count++; continue; }
+        struct dirent **names;
+        int k = scandir(argv[i], &names, NULL, alphasort);
+        if (k < 0) { fprintf(stderr, "%s: %s\n", argv[i], strerror(errno)); return 1; }
+        for (int j = 0; j < k; j++) {
+            char path[4096];
+            snprintf(path, sizeof(path), "%s/%s", argv[i], names[j]->d_name);
+            if (!is_dir(path)) { replay(path); count++; }
+            free(names[j]);
+        }
+        free(names);
+    }
+    dprintf(out, "%d inputs replayed\n", count);
     return 0;
 }
 #endif
