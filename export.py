@@ -19,10 +19,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from checkpoint import read_checkpoint, write_atomic
+from checkpoint import (check_model, checkpoint_tokenizer, nonfinite_weights, read_checkpoint,
+                        write_atomic)
 from configurator import configure, die
-from tokenizer import (CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, Tokenizer,
-                       export_tokenizer_bin)
+from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, export_tokenizer_bin
 
 # -----------------------------------------------------------------------------
 checkpoint = 'out/ckpt.pt'
@@ -229,11 +229,23 @@ def export_hf(w, p, tok, ckpt, out_dir):
     """Write out_dir/ (config, weights, tokenizer) into out_dir.tmp/, then swap it in, so
     a crash leaves the previous export whole."""
     out_dir = os.path.normpath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        die(f"{out_dir} is a file; --version=hf writes a folder")
     tmp, old = out_dir + '.tmp', out_dir + '.old'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        write_hf_files(w, p, tok, ckpt, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"wrote {out_dir}/ for transformers' from_pretrained")
+
+
+def write_hf_files(w, p, tok, ckpt, folder):
     files = {'config.json': hf_config(p, tok),
              # stop where sample.py does (BOS starts the next document, EOS) and at <|im_end|>
              'generation_config.json': {'bos_token_id': tok.bos_id,
@@ -242,15 +254,9 @@ def export_hf(w, p, tok, ckpt, out_dir):
     for name, content in files.items():
         if not isinstance(content, bytes):
             content = json.dumps(content, indent=2, ensure_ascii=False).encode()
-        with open(os.path.join(tmp, name), 'wb') as f:
+        with open(os.path.join(folder, name), 'wb') as f:
             f.write(content)
-    write_chunks(os.path.join(tmp, 'model.safetensors'), safetensors_chunks(hf_tensors(w, p)))
-    if os.path.exists(out_dir):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    print(f"wrote {out_dir}/ ({len(files) + 1} files) for transformers' from_pretrained")
+    write_chunks(os.path.join(folder, 'model.safetensors'), safetensors_chunks(hf_tensors(w, p)))
 
 
 # -----------------------------------------------------------------------------
@@ -261,28 +267,24 @@ LAYER_WEIGHTS = ('attention_norm', 'attention.wq', 'attention.wk', 'attention.wv
 
 
 def model_weights(ckpt, path):
-    """The model's float32 arrays by state-dict name, and its shape, from the arrays
-    themselves (model_args may leave hidden_dim and n_kv_heads to be derived)."""
-    stored = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
-    try:
-        w = {k: v.numpy().astype(np.float32, copy=False) for k, v in stored.items()}
-        emb, args = w['tok_embeddings.weight'], ckpt['model_args']
-        n_layers = 1 + max(int(k.split('.')[1]) for k in w if k.startswith('layers.'))
-        n_heads = args['n_heads']
-        p = SimpleNamespace(dim=emb.shape[1], hidden_dim=w['layers.0.feed_forward.w1.weight'].shape[0],
-                            n_layers=n_layers, n_heads=n_heads,
-                            n_kv_heads=w['layers.0.attention.wk.weight'].shape[0] * n_heads // emb.shape[1],
-                            vocab_size=emb.shape[0], max_seq_len=args['max_seq_len'],
-                            norm_eps=args.get('norm_eps', 1e-5))
-        out = w.setdefault('output.weight', emb)
-        p.shared = np.array_equal(out, emb)  # tied: state_dict() holds the one tensor twice
-        needed = ['norm.weight'] + [f'layers.{i}.{name}.weight' for i in range(n_layers) for name in LAYER_WEIGHTS]
-        missing = [k for k in needed if k not in w]
-        if missing:
-            raise KeyError(missing[0])
-    except (KeyError, ValueError, AttributeError, TypeError) as e:
-        die(f"{path}: the model's weights are incomplete ({type(e).__name__}: "
-            f"{str(e)[:80]}) — not a checkpoint of ours")
+    """The model's float32 arrays by state-dict name and its shape, once check_model has held
+    every array to model_args; weights that hold NaN or inf are refused."""
+    stored, hidden_dim = check_model(path, ckpt)
+    w = {}
+    for name, t in stored.items():
+        a = t.numpy()
+        if a.dtype.kind != 'f':
+            die(f"{path}: the weight {name} is not a tensor of floats — not a model of ours")
+        w[name] = a.astype(np.float32, copy=False)
+        if not np.isfinite(w[name]).all():
+            nonfinite_weights(path, name)
+    a = ckpt['model_args']
+    p = SimpleNamespace(dim=a['dim'], hidden_dim=hidden_dim, n_layers=a['n_layers'],
+                        n_heads=a['n_heads'], n_kv_heads=a.get('n_kv_heads') or a['n_heads'],
+                        vocab_size=a['vocab_size'], max_seq_len=a['max_seq_len'],
+                        norm_eps=a.get('norm_eps', 1e-5))
+    emb = w['tok_embeddings.weight']
+    p.shared = np.array_equal(w.setdefault('output.weight', emb), emb)  # tied: stored twice
     return w, p
 
 
@@ -299,27 +301,49 @@ def precompute_freqs(head_dim, end, theta=10000.0):
 
 # -----------------------------------------------------------------------------
 
+def check_output(path, folder=False):
+    """path may be written: absent, or a regular file (a folder for hf), in a folder that
+    exists or can be made. A device, pipe or folder in its place is never replaced."""
+    kind = 'folder' if folder else 'regular file'
+    if os.path.lexists(path) and not (os.path.isdir(path) if folder else os.path.isfile(path)):
+        die(f"{path} exists and is not a {kind} — give another output path")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        die(f"cannot make the folder {parent} for {path}: {e.strerror} — give another output path")
+
+
 def main():
     _, args = configure(globals(), positional=1)
     if not args:
         die("no output path — usage: python export.py OUTPUT --checkpoint=out/ckpt.pt "
             "[--version=0|2|hf]")
-    out = args[0]
-    ckpt = read_checkpoint(checkpoint)
-    if 'tokenizer' not in ckpt:
-        die(f"{checkpoint} holds no tokenizer — it was not written by our train.py")
-    tok = Tokenizer(ckpt['tokenizer'])
-    w, p = model_weights(ckpt, checkpoint)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if version == 'hf':
-        export_hf(w, p, tok, ckpt, out)
-    elif version in ('0', '2'):
-        (export_v0 if version == '0' else export_v2)(w, p, out)
-        tok_path = os.path.join(os.path.dirname(os.path.abspath(out)), 'tokenizer.bin')
-        export_tokenizer_bin(tok, tok_path)
-        print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB) and {tok_path}")
-    else:
+    if version not in ('0', '2', 'hf'):
         die(f"--version={version}: use 0, 2 or hf")
+    if group_size < 1:
+        die(f"--group_size={group_size}: must be at least 1 (64 is llama2.c's)")
+    out = args[0]
+    tok_path = os.path.join(os.path.dirname(os.path.abspath(out)), 'tokenizer.bin')
+    check_output(out, folder=version == 'hf')
+    if version != 'hf':
+        check_output(tok_path)
+    ckpt = read_checkpoint(checkpoint)
+    if ckpt.get('task') not in (None, 'pretrain', 'sft', 'dpo'):
+        die(f"{checkpoint} is a {ckpt['task']!r} model, not a language model — export the "
+            "model it was trained from")
+    w, p = model_weights(ckpt, checkpoint)
+    tok = checkpoint_tokenizer(checkpoint, ckpt)
+    try:
+        if version == 'hf':
+            export_hf(w, p, tok, ckpt, out)
+        else:
+            (export_v0 if version == '0' else export_v2)(w, p, out)
+            export_tokenizer_bin(tok, tok_path)
+            print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB) and {tok_path}")
+    except OSError as e:  # a full disk, a read-only folder: the temporaries are gone
+        die(f"cannot write {e.filename or out}: {e.strerror} — free some space or choose "
+            "another output path; nothing was replaced")
 
 
 if __name__ == '__main__':

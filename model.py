@@ -11,7 +11,7 @@ imports nothing of ours.
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -336,26 +336,3 @@ def decode(model, tokens, cache):
         h = h + matmul_blocks(F.silu(gate) * value, cache.w2[i])
     cache.pos = S
     return matmul_blocks(model.norm(h[:, -1:, :]), cache.output)
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-def load_checkpoint(path, device='cpu'):
-    """Read a checkpoint as data (weights_only: no pickled code runs) and rebuild the
-    model. A missing, truncated or foreign file ends the program with one line."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"error: {path} not found — train a model first (python train.py)")
-    except Exception as e:  # truncated zips, foreign pickles, garbage: all mean "unreadable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({first[:160]}) — "
-                         "was it truncated, or written by another program?")
-    if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= ckpt.keys():
-        raise SystemExit(f"error: {path} has no 'model' and 'model_args' — not a checkpoint of ours")
-    known = {f.name for f in fields(ModelArgs)}
-    model = Transformer(ModelArgs(**{k: v for k, v in ckpt['model_args'].items() if k in known}))
-    state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
-    model.load_state_dict(state)
-    return model.to(device), ckpt

@@ -16,9 +16,9 @@ import sys
 
 import torch
 
-from configurator import configure
-from model import KVCache, load_checkpoint, sample_next
-from tokenizer import Tokenizer
+from checkpoint import checkpoint_tokenizer, load_model
+from configurator import check, check_device, configure, die
+from model import KVCache, sample_next
 
 # -----------------------------------------------------------------------------
 checkpoint = 'out/ckpt.pt'
@@ -35,25 +35,40 @@ system = ''              # chat: a system prompt
 eval_instruct = 0        # > 0: run this many held-out synth instructions and report the rate
 # -----------------------------------------------------------------------------
 configure(globals())
+check(globals(), {
+    'num_samples': (lambda v: v >= 1, "at least 1"),
+    'max_new_tokens': (lambda v: v >= 1, "at least 1"),
+    'temperature': (lambda v: v == v and 0 <= v < float('inf'), "0 (greedy) or more"),
+    'top_k': (lambda v: v >= 0, "0 (off) or more"),
+    'top_p': (lambda v: 0 <= v <= 1, "between 0 and 1 (0 or 1: off)"),
+    'seed': (lambda v: v >= 0, "0 or more"),
+    'eval_instruct': (lambda v: v >= 0, "0 (off) or more"),
+})
+check_device(device)
 torch.manual_seed(seed)
 if start.startswith('FILE:'):
-    with open(start[5:], encoding='utf-8') as f:
-        start = f.read()
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"--start=FILE:{start[5:]}: cannot read it as UTF-8 text "
+            f"({getattr(e, 'strerror', None) or e.reason})")
 
-model, ckpt = load_checkpoint(checkpoint, device)
+model, ckpt = load_model(checkpoint, device)
 model.eval()
-if 'tokenizer' not in ckpt:
-    sys.exit(f"error: {checkpoint} holds no tokenizer — it was not written by our train.py")
-tok = Tokenizer(ckpt['tokenizer'])
+tok = checkpoint_tokenizer(checkpoint, ckpt)
 max_seq_len = model.params.max_seq_len
+if (chat or eval_instruct) and ckpt.get('task', 'pretrain') == 'pretrain':
+    print(f"note: {checkpoint} was pretrained only, never fine-tuned to chat, so it answers "
+          "with stories — fine-tune it first: python train.py --task=sft ...", file=sys.stderr)
 stop_ids = (tok.bos_id, tok.eos_id)
 
 
 def generate(ids):
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     if idx.size(1) > max_seq_len:
-        sys.exit(f"error: the prompt is {idx.size(1)} tokens, longer than the model's "
-                 f"context of {max_seq_len}")
+        die(f"the prompt is {idx.size(1)} tokens, longer than the model's context of "
+            f"{max_seq_len} — shorten it")
     out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, stop_ids)[0].tolist()
     new = out[len(ids):]
     return ids + new[:next((i for i, t in enumerate(new) if t in stop_ids), len(new))]
@@ -103,9 +118,9 @@ if eval_instruct:
     import synth
     rows = synth.instructions(eval_instruct, heldout=True)
     ok = 0
-    for messages, check in rows:
+    for messages, wanted in rows:
         try:
-            ok += synth.follows(Chat().reply(messages[0]['content']), check)
+            ok += synth.follows(Chat().reply(messages[0]['content']), wanted)
         except ContextFull:  # the request does not even fit: not followed
             pass
     print(f"instruction following: {ok}/{len(rows)} = {ok / len(rows):.1%} "
@@ -115,9 +130,9 @@ elif chat:
     while user is not None:
         try:
             print(f"Assistant: {conv.reply(user)}", flush=True)
-        except ContextFull:
-            print("\n(the context is full)", file=sys.stderr)
-            break
+        except ContextFull:  # as run.c: a stop the user must act on
+            die(f"the conversation fills the model's context of {max_seq_len} tokens — "
+                "start a new chat")
         user = read_user()
     print()
 else:

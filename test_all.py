@@ -33,7 +33,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.environ.get('FIXTURES', os.path.join(ROOT, '..', 'shared', 'fixtures'))
 sys.path.insert(0, ROOT)
 
-from model import ModelArgs, Transformer, load_checkpoint  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 from tokenizer import Tokenizer, render_chat  # noqa: E402
 
 VOCAB = 1024
@@ -736,6 +737,71 @@ def test_two_runs_on_one_out_dir(work):
     assert again.returncode == 0, again.stderr[-2000:]
 
 
+def test_export_refuses_bad_input(tiny, bad_checkpoints, tmp_path):
+    """Bad checkpoints, output paths and settings: one line each; a previous export is
+    byte-identical afterwards, a device node is never replaced, no temporary is left."""
+    work, ckpt = tiny
+    good = tmp_path / 'good'
+    good.mkdir()
+    export(work, ckpt, good / 'model.bin')
+    before = {f: (good / f).read_bytes() for f in ('model.bin', 'tokenizer.bin')}
+    (tmp_path / 'a_file').write_text('x')
+    os.mkfifo(tmp_path / 'fifo')
+    out = str(tmp_path / 'new' / 'model.bin')
+    cases = {f'ckpt_{name}': [out, f'--checkpoint={path}'] for name, path in bad_checkpoints.items()
+             if name not in ('no_optimizer', 'other_optimizer')}
+    cases.update({
+        'out_is_folder': [str(good), f'--checkpoint={ckpt}'],
+        'out_under_file': [str(tmp_path / 'a_file' / 'model.bin'), f'--checkpoint={ckpt}'],
+        'out_is_device': ['/dev/null', f'--checkpoint={ckpt}'],
+        'out_is_fifo': [str(tmp_path / 'fifo'), f'--checkpoint={ckpt}'],
+        'hf_out_is_file': [str(tmp_path / 'a_file'), f'--checkpoint={ckpt}', '--version=hf'],
+        'group_size_0': [out, f'--checkpoint={ckpt}', '--version=2', '--group_size=0'],
+        'group_size_neg': [out, f'--checkpoint={ckpt}', '--version=2', '--group_size=-64'],
+        'version': [out, f'--checkpoint={ckpt}', '--version=3'],
+        'no_output': [f'--checkpoint={ckpt}'], 'typo': [out, '--chekpoint=x'],
+    })
+    answers = refused('export.py', cases, work)
+    assert not os.path.exists(tmp_path / 'new' / 'model.bin') and os.path.exists('/dev/null')
+    assert {f: (good / f).read_bytes() for f in before} == before
+    assert 'NaN' in answers['ckpt_nan'] and 'tokens' in answers['ckpt_tok_other_vocab']
+    # a full disk while the new file is written over the good one: the good one stays
+    import resource
+    import signal
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'export.py'), str(good / 'model.bin'),
+                        f'--checkpoint={ckpt}'], capture_output=True, text=True, preexec_fn=small_files)
+    assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'nothing was replaced' in r.stderr, r.stderr
+    assert {f: (good / f).read_bytes() for f in before} == before and sorted(os.listdir(good)) == sorted(before)
+    print(f"{len(answers) + 1} bad inputs to export.py, one line each")
+
+
+def test_sample_refuses_bad_input(tiny, bad_checkpoints, tmp_path):
+    """Bad checkpoints, settings and prompts: one line each. Chat on a model that was never
+    fine-tuned still runs, with one note that says so."""
+    work, ckpt = tiny
+    (tmp_path / 'binary.txt').write_bytes(b'\xff\xfe\x00 not text')
+    cases = {f'ckpt_{name}': [f'--checkpoint={path}'] for name, path in bad_checkpoints.items()
+             if name not in ('no_optimizer', 'other_optimizer')}
+    flags = {'top_k': '--top_k=-1', 'max_new_tokens': '--max_new_tokens=-1', 'temperature': '--temperature=-1',
+             'top_p': '--top_p=1.5', 'num_samples': '--num_samples=0', 'device': '--device=gpu',
+             'cuda': '--device=cuda', 'start_missing': f'--start=FILE:{tmp_path}/nope.txt',
+             'start_binary': f'--start=FILE:{tmp_path}/binary.txt', 'too_long': '--start=' + 'word ' * 600,
+             'typo': '--temprature=0'}
+    cases.update({k: [f'--checkpoint={ckpt}', '--device=cpu', v, '--max_new_tokens=2'] for k, v in flags.items()})
+    cases['max_new_tokens'] = [f'--checkpoint={ckpt}', '--device=cpu', '--max_new_tokens=-1']
+    answers = refused('sample.py', cases, work)
+    assert 'NaN' in answers['ckpt_nan'] and 'tokens' in answers['ckpt_tok_other_vocab']
+    assert 'no CUDA' in answers['cuda'] and 'SentencePiece' in answers['ckpt_tok_garbage']
+    r = py('sample.py', f'--checkpoint={ckpt}', '--device=cpu', '--chat', '--start=Hi', '--max_new_tokens=8',
+           cwd=work)
+    assert r.stdout.startswith('Assistant: ') and r.stderr.count('\n') == 1 and 'never fine-tuned' in r.stderr
+    print(f"{len(answers)} bad inputs to sample.py, one line each")
+
+
 def test_sigkill_during_saves_never_corrupts(work):
     """Kill train.py with SIGKILL while it writes checkpoints (every iteration), many
     times; each time the checkpoint on disk loads, and resuming continues from it."""
@@ -770,7 +836,7 @@ def test_sigkill_during_saves_never_corrupts(work):
         ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)  # never corrupt
         assert ck['iter_num'] >= last_iter
         last_iter = ck['iter_num']
-        load_checkpoint(os.path.join(out, 'ckpt.pt'))
+        load_model(os.path.join(out, 'ckpt.pt'))
     print(f"{trials} SIGKILLs, {kills_mid_save} while a checkpoint was being written; "
           f"0 corrupt; last iteration {last_iter}")
     assert kills_mid_save >= trials // 2 and last_iter > 0
@@ -866,7 +932,7 @@ def test_hf_export(request, tmp_path):
     except ImportError:
         pytest.skip("transformers is not installed (pip install transformers)")
     work, ckpt = request.getfixturevalue('tiny')  # only now: a skip needs no training
-    ours, c = load_checkpoint(ckpt)
+    ours, c = load_model(ckpt)
     tok = Tokenizer(c['tokenizer'])
     # the trained model has n_kv_heads < n_heads; add an untrained one with n_kv_heads == n_heads
     mha = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=VOCAB))
@@ -1038,7 +1104,7 @@ def test_run_c_logits_match_pytorch(exported, runc):
         out = str(exported['dir'] / 'logits.bin')
         run_c(runc, model_bin, '-t', '0', '-n', str(len(ids)), '-i', prompt, '-L', out)
         got = np.fromfile(out, dtype=np.float32).reshape(-1, VOCAB)
-        model, _ = load_checkpoint(ckpt)
+        model, _ = load_model(ckpt)
         with torch.no_grad():
             want = model.eval()(torch.tensor([ids]), torch.zeros(1, len(ids), dtype=torch.long))[0][0].numpy()
         assert got.shape == want.shape
