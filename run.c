@@ -1025,11 +1025,11 @@ static void append_message(const Tokenizer *tok, Tokens *v, const char *role, co
     encode(tok, "\n", 0, v);
 }
 
-// whether n more tokens fit in the context after pos; says so when they do not
-static int context_has_room(int pos, size_t n, int max_seq_len) {
-    if (pos + (int)n < max_seq_len) return 1;
-    fprintf(stderr, "context full (%d tokens): end of chat\n", max_seq_len);
-    return 0;
+// a message that does not fit the context after pos is a stop the user must act on
+static void check_room(int pos, size_t n, int max_seq_len) {
+    if (pos + (int)n >= max_seq_len)
+        die("the conversation fills the model's context of %d tokens — start a new chat",
+            max_seq_len);
 }
 
 // Chat in the ChatML template of our tokenizer. All turns stay in the kv cache; each
@@ -1059,7 +1059,7 @@ static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, cons
         user = NULL;
         push(&pending, im_start);
         encode(tok, "assistant\n", 0, &pending);
-        if (!context_has_room(pos, pending.n, max_seq_len)) break;
+        check_room(pos, pending.n, max_seq_len);
         float *logits = forward_tokens(tf, s, pending.ids, (int)pending.n, pos, logits_file);
         pos += (int)pending.n;
         int token = pending.ids[pending.n - 1];
@@ -1081,7 +1081,6 @@ static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, cons
         fflush(stdout);
         push(&pending, im_end); // whether sampled or not: the turn is closed in the context
         encode(tok, "\n", 0, &pending);
-        if (!context_has_room(pos, pending.n, max_seq_len)) break;
     }
     free(line);
     free(pending.ids);

@@ -86,8 +86,6 @@ class Chat:
             self.pending += tok.encode_message('system', system)[0]
 
     def feed(self, ids):
-        if self.cache.pos + len(ids) >= max_seq_len:  # (as run.c: leave room for a reply)
-            raise ContextFull
         x = torch.tensor([ids], dtype=torch.long, device=device)
         with torch.inference_mode():
             logits, _ = model(x, cache=self.cache)
@@ -96,8 +94,11 @@ class Chat:
     def reply(self, user):
         """Greedy or sampled reply to one user message; stops at <|im_end|>."""
         head = self.pending + tok.encode_message('user', user)[0] + tok.generation_prompt()
+        if self.cache.pos + len(head) >= max_seq_len:  # as run.c: leave room for a reply
+            raise ContextFull
         logits, out = self.feed(head), []
-        while len(out) < max_new_tokens and self.cache.pos < max_seq_len:
+        room = max_seq_len - self.cache.pos  # as run.c: a reply ends where the context does
+        while len(out) < min(max_new_tokens, room):
             nxt = int(sample_next(logits, temperature, top_k, top_p)[0])
             if nxt in (tok.im_end_id,) + stop_ids:
                 break

@@ -1447,6 +1447,24 @@ def F_cross_entropy(logits, targets):
     return float(torch.nn.functional.cross_entropy(logits, targets))
 
 
+def test_chat_context_full_same_in_c_and_python(work, runc, tmp_path):
+    """A reply runs to the end of the context and the chat ends quietly; a message that does
+    not fit is a stop the user must act on: exit 1 and one line, the same in run.c and
+    sample.py, with the same text before it."""
+    tok = open(os.path.join(work, 'data', f'tok{VOCAB}.model'), 'rb').read()
+    ckpt = random_checkpoint(str(tmp_path / 'c.pt'), tok, VOCAB, dim=32, seq=64)
+    model_bin = export(work, ckpt, tmp_path / 'm.bin')
+    for first, rest, code in (('Hi', '', 0), ('Hi', 'more\n', 1), ('word ' * 80, '', 1)):
+        c = subprocess.run([runc, model_bin, '-m', 'chat', '-t', '0', '-i', first], input=rest.encode(),
+                           capture_output=True, timeout=300)
+        p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--checkpoint={ckpt}',
+                            '--device=cpu', '--chat', '--temperature=0', f'--start={first}'],
+                           input=rest, capture_output=True, text=True, cwd=work)
+        assert c.returncode == p.returncode == code and c.stdout.decode() == p.stdout, (first, rest)
+        if code:
+            assert c.stderr.decode() == p.stderr.splitlines()[-1] + '\n' and 'context' in p.stderr
+
+
 def test_run_c_chat_matches_sample_py(tuned, runc):
     """The same turns at temperature 0: run.c -m chat and sample.py --chat say the same."""
     work, sft, _ = tuned
