@@ -324,11 +324,18 @@ static void map_weights(Transformer *tf, const char *weights, const Format *f) {
     tf->wcls = f->shared ? tf->token_embedding : take_matrix(&cur, c->vocab_size, dim, gs);
 }
 
+// Open a file to read whole. O_NONBLOCK so that a FIFO or a device given by mistake is
+// refused here instead of blocking in open(); it changes nothing for a regular file.
+static int open_regular(const char *path, const char *hint, struct stat *st) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) die("%s: cannot open: %s%s", path, strerror(errno), errno == ENOENT ? hint : "");
+    if (fstat(fd, st) != 0 || !S_ISREG(st->st_mode)) die("%s: not a regular file", path);
+    return fd;
+}
+
 static void read_checkpoint(Transformer *tf, const char *path) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) die("%s: cannot open: %s", path, strerror(errno));
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    int fd = open_regular(path, " — make one: make demo, then python export.py out/model.bin", &st);
     uint64_t size = (uint64_t)st.st_size;
     if (size < 28)
         die("%s: %llu bytes is too small for a model header — is the file truncated?", path,
@@ -614,10 +621,9 @@ static int piece_kind(const char *p, int len, int id, int *byte) {
 
 static void build_tokenizer(Tokenizer *tok, const char *path, int vocab_size) {
     const char *hint = "is this the tokenizer.bin of this model?";
-    FILE *f = fopen(path, "rb");
-    if (!f) die("%s: cannot open: %s — pass the tokenizer with -z", path, strerror(errno));
     struct stat st;
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    FILE *f = fdopen(open_regular(path, " — pass the tokenizer with -z", &st), "rb");
+    if (!f) die("%s: cannot read: %s", path, strerror(errno));
     size_t size = (size_t)st.st_size;
     tok->data = xalloc(size);
     if (size > 0 && fread(tok->data, 1, size, f) != size) die("%s: read failed", path);
@@ -931,8 +937,19 @@ static int sample_topp(const float *p, int n, float topp, ProbIndex *pi, ProbInd
     return pi[last].index; // rounding
 }
 
+// NaN or inf, tested on the bits: -Ofast lets the compiler assume isfinite() is always true
+static int is_finite(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    return (bits & 0x7f800000u) != 0x7f800000u;
+}
+
 static int sample(Sampler *sm, float *logits) {
     int n = sm->vocab_size;
+    for (int i = 0; i < n; i++)
+        if (!is_finite(logits[i]))
+            die("the model computed NaN or inf — its weights are damaged or diverged; export "
+                "a good checkpoint again");
     if (sm->temperature == 0.0f) return sample_argmax(logits, n);
     for (int i = 0; i < n; i++) logits[i] /= sm->temperature;
     softmax(logits, n);

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tarfile
@@ -1296,6 +1297,27 @@ def test_run_c_malformed_inputs(exported, tmp_path):
             answers[what] = lines[0].replace(str(tmp_path), '')
     print(f"{len(cases)} malformed inputs x {len(run_binaries())} binaries: one line, exit 1")
     print('\n'.join(f"  {what}: {line}" for what, line in answers.items()))
+
+
+def test_run_c_refuses_fifos_nan_and_missing_files(exported, runc, tmp_path):
+    """A FIFO as model or tokenizer is refused at once (it used to block in open); a model
+    whose weights hold NaN stops with one line instead of printing garbage; a missing model
+    says how to make one."""
+    _, model_bin = exported['random']
+    tok = os.path.join(os.path.dirname(model_bin), 'tokenizer.bin')
+    os.mkfifo(tmp_path / 'fifo')
+    blob = bytearray(open(model_bin, 'rb').read())
+    blob[28 + 4 * 100:28 + 4 * 101] = struct.pack('<f', float('nan'))  # an embedding value
+    (tmp_path / 'nan.bin').write_bytes(bytes(blob))
+    cases = {'fifo model': ([str(tmp_path / 'fifo'), '-z', tok], 'not a regular file'),
+             'fifo tokenizer': ([model_bin, '-z', str(tmp_path / 'fifo')], 'not a regular file'),
+             'nan greedy': ([str(tmp_path / 'nan.bin'), '-z', tok, '-t', '0', '-i', 'a b c d e f g h'], 'NaN'),
+             'nan sampled': ([str(tmp_path / 'nan.bin'), '-z', tok, '-t', '1', '-i', 'a b c d e f g h'], 'NaN'),
+             'no model': ([str(tmp_path / 'none.bin'), '-z', tok], 'make demo')}
+    for what, (args, words) in cases.items():
+        r = run_c(runc, *args, check=False)
+        lines = r.stderr.decode().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and words in lines[0], (what, lines)
 
 
 def test_fuzz_regressions_and_corpus(tmp_path):
