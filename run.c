@@ -335,7 +335,8 @@ static int open_regular(const char *path, const char *hint, struct stat *st) {
 
 static void read_checkpoint(Transformer *tf, const char *path) {
     struct stat st;
-    int fd = open_regular(path, " — make one: make demo, then python export.py out/model.bin", &st);
+    int fd = open_regular(path, " — make one: make demo, then python export.py out/model.bin",
+                          &st);
     uint64_t size = (uint64_t)st.st_size;
     if (size < 28)
         die("%s: %llu bytes is too small for a model header — is the file truncated?", path,
