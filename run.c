@@ -17,6 +17,18 @@ everything else is shared.
 */
 #define _POSIX_C_SOURCE 200809L
 #define _DEFAULT_SOURCE // and madvise
+
+// The plain build (without -ffast-math) computes the same bits on every machine: the compiler
+// may not fuse a multiply and an add into one FMA, which it would do on aarch64 but not on
+// x86-64 (without -march), so an int8 model could print different text on the two.
+#ifndef __FAST_MATH__
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF
+#else
+#pragma GCC optimize("fp-contract=off")
+#endif
+#endif
+
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
