@@ -316,7 +316,7 @@ def test_torchrun_ddp_cpu(work):
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', *args], cwd=work,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.csv']
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'lock', 'log.csv']  # lock: train.py's flock
     rows = read_log(os.path.join(out, 'log.csv'))
     iters = [int(r['iter']) for r in rows if not r['val_loss']]
     assert iters == list(range(6))  # written once, by rank 0
