@@ -216,7 +216,8 @@ def recipe(ds, vocab, data, kind='tok'):
         steps.append('train_vocab' + flags)
     steps.append({'tok': 'pretokenize'}.get(kind, kind) + flags)
     if None in steps:
-        return f"{ds} is neither tinystories, synth, nor an existing .txt/.jsonl file or folder"
+        return (f"{ds} is neither tinystories, synth, nor an existing .txt/.jsonl file or folder "
+                "— give one, e.g. --dataset=synth after python preprocess.py synth")
     how = "run: " + " && ".join(f"python preprocess.py {s}" for s in steps)
     if ds == 'tinystories' and 'download' in steps:
         how += (" (downloads 1.5 GB; offline, or to try everything in minutes, use --dataset=synth "
