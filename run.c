@@ -737,10 +737,50 @@ static void push(Tokens *v, int id) {
     v->ids[v->n++] = id;
 }
 
+// A candidate merge: symbols left and right (adjacent when it was made) join into piece id.
+// len is their joined length then: if either has changed since, the candidate is stale.
+typedef struct { float score; int left, right, len, id; } Merge;
+
+// a binary heap of candidates, the best on top: highest score, then leftmost (as SentencePiece)
+typedef struct { Merge *m; int n; } Heap;
+
+static int better(const Merge *a, const Merge *b) {
+    return a->score != b->score ? a->score > b->score : a->left < b->left;
+}
+
+static void heap_push(Heap *h, Merge x) {
+    int i = h->n++;
+    for (; i > 0 && better(&x, &h->m[(i - 1) / 2]); i = (i - 1) / 2) h->m[i] = h->m[(i - 1) / 2];
+    h->m[i] = x;
+}
+
+static Merge heap_pop(Heap *h) {
+    Merge top = h->m[0], x = h->m[--h->n];
+    int i = 0;
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= h->n) break;
+        if (c + 1 < h->n && better(&h->m[c + 1], &h->m[c])) c++;
+        if (!better(&h->m[c], &x)) break;
+        h->m[i] = h->m[c];
+        i = c;
+    }
+    h->m[i] = x;
+    return top;
+}
+
+// symbols a and b (adjacent) as a candidate, if their joined bytes are a piece
+static void candidate(Heap *h, const Tokenizer *tok, const char *str, const int *start,
+                      const int *size, int a, int b) {
+    int m = lookup(tok, str + start[a], size[a] + size[b]);
+    if (m >= 0) heap_push(h, (Merge){tok->score[m], a, b, size[a] + size[b], m});
+}
+
 // BPE on one segment of text (no special pieces inside), as SentencePiece does it:
 // start from one symbol per UTF-8 character, then keep merging the adjacent pair whose
 // concatenation is the highest-scoring piece (leftmost on ties). A character that is
-// not in the vocabulary becomes its bytes, <0xNN> pieces.
+// not in the vocabulary becomes its bytes, <0xNN> pieces. The symbols form a linked list
+// and the candidate pairs a heap, so a merge costs O(log n), not a scan of the text.
 static void encode_segment(const Tokenizer *tok, const char *text, size_t n, int dummy_prefix,
                            Tokens *out) {
     char *str = xalloc(n + 2); // the text, after a space if dummy_prefix
@@ -751,46 +791,44 @@ static void encode_segment(const Tokenizer *tok, const char *text, size_t n, int
         else str[len++] = text[i];
     }
     if (len == 0) { free(str); return; }
-    // symbol i covers str[start[i] .. start[i]+size[i]); merged[i] = piece of i and i+1 joined
+    // symbol i covers str[start[i] .. start[i]+size[i]); size 0 once merged into its left
+    // neighbour; next[i] and prev[i] link the living symbols (-1 at the ends)
     int *start = xalloc(len * sizeof(int)), *size = xalloc(len * sizeof(int));
-    int *id = xalloc(len * sizeof(int)), *merged = xalloc(len * sizeof(int));
-    int n_sym = 0;
+    int *id = xalloc(len * sizeof(int)), *next = xalloc(len * sizeof(int));
+    int *prev = xalloc(len * sizeof(int)), n_sym = 0;
     for (size_t i = 0; i < len; n_sym++) {
         int l = utf8_length((const unsigned char *)str + i, len - i); // the text is valid UTF-8
         start[n_sym] = (int)i;
         size[n_sym] = l;
         id[n_sym] = lookup(tok, str + i, l);
+        prev[n_sym] = n_sym - 1;
+        next[n_sym] = n_sym + 1 < (int)len ? n_sym + 1 : -1;
         i += l;
     }
-    for (int i = 0; i + 1 < n_sym; i++)
-        merged[i] = lookup(tok, str + start[i], size[i] + size[i + 1]);
-    for (;;) {
-        int best = -1;
-        for (int i = 0; i + 1 < n_sym; i++)
-            if (merged[i] >= 0 && (best < 0 || tok->score[merged[i]] > tok->score[merged[best]]))
-                best = i;
-        if (best < 0) break;
-        id[best] = merged[best];
-        size[best] += size[best + 1];
-        int tail = n_sym - best - 2; // symbols after the one merged away
-        memmove(start + best + 1, start + best + 2, tail * sizeof(int));
-        memmove(size + best + 1, size + best + 2, tail * sizeof(int));
-        memmove(id + best + 1, id + best + 2, tail * sizeof(int));
-        memmove(merged + best + 1, merged + best + 2, tail * sizeof(int));
-        n_sym--;
-        if (best > 0)
-            merged[best - 1] = lookup(tok, str + start[best - 1], size[best - 1] + size[best]);
-        if (best + 1 < n_sym)
-            merged[best] = lookup(tok, str + start[best], size[best] + size[best + 1]);
+    next[n_sym - 1] = -1;
+    // each merge adds at most 2 candidates to the n_sym - 1 it removes from the list
+    Heap h = {xalloc(3 * (size_t)n_sym * sizeof(Merge)), 0};
+    for (int i = 0; i + 1 < n_sym; i++) candidate(&h, tok, str, start, size, i, i + 1);
+    while (h.n > 0) {
+        Merge m = heap_pop(&h);
+        int a = m.left, b = m.right;
+        if (size[a] == 0 || next[a] != b || size[a] + size[b] != m.len) continue; // stale
+        id[a] = m.id; // b joins a
+        size[a] += size[b];
+        size[b] = 0;
+        next[a] = next[b];
+        if (next[a] >= 0) prev[next[a]] = a;
+        if (prev[a] >= 0) candidate(&h, tok, str, start, size, prev[a], a);
+        if (next[a] >= 0) candidate(&h, tok, str, start, size, a, next[a]);
     }
-    for (int i = 0; i < n_sym; i++) {
+    for (int i = 0; i >= 0; i = next[i]) {
         if (id[i] >= 0) { push(out, id[i]); continue; }
         for (int b = 0; b < size[i]; b++) { // byte fallback (<unk> without byte pieces)
             int byte = tok->byte_id[(unsigned char)str[start[i] + b]];
             push(out, byte >= 0 ? byte : 0);
         }
     }
-    free(str); free(start); free(size); free(id); free(merged);
+    free(str); free(start); free(size); free(id); free(next); free(prev); free(h.m);
 }
 
 // the special piece that starts at text (the longest, if several), or -1
