@@ -15,9 +15,14 @@ DEMO_TRAIN = $(DEMO_DATA) $(DEMO_MODEL) --device=cpu --compile=False --batch_siz
 	--gradient_accumulation_steps=1 --learning_rate=2e-3 --min_lr=2e-4 --warmup_iters=50 \
 	--max_iters=600 --eval_interval=200 --eval_iters=20 --log_interval=20
 
-# fine-tuning the demo model: SFT on the embedded instructions, then DPO on preferences
+# fine-tuning the demo model: SFT on the embedded instructions, then DPO and a reward model on
+# preferences, and RL against the instructions' checks (RM_TUNE, RL_TUNE: their own settings)
 TUNE = $(DEMO_DATA) --device=cpu --compile=False --batch_size=16 --gradient_accumulation_steps=1 \
 	--warmup_iters=10 --eval_iters=10 --log_interval=20
+
+RM_TUNE = --learning_rate=1e-3 --min_lr=1e-4 --max_iters=200 --eval_interval=100
+RL_TUNE = --batch_size=8 --group_size=8 --learning_rate=1e-4 --min_lr=1e-5 --max_iters=100 \
+	--eval_interval=50 --eval_iters=50
 
 .PHONY: install demo demo-chat test testc bench fuzz fuzz-replay clean run runfast runomp rundebug \
 	runasan runarm
@@ -33,7 +38,8 @@ demo: install
 	$(PYTHON) train.py $(DEMO_TRAIN) --out_dir=out
 	$(PYTHON) sample.py --checkpoint=out/ckpt.pt --device=cpu --start="Once upon a time" --temperature=0.8
 
-# pretrain (unless make demo already did) -> SFT -> DPO -> one chat turn, in Python and in C
+# pretrain (unless make demo already did) -> SFT -> DPO, a reward model, RL -> the table of
+# held-out instruction following, and one chat turn in C
 demo-chat: install run
 	@test -f out/ckpt.pt || $(MAKE) demo
 	$(PYTHON) preprocess.py sft $(DEMO_DATA)
@@ -42,10 +48,17 @@ demo-chat: install run
 		--learning_rate=1e-3 --min_lr=1e-4 --max_iters=400 --eval_interval=200
 	$(PYTHON) train.py --task=dpo --init_from=out_sft/ckpt.pt --out_dir=out_dpo $(TUNE) \
 		--learning_rate=1e-4 --min_lr=1e-5 --beta=0.1 --max_iters=150 --eval_interval=50
-	for m in out out_sft out_dpo; do $(PYTHON) sample.py --checkpoint=$$m/ckpt.pt --device=cpu \
-		--temperature=0 --eval_instruct=100; done
-	$(PYTHON) export.py out_dpo/model.bin --checkpoint=out_dpo/ckpt.pt
-	./run out_dpo/model.bin -m chat -t 0 -i "Tell me a story about a fox who wants a kite." </dev/null
+	$(PYTHON) train.py --task=rm --init_from=out_sft/ckpt.pt --out_dir=out_rm $(TUNE) \
+		$(RM_TUNE)
+	$(PYTHON) train.py --task=rl --init_from=out_sft/ckpt.pt --out_dir=out_rl $(TUNE) \
+		$(RL_TUNE)
+	@echo "held-out: 100 synth instructions at temperature 0, and the reward model's pairs"
+	@for m in out out_sft out_dpo out_rl; do $(PYTHON) sample.py --checkpoint=$$m/ckpt.pt \
+		--device=cpu --temperature=0 --eval_instruct=100 2>/dev/null; done
+	@$(PYTHON) -c "import csv; r = [r for r in csv.DictReader(open('out_rm/log.csv')) if r['val_loss']][-1]; \
+		print(f\"reward model: {float(r['rm_acc']):.1%} of the held-out pairs ordered right (out_rm/ckpt.pt)\")"
+	$(PYTHON) export.py out_rl/model.bin --checkpoint=out_rl/ckpt.pt
+	./run out_rl/model.bin -m chat -t 0 -i "Tell me a story about a fox who wants a kite." </dev/null
 
 test:
 	$(PYTHON) -m pytest -q -rs test_all.py

@@ -205,6 +205,8 @@ def check_model(path, ckpt):
                 t.numpy()  # a view: checks that the tensor lies inside its storage
         except ValueError as e:
             bad(f"{name}: {e}")
+    if ckpt.get('task') == 'rm':  # a reward model: the scalar head on top
+        want['reward_head.weight'] = (1, dim)
     extra = sorted(set(weights) - set(want))
     if extra:
         bad(f"{extra[0]} is not a weight of a model with these model_args")
@@ -236,7 +238,7 @@ def load_model(path, device='cpu'):
     """The model and the checkpoint dict, read with torch.load(weights_only=True) after the
     torch-free reader has bounded every size and check_model every shape."""
     import torch
-    from model import ModelArgs, Transformer
+    from model import ModelArgs, RewardModel, Transformer
     _, hidden_dim = check_model(path, read_checkpoint(path))
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
@@ -249,7 +251,8 @@ def load_model(path, device='cpu'):
         if not torch.isfinite(t).all():
             nonfinite_weights(path, name)
     args = {k: v for k, v in ckpt['model_args'].items() if k in ModelArgs.__dataclass_fields__}
-    model = Transformer(ModelArgs(**dict(args, hidden_dim=hidden_dim)))
+    model = (RewardModel if ckpt.get('task') == 'rm' else Transformer)(
+        ModelArgs(**dict(args, hidden_dim=hidden_dim)))
     weights.setdefault('output.weight', weights['tok_embeddings.weight'])
     model.load_state_dict(weights)
     return model.to(device), ckpt

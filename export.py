@@ -329,7 +329,10 @@ def main():
     if version != 'hf':
         check_output(tok_path)
     ckpt = read_checkpoint(checkpoint)
-    if ckpt.get('task') not in (None, 'pretrain', 'sft', 'dpo'):
+    if ckpt.get('task') == 'rm':
+        die(f"{checkpoint} is a reward model (task rm): it scores answers, it does not write "
+            "them, so it is not a language model to export — export the policy (sft, dpo, rl)")
+    if ckpt.get('task') not in (None, 'pretrain', 'sft', 'dpo', 'rl'):
         die(f"{checkpoint} is a {ckpt['task']!r} model, not a language model — export the "
             "model it was trained from")
     w, p = model_weights(ckpt, checkpoint)

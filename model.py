@@ -233,6 +233,25 @@ class Transformer(nn.Module):
         return idx
 
 
+class RewardModel(Transformer):
+    """The Transformer with a scalar head instead of next-token logits: the reward of a
+    conversation is reward_head(h), h the final hidden state at its last token. Trained on
+    preference pairs (train.py --task=rm) so that the chosen answer scores higher."""
+    def __init__(self, params):
+        super().__init__(params)
+        self.reward_head = nn.Linear(params.dim, 1, bias=False)
+        nn.init.zeros_(self.reward_head.weight)  # every answer starts equal
+
+    def forward(self, tokens, last):
+        """tokens (B, T), last (B,) the position of each row's last token -> rewards (B,)"""
+        T = tokens.size(1)
+        h = self.dropout(self.tok_embeddings(tokens))
+        for layer in self.layers:
+            h = layer(h, self.freqs_cos[:T], self.freqs_sin[:T])
+        h = self.norm(h[torch.arange(tokens.size(0)), last])  # (B, dim)
+        return self.reward_head(h).squeeze(-1)
+
+
 def sample_next(logits, temperature, top_k=0, top_p=0.0, generator=None):
     """logits (B, V) -> next ids (B,). Greedy at temperature 0; otherwise top-k and then
     top-p (nucleus) filtering of the tempered distribution, and one uniform draw per row

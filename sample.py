@@ -5,11 +5,15 @@ $ python sample.py --checkpoint=out/ckpt.pt --start="Once upon a time" --num_sam
 $ python sample.py --start=FILE:prompt.txt --temperature=0          # greedy
 $ python sample.py --checkpoint=out_sft/ckpt.pt --chat [--system="..."] [--start="first message"]
 $ python sample.py --checkpoint=out_sft/ckpt.pt --eval_instruct=100 # instruction-following rate
+$ python sample.py --reward=out_rm/ckpt.pt --start="a request" --answers=FILE:answers.txt
+$ python sample.py --reward=out_rm/ckpt.pt --checkpoint=out_sft/ckpt.pt --start="..." --num_samples=4
 
 Generation uses the KV cache and stops at BOS or EOS, as run.c does; the output is only
 the samples (prompt + continuation), separated by a line of dashes, so other tools can
 compare it. Chat prints "Assistant: " before each reply and reads the next user message
-after "User: "; end of input ends the chat.
+after "User: "; end of input ends the chat. With --reward, a reward model (train.py
+--task=rm) scores answers to the request --start: the lines of --answers, or else
+num_samples replies of --checkpoint; they are printed best first, each after its score.
 """
 
 import sys
@@ -18,7 +22,7 @@ import torch
 
 from checkpoint import checkpoint_tokenizer, load_model
 from configurator import check, check_device, configure, die
-from model import KVCache, sample_next
+from model import KVCache, RewardModel, sample_next
 
 # -----------------------------------------------------------------------------
 checkpoint = 'out/ckpt.pt'
@@ -33,6 +37,8 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 chat = False             # multi-turn chat with the chat template
 system = ''              # chat: a system prompt
 eval_instruct = 0        # > 0: run this many held-out synth instructions and report the rate
+reward = ''              # a reward model's checkpoint: score answers to --start (see above)
+answers = ''             # with --reward: the answers to score, one per line, or FILE:path
 # -----------------------------------------------------------------------------
 configure(globals())
 check(globals(), {
@@ -46,15 +52,54 @@ check(globals(), {
 })
 check_device(device)
 torch.manual_seed(seed)
-if start.startswith('FILE:'):
+
+
+def read_text(flag, value):
+    """value, or the text of the file value names as FILE:path"""
+    if not value.startswith('FILE:'):
+        return value
     try:
-        with open(start[5:], encoding='utf-8') as f:
-            start = f.read()
+        with open(value[5:], encoding='utf-8') as f:
+            return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        die(f"--start=FILE:{start[5:]}: cannot read it as UTF-8 text "
+        die(f"--{flag}=FILE:{value[5:]}: cannot read it as UTF-8 text "
             f"({getattr(e, 'strerror', None) or e.reason})")
 
+
+start, answers = read_text('start', start), read_text('answers', answers)
+if reward:
+    reward_model, reward_ckpt = load_model(reward, device)
+    if not isinstance(reward_model, RewardModel):
+        die(f"--reward={reward} is a language model, not a reward model (train.py --task=rm)")
+    reward_model.eval()
+    reward_tok = checkpoint_tokenizer(reward, reward_ckpt)
+    if not start:
+        die("--reward scores answers to a request: give it as --start=\"...\"")
+
+
+def show_scores(texts):
+    """Each answer to the request start, scored by the reward model, best first."""
+    scores = []
+    for a in texts:
+        ids = reward_tok.encode_chat([{'role': 'user', 'content': start},
+                                      {'role': 'assistant', 'content': a}])[0]
+        ids = ids[-reward_model.params.max_seq_len:]  # a long request loses its start
+        last = len(ids) - 1 - ids[::-1].index(reward_tok.im_end_id)  # the answer's <|im_end|>
+        with torch.inference_mode():
+            x = torch.tensor([ids], device=device)
+            scores.append(reward_model(x, torch.tensor([last], device=device)).item())
+    for s, a in sorted(zip(scores, texts), key=lambda p: -p[0]):
+        print(f"{s:+.3f}  {a}")
+
+
+if reward and answers:
+    show_scores([a for a in answers.splitlines() if a.strip()])
+    sys.exit(0)
+
 model, ckpt = load_model(checkpoint, device)
+if isinstance(model, RewardModel):
+    die(f"{checkpoint} is a reward model: it scores answers (--reward={checkpoint}), it does "
+        "not write them — sample from a language model")
 model.eval()
 tok = checkpoint_tokenizer(checkpoint, ckpt)
 max_seq_len = model.params.max_seq_len
@@ -98,9 +143,11 @@ class Chat:
             raise ContextFull
         logits, out = self.feed(head), []
         room = max_seq_len - self.cache.pos  # as run.c: a reply ends where the context does
+        self.stopped = False  # by the model, not by a limit
         while len(out) < min(max_new_tokens, room):
             nxt = int(sample_next(logits, temperature, top_k, top_p)[0])
             if nxt in (tok.im_end_id,) + stop_ids:
+                self.stopped = True
                 break
             out.append(nxt)
             logits = self.feed([nxt])
@@ -118,14 +165,22 @@ def read_user():
 if eval_instruct:
     import synth
     rows = synth.instructions(eval_instruct, heldout=True)
-    ok = 0
+    ok = passed = 0
     for messages, wanted in rows:
         try:
-            ok += synth.follows(Chat().reply(messages[0]['content']), wanted)
+            conv = Chat()
+            answer = conv.reply(messages[0]['content'])
         except ContextFull:  # the request does not even fit: not followed
-            pass
-    print(f"instruction following: {ok}/{len(rows)} = {ok / len(rows):.1%} "
-          f"({checkpoint}, temperature {temperature})")
+            continue
+        ok += synth.follows(answer, wanted)
+        passed += conv.stopped and synth.passes(answer, wanted)
+    print(f"instruction following: {ok}/{len(rows)} = {ok / len(rows):.1%}; every constraint "
+          f"(pass@1): {passed}/{len(rows)} = {passed / len(rows):.1%} ({checkpoint}, "
+          f"temperature {temperature})")
+elif reward:
+    if ckpt.get('tokenizer') != reward_ckpt.get('tokenizer'):
+        die(f"{checkpoint} and --reward={reward} have different tokenizers")
+    show_scores([Chat().reply(start) for _ in range(num_samples)])
 elif chat:
     conv, user = Chat(), start or read_user()
     while user is not None:

@@ -179,7 +179,8 @@ def _other(rng, choices, not_this):
 
 def instruction(rng, rejected=False):
     """One (messages, check) pair: a user request and an assistant answer, and
-    check = {"must": [words]} that an answer has to contain to count as following it.
+    check = {"must": [words]} that an answer has to contain to count as following it
+    (and for a story, "want": [the wished-for thing], which only RL's reward counts).
     With rejected=True the answer is just as fluent but answers a different request
     (another animal, thing or name): the "rejected" side of a preference pair."""
     kind = rng.random()
@@ -192,6 +193,7 @@ def instruction(rng, rejected=False):
                           f"Can you tell me a story about a little {animal} who wished for a {thing}?"]
                          if en else [f"给我讲一个关于{animal}想要{thing}的故事。", f"请写一个{animal}和{thing}的故事。"])
         must = [animal]  # the hero asked for (the wish is in the story too, but harder to place)
+        check = {"must": must, "want": [thing]}  # RL's reward counts the wish too
         # the story has its own random stream, so a rejected answer is the same story with
         # another hero and wish: a preference pair then differs only where it matters
         story_rng = random.Random(rng.getrandbits(32))
@@ -209,21 +211,48 @@ def instruction(rng, rejected=False):
             ("What kind of animal is {name}?", "{name} is a {animal}.", "animal"),
         ])
         ask = f"Read this story and answer the question.\n\n{story}\n\nQuestion: {q.format(**f)}"
-        must = [f[key]]
+        check = {"must": [f[key]]}
         if rejected:  # the same answer with the asked-for fact wrong
             pool = {"name": [n for n, _ in NAMES if n != f["friend"]], "friend": [n for n, _ in NAMES if n != f["name"]],
                     "animal": ANIMALS, "thing": THINGS}[key]
             f = dict(f, **{key: _other(rng, pool, f[key])})
         answer = answer.format(**f)
-    return [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}], {"must": must}
+    return [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}], check
+
+
+def has_word(answer, w):
+    """w as a whole word: "ball" is not "balloon" (Chinese has no word bounds to test)"""
+    return re.search(r"(?<![A-Za-z])" + re.escape(w) + r"(?![A-Za-z])", answer) is not None
+
+
+def complete(answer):
+    """It ends a sentence rather than stopping midway."""
+    return answer.rstrip().endswith(('.', '!', '?', '"', '。', '！', '？', '”'))
 
 
 def follows(answer, check):
-    """Does the answer contain every required word (as a whole word: "ball" is not
-    "balloon"), and is it complete (it ends a sentence rather than stopping midway)?"""
-    complete = answer.rstrip().endswith(('.', '!', '?', '"', '。', '！', '？', '”'))
-    return complete and all(re.search(r"(?<![A-Za-z])" + re.escape(w) + r"(?![A-Za-z])", answer)
-                            for w in check["must"])
+    """The instruction-following check: does the answer name what was asked about (the
+    hero of a story, the fact a question asks for), and is it complete?"""
+    return complete(answer) and all(has_word(answer, w) for w in check["must"])
+
+
+def constraints(answer, check):
+    """Every constraint of a request, met or not: each required word, including the wanted
+    thing of a story request, and a complete last sentence."""
+    return [has_word(answer, w) for w in check["must"] + check.get("want", [])] + [complete(answer)]
+
+
+def reward(answer, check, stopped):
+    """The verifiable reward of RL (train.py --task=rl): the fraction of the constraints the
+    answer meets, in [0, 1]; 0 for an answer that never stopped (no <|im_end|> before the
+    length limit), whatever it says, so rambling never pays."""
+    met = constraints(answer, check)
+    return sum(met) / len(met) if stopped else 0.0
+
+
+def passes(answer, check):
+    """pass@1's test: every constraint met"""
+    return all(constraints(answer, check))
 
 
 def held_out(request):

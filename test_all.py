@@ -533,6 +533,185 @@ def test_dpo_raises_preference_accuracy(tuned):
 
 
 # -----------------------------------------------------------------------------
+# after SFT: the reward model and RL (rlhf.py's functions against hand computations)
+
+def test_reward_rule_on_hand_written_answers():
+    import synth
+    check = {"must": ["fox"], "want": ["kite"]}
+    every = "Once there was a fox named Tom. Tom wanted a kite. He was happy."
+    assert synth.constraints(every, check) == [True, True, True]
+    assert synth.reward(every, check, stopped=True) == 1.0 and synth.passes(every, check)
+    some = "Once there was a fox named Tom. Tom wanted a ball."  # no kite
+    assert synth.reward(some, check, stopped=True) == pytest.approx(2 / 3) and not synth.passes(some, check)
+    cut = "Once there was a fox named Tom. Tom wanted a kite and"  # stopped midway
+    assert synth.reward(cut, check, stopped=True) == pytest.approx(2 / 3)
+    none = "A foxglove grew by the sea and"  # "fox" only inside a word, no kite, unfinished
+    assert synth.reward(none, check, stopped=True) == 0.0
+    assert synth.reward(every, check, stopped=False) == 0.0  # never stopped: nothing counts
+    question = {"must": ["Mia"]}  # a question about a story has no wish to meet
+    assert synth.reward("Mia helped Tom.", question, stopped=True) == 1.0
+    assert synth.reward("Tom helped Mia", question, stopped=True) == 0.5
+    # every synth story request names its wish, and the reference answer meets all
+    for messages, c in synth.instructions(200):
+        assert synth.passes(messages[1]['content'], c)
+        assert ('want' in c) == messages[0]['content'].startswith(('Tell', 'Write', 'Can', '给', '请'))
+
+
+def test_group_advantages_and_loss_by_hand():
+    import rlhf
+    rewards = torch.tensor([[1.0, 0.0, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    adv, kept = rlhf.group_advantages(rewards, normalize=False)
+    assert kept.tolist() == [True, False]  # the second group teaches nothing: skipped
+    assert torch.allclose(adv, torch.tensor([[0.5, -0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    adv_n, _ = rlhf.group_advantages(rewards, normalize=True)
+    std = math.sqrt((0.25 + 0.25 + 0 + 0) / 3)  # the unbiased standard deviation of [1, 0, .5, .5]
+    assert torch.allclose(adv_n[0], torch.tensor([0.5, -0.5, 0.0, 0.0]) / std)
+    # the loss over two answers of 2 and 1 tokens (the third position is padding)
+    logp = torch.tensor([[-1.0, -2.0, -5.0], [-0.5, -9.0, -9.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0, 0.0], [-0.25, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    a, beta = torch.tensor([2.0, -1.0]), 0.1
+    loss, kl = rlhf.grpo_loss(logp, ref, a, mask, beta)
+    k3 = lambda lp, r: math.exp(r - lp) - (r - lp) - 1
+    kls = [k3(-1.0, -1.5), k3(-2.0, -2.0), k3(-0.5, -0.25)]
+    want = ((-2.0 + beta * kls[0]) + (-2.0 + beta * kls[1]) + (1.0 + beta * kls[2])) / 3
+    assert loss.item() == pytest.approx(want, rel=1e-6) and kl.item() == pytest.approx(sum(kls) / 3, rel=1e-6)
+    loss.backward()
+    # d/dlogp of -adv * ratio + beta * k3 is -adv + beta * (1 - exp(ref - logp)), over 3 tokens
+    g = lambda adv, lp, r: (-adv + beta * (1 - math.exp(r - lp))) / 3
+    want_grad = [[g(2, -1, -1.5), g(2, -2, -2), 0], [g(-1, -0.5, -0.25), 0, 0]]
+    assert torch.allclose(logp.grad, torch.tensor(want_grad), atol=1e-7)
+
+
+def test_zero_advantage_and_beta_leave_weights_and_kl_is_zero_at_reference():
+    import copy
+    import rlhf
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
+    ref = copy.deepcopy(m).requires_grad_(False)
+    answers = rlhf.sample_group(m, [1, 5, 9], 4, 10, stop_id=2, generator=torch.Generator().manual_seed(0))
+    x = torch.tensor([[1, 5, 9] + a[:-1] + [0] * (10 - len(a)) for a, _ in answers])[:, :12]
+    y = torch.tensor([[-1, -1] + a + [-1] * (10 - len(a)) for a, _ in answers])[:, :12]
+    logp = rlhf.token_logps(m, x, y)
+    loss, kl = rlhf.grpo_loss(logp, rlhf.token_logps(ref, x, y), torch.zeros(4), y != -1, beta=0.0)
+    assert kl.item() == 0.0  # the policy is the reference
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.parameters())
+    before = copy.deepcopy(m.state_dict())
+    opt = m.configure_optimizers(0.0, 1e-2, (0.9, 0.95), 'cpu')
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_reward_model_learns_to_order_pairs():
+    """A tiny reward model on a toy preference: the chosen answer ends where the prompt's
+    first token says (token 10 + it), the rejected one elsewhere. Trained on 256 pairs with the
+    Bradley-Terry loss, it orders 32 held-out pairs as wanted."""
+    import rlhf
+    from model import RewardModel
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+
+    def pairs(n):
+        cue = torch.randint(0, 4, (n,), generator=g)
+        body = torch.randint(20, 60, (n, 6), generator=g)
+        chosen = torch.cat([cue[:, None], body, 10 + cue[:, None]], 1)
+        rejected = torch.cat([cue[:, None], body, 10 + (cue[:, None] + 1) % 4], 1)
+        x = torch.cat([chosen, rejected])
+        y = torch.full_like(x, -1)
+        y[:, -2] = x[:, -1]  # the last counted target: the answer's last token, read at -1
+        return x, y
+    rm = RewardModel(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=16))
+    opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
+    (x, y), (vx, vy) = pairs(256), pairs(32)
+    assert (rlhf.last_tokens(y) == x.size(1) - 1).all()
+    for _ in range(100):
+        loss, _ = rlhf.reward_model_loss(rm(x, rlhf.last_tokens(y)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        _, margin = rlhf.reward_model_loss(rm(vx, rlhf.last_tokens(vy)))
+    print(f"toy reward model: held-out accuracy {(margin > 0).float().mean():.2f}, loss {loss.item():.3f}")
+    assert (margin > 0).all()
+
+
+@pytest.fixture(scope='session')
+def rlhf_runs(tuned):
+    """A reward model and a few RL steps, each from the tuned SFT checkpoint."""
+    work, sft, _ = tuned
+    tune = ['--dataset=synth', f'--vocab_size={VOCAB}', *CPU, '--gradient_accumulation_steps=1',
+            '--warmup_iters=5', '--log_interval=1', f'--init_from={sft}']
+    py('train.py', '--task=rm', '--out_dir=out_rm', *tune, '--batch_size=16', '--eval_iters=10',
+       '--learning_rate=1e-3', '--min_lr=1e-4', '--max_iters=60', '--eval_interval=30', cwd=work)
+    return work, tune
+
+
+RL = ['--task=rl', '--batch_size=2', '--group_size=4', '--max_new_tokens=48', '--eval_iters=4',
+      '--learning_rate=1e-4', '--min_lr=1e-5', '--lr_decay_iters=6']
+
+
+def test_reward_model_stage(rlhf_runs, tmp_path):
+    work, _ = rlhf_runs
+    rows = [r for r in read_log(os.path.join(work, 'out_rm', 'log.csv')) if r['val_loss']]
+    print(f"reward model held-out: accuracy {rows[0]['rm_acc']} -> {rows[-1]['rm_acc']}, "
+          f"margin {rows[0]['rm_margin']} -> {rows[-1]['rm_margin']}")
+    assert float(rows[0]['rm_acc']) == 0.0  # a zero head: every pair tied
+    assert float(rows[-1]['rm_acc']) > 0.6 and float(rows[-1]['val_loss']) < float(rows[0]['val_loss'])
+    rm = os.path.join(work, 'out_rm', 'ckpt.pt')
+    assert torch.load(rm, weights_only=True)['task'] == 'rm'
+    # export refuses it; sample.py --reward ranks what it is given, best first, by its scores
+    r = py('export.py', str(tmp_path / 'rm.bin'), f'--checkpoint={rm}', cwd=work, check=False)
+    assert r.returncode == 1 and 'reward model' in r.stderr and r.stderr.count('\n') == 1
+    assert not os.listdir(tmp_path)
+    answers = tmp_path / 'answers.txt'
+    answers.write_text("Once there was a fox named Tom. Tom wanted a kite. He was very happy.\n"
+                       "Once there was a fox named Tom. Tom wanted a\n")
+    r = py('sample.py', f'--reward={rm}', '--device=cpu', f'--answers=FILE:{answers}',
+           '--start=Tell me a story about a fox who wants a kite.', cwd=work)
+    lines = r.stdout.splitlines()
+    scores = [float(s.split()[0]) for s in lines]
+    assert len(lines) == 2 and scores[0] >= scores[1]
+    # the scores are the reward model's own: recompute the first by hand
+    import rlhf
+    model, ck = load_model(rm)
+    tok = Tokenizer(ck['tokenizer'])
+    text = lines[0].split('  ', 1)[1]
+    ids = tok.encode_chat([{'role': 'user', 'content': 'Tell me a story about a fox who wants a kite.'},
+                           {'role': 'assistant', 'content': text}])[0]
+    with torch.no_grad():
+        by_hand = model(torch.tensor([ids]), torch.tensor([len(ids) - 2])).item()  # at <|im_end|>
+    assert ids[-2] == tok.im_end_id and abs(by_hand - scores[0]) < 1e-3
+    r = py('train.py', '--task=sft', f'--init_from={rm}', '--out_dir=out_no', '--dataset=synth',
+           f'--vocab_size={VOCAB}', *CPU, cwd=work, check=False)
+    assert r.returncode == 1 and 'reward model' in r.stderr
+
+
+def test_rl_resume_continues_identically(rlhf_runs):
+    """RL for 6 steps straight, and 3 + 3 with a resume between: the same logged rewards,
+    losses and KL at every step, and the same weights (the answers are sampled from a
+    seed of each batch, and the reference model travels in the checkpoint)."""
+    work, tune = rlhf_runs
+    rm = ['--reward_model=out_rm/ckpt.pt']
+    py('train.py', *RL, *tune, *rm, '--out_dir=out_rl', '--max_iters=6', '--eval_interval=3', cwd=work)
+    py('train.py', *RL, *tune, *rm, '--out_dir=out_rl2', '--max_iters=3', '--eval_interval=3', cwd=work)
+    py('train.py', *RL, *tune, *rm, '--out_dir=out_rl2', '--max_iters=6', '--eval_interval=3',
+       '--init_from=resume', cwd=work)
+    a, b = (read_log(os.path.join(work, d, 'log.csv')) for d in ('out_rl', 'out_rl2'))
+    steps = lambda rows: [(r['iter'], r['reward'], r['kl'], r['answer_len']) for r in rows if r['train_loss']]
+    assert len(steps(a)) == 6 and steps(a) == steps(b)
+    la, lb = ([float(r['train_loss']) for r in rows if r['train_loss']] for rows in (a, b))
+    assert np.allclose(la, lb, rtol=1e-4, atol=1e-6)
+    evals = [r for r in a if r['val_loss']]
+    assert len(evals) == 3 and all(float(r['val_loss']) == pytest.approx(1 - float(r['pass1'])) for r in evals)
+    fa, fb = (torch.load(os.path.join(work, d, 'ckpt.pt'), weights_only=True) for d in ('out_rl', 'out_rl2'))
+    assert fa['task'] == 'rl' and 'ref_model' in fa and fa['iter_num'] == fb['iter_num'] == 6
+    for k in fa['model']:
+        assert torch.allclose(fa['model'][k], fb['model'][k], atol=1e-5), k
+    assert any(not torch.equal(fa['model'][k], fa['ref_model'][k]) for k in fa['model'])  # it learned
+
+
+# -----------------------------------------------------------------------------
 # hostile input and crashes (Python side)
 
 def test_bad_checkpoints_are_refused(work, tmp_path):
@@ -686,7 +865,9 @@ def test_train_refuses_bad_input(work, bad_checkpoints, tmp_path):
         'float16_cpu': ['--dtype=float16'], 'lr': ['--learning_rate=-1'], 'dropout': ['--dropout=1.5'],
         'accumulation': ['--gradient_accumulation_steps=0'], 'max_iters': ['--max_iters=-1'],
         'n_layers': ['--n_layers=0'], 'heads': ['--n_heads=5'], 'vocab': ['--vocab_size=70000'],
-        'task': ['--task=rm'], 'sft_scratch': ['--task=sft'], 'typo': ['--batch_sise=8'],
+        'task': ['--task=ppo'], 'sft_scratch': ['--task=sft'], 'rm_scratch': ['--task=rm'],
+        'rl_group': ['--task=rl', '--group_size=1'], 'dpo_beta': ['--task=dpo', '--beta=0'],
+        'rl_not_synth': ['--task=rl', '--dataset=tinystories', '--init_from=x.pt'], 'typo': ['--batch_sise=8'],
         'type': ['--batch_size=abc'], 'config_syntax': [str(config)], 'config_missing': ['nope.py'],
         'no_data': ['--dataset=nothing_here'], 'no_tinystories': ['--dataset=tinystories'],
         'shards_deleted': [damaged('deleted', lambda s: os.remove(s / 'train_000.bin'))],

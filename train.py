@@ -1,5 +1,6 @@
 """
-Train a Llama 2 model: pretraining, supervised fine-tuning (SFT) or DPO.
+Train a Llama 2 model: pretraining, supervised fine-tuning (SFT), and after SFT: DPO, a
+reward model (RM) or reinforcement learning with verifiable rewards (RL).
 
 One GPU or the CPU (the device is picked for you; every knob below is --key=value):
 $ python train.py --dataset=tinystories --vocab_size=4096
@@ -11,8 +12,8 @@ DDP on 2 nodes of 8 GPUs (run on each node, node_rank 0 and 1):
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=1234 train.py
 
 Continue a run: --init_from=resume. Fine-tune: --task=sft --init_from=out/ckpt.pt, then
---task=dpo --init_from=out_sft/ckpt.pt. A config file of plain assignments may be given as
-an argument too (nanoGPT style). Ctrl-C saves a checkpoint and stops.
+--task=dpo (or rm, or rl) --init_from=out_sft/ckpt.pt. A config file of plain assignments may
+be given as an argument too (nanoGPT style). Ctrl-C saves a checkpoint and stops.
 """
 
 import copy
@@ -29,11 +30,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import rlhf
+import synth
 from checkpoint import load_model, write_atomic
 from configurator import check, check_device, configure, die
-from model import ModelArgs, Transformer
-from preprocess import ChatRows, PreferencePairs, PretokWindows, dataset_name, recipe
-from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT
+from model import ModelArgs, RewardModel, Transformer
+from preprocess import Batches, ChatRows, PreferencePairs, PretokWindows, dataset_name, recipe
+from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT, Tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -44,7 +47,7 @@ eval_iters = 50          # batches per loss estimate
 eval_only = False        # evaluate once and exit
 always_save_checkpoint = True  # save at every eval, not only when val loss improves
 init_from = 'scratch'    # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint path to fine-tune
-task = 'pretrain'        # pretrain | sft | dpo
+task = 'pretrain'        # pretrain | sft | dpo | rm (reward model) | rl
 wandb_log = False        # log to Weights & Biases (pip install wandb)
 wandb_project = 'llama-from-scratch'
 wandb_run_name = 'run'
@@ -75,8 +78,16 @@ decay_lr = True
 warmup_iters = 1000
 lr_decay_iters = 0       # where the cosine reaches min_lr; 0 means max_iters
 min_lr = 5e-5
-# DPO
+# DPO and RL
 beta = 0.1               # how far the policy may move from the reference model
+rpo_alpha = 1.0          # DPO: weight of the chosen answers' SFT loss (RPO); 0 = plain DPO
+# RL (batch_size prompts per micro-step, each answered group_size times)
+group_size = 8
+max_new_tokens = 160     # per answer; one that has not stopped by then gets reward 0
+adv_norm = True          # divide each group's advantages by its standard deviation
+reward_model = ''        # a --task=rm checkpoint whose score is added to the rule's reward
+rm_weight = 0.5          # ... times this
+rl_prompts = 2000        # the pool of training prompts (synth's instructions)
 # system
 device = 'cuda' if torch.cuda.is_available() else (
     'mps' if torch.backends.mps.is_available() else 'cpu')
@@ -90,7 +101,7 @@ at_least_1, at_least_0 = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, "0
 fraction = (lambda v: 0 <= v < 1, "at least 0 and below 1")
 rate = (lambda v: math.isfinite(v) and v >= 0, "a number, 0 or more")
 check(globals(), {
-    'task': (lambda v: v in ('pretrain', 'sft', 'dpo'), "pretrain, sft or dpo"),
+    'task': (lambda v: v in ('pretrain', 'sft', 'dpo', 'rm', 'rl'), "pretrain, sft, dpo, rm or rl"),
     'batch_size': at_least_1, 'max_seq_len': at_least_1, 'gradient_accumulation_steps': at_least_1,
     'eval_interval': at_least_1, 'eval_iters': at_least_1, 'log_interval': at_least_1,
     'max_iters': at_least_0, 'warmup_iters': at_least_0, 'lr_decay_iters': at_least_0,
@@ -100,7 +111,9 @@ check(globals(), {
     'vocab_size': (lambda v: 1 <= v <= 1 << 16, "between 1 and 65536 (shards hold uint16 ids)"),
     'dropout': fraction, 'beta1': fraction, 'beta2': fraction,
     'learning_rate': rate, 'min_lr': rate, 'weight_decay': rate, 'grad_clip': rate,
-    'beta': (lambda v: math.isfinite(v) and v > 0, "above 0"), 'peak_flops': rate,
+    'beta': (lambda v: math.isfinite(v) and v >= 0, "0 or more"), 'peak_flops': rate,
+    'rpo_alpha': rate, 'rm_weight': rate, 'group_size': (lambda v: v >= 2, "at least 2"),
+    'max_new_tokens': at_least_1, 'rl_prompts': at_least_1,
     'dtype': (lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'),
               "auto, float32, bfloat16 or float16"),
 })
@@ -110,6 +123,11 @@ if dtype == 'float16' and not device.startswith('cuda'):
         "float32 or bfloat16")
 if task != 'pretrain' and init_from == 'scratch':
     die(f"--task={task} fine-tunes a model: give --init_from=path/to/ckpt.pt (or resume)")
+if task == 'dpo' and beta == 0:
+    die("--beta=0 makes DPO's loss a constant: give it a value above 0 (0.1 is usual)")
+if task == 'rl' and dataset != 'synth':
+    die("--task=rl rewards answers by checking them against synth's instructions: "
+        "use --dataset=synth (the prompts come from synth.py)")
 lr_decay_iters = lr_decay_iters or max_iters
 if dtype == 'auto':
     dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') \
@@ -165,7 +183,8 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 # -----------------------------------------------------------------------------
 # data
 
-kind = {'pretrain': 'tok', 'sft': 'sft', 'dpo': 'dpo'}[task]
+# rm trains on dpo's preference pairs; rl needs only sft's tokenizer (its prompts are synth's)
+kind = {'pretrain': 'tok', 'sft': 'sft', 'dpo': 'dpo', 'rm': 'dpo', 'rl': 'sft'}[task]
 data_folder = os.path.join(data_dir, dataset_name(dataset), f'{kind}{vocab_size}')
 tok_path = os.path.join(data_folder, 'tokenizer.model')
 if not os.path.exists(tok_path):
@@ -176,12 +195,27 @@ tokenizer_bytes = open(tok_path, 'rb').read()
 EVAL_BATCHES = 10**9     # evals draw batches k = EVAL_BATCHES + 0, 1, ...: never a step's
 
 
+class Prompts(Batches):
+    """RL: batch k is batch_size prompts (indices into rl_pool) and the seed its answers
+    are sampled with, so a resumed run samples what an uninterrupted one would."""
+    def batch(self, rng):
+        return rng.integers(0, len(rl_pool), self.B), rng.integers(0, 2**62, 1)
+
+
 def make_batches(split):
     args = (batch_size, max_seq_len, seed, rank)
     if task == 'pretrain':
         return PretokWindows(data_folder, split, *args)
+    if task == 'rl':
+        return Prompts(*args)
     cls = ChatRows if task == 'sft' else PreferencePairs
     return cls(os.path.join(data_folder, f'{split}.npz'), *args)
+
+
+if task == 'rl':  # (prompt ids, check) of synth's training instructions
+    tok = Tokenizer(tokenizer_bytes)
+    rl_pool = [(tok.encode_chat(m[:1], add_generation_prompt=True)[0], c)
+               for m, c in synth.instructions(rl_prompts, seed=seed)]
 
 
 splits = {split: make_batches(split) for split in ('train', 'val')}
@@ -226,6 +260,12 @@ if init_from == 'scratch':
 else:
     path = ckpt_path if init_from == 'resume' else init_from
     model, ckpt = load_model(path)
+    if isinstance(model, RewardModel) and task != 'rm':
+        die(f"{path} is a reward model: it scores answers, it does not write them — "
+            f"--task={task} needs a language model (the sft checkpoint)")
+    if task == 'rm' and not isinstance(model, RewardModel):  # put the scalar head on
+        lm, model = model, RewardModel(model.params)
+        model.load_state_dict(lm.state_dict(), strict=False)
     model_args = dict(ckpt['model_args'], dropout=dropout)
     model.params.dropout = dropout
     if ckpt.get('tokenizer') != tokenizer_bytes:
@@ -241,16 +281,24 @@ else:
             die(f"{path} is a {ckpt.get('task', 'pretrain')} run; resume it with "
                 f"--task={ckpt.get('task', 'pretrain')}")
         iter_num, best_val_loss = ckpt['iter_num'], float(ckpt.get('best_val_loss', 1e9))
-    if task == 'dpo':  # the reference is the model DPO started from, frozen
+    if task in ('dpo', 'rl'):  # the reference is the model DPO or RL started from, frozen
         ref_model = copy.deepcopy(model)
         if init_from == 'resume':
             if not isinstance(ckpt.get('ref_model'), dict):
-                die(f"{path} holds no DPO reference model — resume it with its own --task")
+                die(f"{path} holds no reference model — resume it with its own --task")
             ref_model.load_state_dict(ckpt['ref_model'])
         ref_model.to(device).eval().requires_grad_(False)
 model.to(device)
 if model_args['vocab_size'] != vocab_size:
     die(f"the model has {model_args['vocab_size']} tokens but --vocab_size={vocab_size}")
+rm_model = None
+if task == 'rl' and reward_model:
+    rm_model, rm_ckpt = load_model(reward_model, device)
+    if not isinstance(rm_model, RewardModel) or rm_ckpt.get('tokenizer') != tokenizer_bytes:
+        die(f"--reward_model={reward_model} is not a reward model of this tokenizer — "
+            "train one with --task=rm from the same sft checkpoint")
+    rm_model.eval().requires_grad_(False)
+    rm_ckpt = None
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -277,48 +325,123 @@ if ddp:
 # -----------------------------------------------------------------------------
 # losses and evaluation
 
-def sequence_logps(m, x, y):
-    """Sum of log p(target) over each row's counted targets: (rows,)"""
-    logits, _ = m(x, y)
-    logp = -F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
-                            reduction='none')
-    return logp.view(y.shape).sum(-1)
-
-
 def dpo_loss(m, x, y):
-    """DPO (Rafailov et al. 2023): raise log p(chosen) - log p(rejected) relative to the
-    reference model. Rows 0..B-1 are chosen answers, B..2B-1 the rejected ones."""
+    """Rows 0..B-1 are the chosen answers, B..2B-1 the rejected ones (see rlhf.dpo_loss).
+    Returns (loss, reward margins, log-prob margins)."""
     B = x.size(0) // 2
-    pi = sequence_logps(m, x, y)
+    pi = rlhf.token_logps(m, x, y).sum(-1)
     with torch.no_grad():
-        ref = sequence_logps(ref_model, x, y)
-    rewards = beta * (pi - ref)  # DPO's implicit rewards
-    margin = rewards[:B] - rewards[B:]
-    return -F.logsigmoid(margin).mean(), margin, pi[:B] - pi[B:]
+        ref = rlhf.token_logps(ref_model, x, y).sum(-1)
+    loss, margin = rlhf.dpo_loss(pi, ref, beta, rpo_alpha, (y[:B] != -1).sum(-1).clamp(min=1))
+    return loss, margin, pi[:B] - pi[B:]
+
+
+def rm_loss(m, x, y):
+    """The reward of each answer, read at its closing <|im_end|>; Bradley-Terry loss."""
+    return rlhf.reward_model_loss(m(x, rlhf.last_tokens(y)))
+
+
+rl_stats = {}  # what the RL micro-steps since the last log line saw, summed
+
+
+def rl_loss(m, prompts, sample_seed):
+    """GRPO: answer each prompt group_size times with the current policy, reward every
+    answer by the rule (and the reward model, if given), and take the policy-gradient
+    loss with the KL penalty over the answers' tokens."""
+    gen = torch.Generator(device=device).manual_seed(int(sample_seed[0]))
+    raw_model.eval()
+    seqs, rewards, met = [], [], []
+    for i in prompts.tolist():
+        prompt, wanted = rl_pool[i]
+        for answer, stopped in rlhf.sample_group(raw_model, prompt, group_size, max_new_tokens,
+                                                 tok.im_end_id, generator=gen):
+            text = tok.decode(answer[:-1] if stopped else answer)
+            rewards.append(synth.reward(text, wanted, stopped))
+            met.append(sum(c := synth.constraints(text, wanted)) / len(c))
+            seqs.append((prompt + answer, len(prompt)))
+    raw_model.train()
+    x, y = answer_rows(seqs)
+    rewards = torch.tensor(rewards, device=device)
+    if rm_model is not None:
+        with torch.no_grad():
+            rewards = rewards + rm_weight * rm_model(x, rlhf.last_tokens(y)).float()
+    adv, kept = rlhf.group_advantages(rewards.view(-1, group_size), adv_norm)
+    rows = kept.repeat_interleave(group_size)
+    if not rows.any():
+        rows[0] = True  # a forward pass all the same (DDP's backward expects one); adv is 0
+    logp = rlhf.token_logps(m, x[rows], y[rows])
+    with torch.no_grad():
+        ref = rlhf.token_logps(ref_model, x[rows], y[rows])
+    loss, kl = rlhf.grpo_loss(logp, ref, adv.flatten()[rows], y[rows] != -1, beta)
+    for k, v in (('reward', rewards.mean().item()), ('constraints', sum(met) / len(met)),
+                 ('kl', kl.item()), ('answer_len', (y != -1).sum().item() / len(seqs)),
+                 ('skipped', (~kept).sum().item()), ('groups', len(kept)), ('n', 1)):
+        rl_stats[k] = rl_stats.get(k, 0) + v
+    return loss
+
+
+def answer_rows(seqs):
+    """[(ids, prompt length)] -> x, y (rows, T) padded; y counts only the answer tokens"""
+    T = max(len(s) for s, _ in seqs) - 1
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for r, (s, n) in enumerate(seqs):
+        x[r, :len(s) - 1] = torch.tensor(s[:-1])
+        y[r, n - 1:len(s) - 1] = torch.tensor(s[n:])
+    return x.to(device), y.to(device)
 
 
 def compute_loss(m, x, y):
     if task == 'dpo':
         return dpo_loss(m, x, y)[0]
+    if task == 'rm':
+        return rm_loss(m, x, y)[0]
+    if task == 'rl':
+        return rl_loss(m, x, y)
     return m(x, y)[1]
 
 
 @torch.no_grad()
+def heldout_answers(n):
+    """Greedy answers to n held-out synth instructions (those sample.py --eval_instruct
+    asks): pass@1 (every constraint met, and stopped), the instruction-following rate
+    (sample.py's check), and the mean reward."""
+    passed = followed = total = 0.0
+    for messages, wanted in synth.instructions(n, heldout=True):
+        prompt = tok.encode_chat(messages[:1], add_generation_prompt=True)[0]
+        (answer, stopped), = rlhf.sample_group(raw_model, prompt, 1, max_new_tokens, tok.im_end_id,
+                                               temperature=0)
+        text = tok.decode(answer[:-1] if stopped else answer)
+        passed += stopped and synth.passes(text, wanted)
+        followed += synth.follows(text, wanted)
+        total += synth.reward(text, wanted, stopped)
+    return dict(val=1 - passed / n, pass1=passed / n, instruct=followed / n, eval_reward=total / n)
+
+
+@torch.no_grad()
 def evaluate():
-    """Losses on fixed batches (the same every time, so evals compare). For DPO, over
-    every held-out pair: preference accuracy (the model gives the chosen answer the
-    higher log-probability), the mean log-probability margin, and the reward margin."""
+    """Losses on fixed batches (the same every time, so evals compare). For DPO and the
+    reward model, over every held-out pair: preference accuracy (the chosen answer gets the
+    higher log-probability, or reward) and the mean margin. For RL, greedy answers to
+    eval_iters held-out instructions; its val is 1 - pass@1."""
     eval_model.eval()
     out = {}
-    if task == 'dpo':
+    if task in ('dpo', 'rm'):
         stats = [[] for _ in range(4)]
         for x, y in splits['val'].in_order():
             with autocast:
-                loss, margin, logp_margin = dpo_loss(eval_model, *to_device(x, y))
-            for s, v in zip(stats, (loss.expand(len(margin)), margin, logp_margin, logp_margin > 0)):
+                if task == 'dpo':
+                    loss, margin, logp_margin = dpo_loss(eval_model, *to_device(x, y))
+                else:  # the reward model's margin is its preference
+                    (loss, margin), logp_margin = rm_loss(eval_model, *to_device(x, y)), None
+            prefers = logp_margin if task == 'dpo' else margin
+            for s, v in zip(stats, (loss.expand(len(margin)), margin, prefers, prefers > 0)):
                 s.append(v.float().cpu())
         loss, margin, logp_margin, acc = (torch.cat(s).mean().item() for s in stats)
-        out = dict(val=loss, reward_margin=margin, logp_margin=logp_margin, pref_acc=acc)
+        out = (dict(val=loss, reward_margin=margin, logp_margin=logp_margin, pref_acc=acc)
+               if task == 'dpo' else dict(val=loss, rm_acc=acc, rm_margin=margin))
+    elif task == 'rl':
+        out = heldout_answers(eval_iters)
     else:
         for split in ('train', 'val'):
             ds, losses = splits[split], []
@@ -390,7 +513,11 @@ def peak():
 # the training loop
 
 log_path = os.path.join(out_dir, 'log.csv')
-log_extra = ['pref_acc', 'logp_margin', 'reward_margin'] if task == 'dpo' else []
+# columns beside the losses: what evals measure, and (RL) what the steps saw
+eval_extra = {'dpo': ['pref_acc', 'logp_margin', 'reward_margin'], 'rm': ['rm_acc', 'rm_margin'],
+              'rl': ['pass1', 'instruct', 'eval_reward']}.get(task, [])
+step_extra = ['reward', 'constraints', 'kl', 'answer_len', 'skipped'] if task == 'rl' else []
+log_extra = eval_extra + step_extra
 log_file = None
 
 
@@ -409,10 +536,13 @@ def log_row(row):
 
 
 if master:
-    print(f"{task} on {data_folder}: {tokens_per_iter:,} tokens per iteration = "
+    per_iter = (f"{tokens_per_iter:,} tokens per iteration" if task != 'rl' else
+                f"{tokens_per_iter // max_seq_len:,} prompts x {group_size} answers per iteration")
+    print(f"{task} on {data_folder}: {per_iter} = "
           f"{gradient_accumulation_steps} accumulation steps x {world_size} processes x "
-          f"{batch_size} x {max_seq_len}; {sum(p.numel() for p in raw_model.parameters()):,} "
-          f"parameters; {device} {dtype}" + (f"; MFU of {peak() / 1e12:.0f} TFLOP/s" if peak() else ""))
+          f"{batch_size} x {max_seq_len if task != 'rl' else group_size}; "
+          f"{sum(p.numel() for p in raw_model.parameters()):,} parameters; {device} {dtype}"
+          + (f"; MFU of {peak() / 1e12:.0f} TFLOP/s" if peak() else ""))
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -443,7 +573,7 @@ while True:
         print(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
         train_loss = f"{losses['train']:.6f}" if 'train' in losses else ''
         log_row([iter_num, train_loss, f"{losses['val']:.6f}", f"{lr:.3e}", '']
-                + [f"{losses[k]:.6f}" for k in log_extra])
+                + [f"{losses[k]:.6f}" if k in losses else '' for k in log_extra])
         if wandb_log:
             wandb.log({'iter': iter_num, **{f'eval/{k}': v for k, v in losses.items()}}, step=iter_num)
         if not all(math.isfinite(v) for v in losses.values()):
@@ -485,9 +615,21 @@ while True:
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps * world_size, dt, peak())
             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
             mfu_txt = f" | mfu {running_mfu * 100:.1f}%"
-        print(f"iter {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | "
-              f"{tok_s:,.0f} tok/s{mfu_txt}", flush=True)
-        log_row([iter_num, f"{lossf:.6f}", '', f"{lr:.3e}", f"{tok_s:.0f}"] + [''] * len(log_extra))
+        step = {}
+        if task == 'rl':  # means over the steps since the last line
+            n, g = rl_stats.pop('n'), rl_stats.pop('groups')
+            step = {k: v / n for k, v in rl_stats.items()}
+            step['skipped'] = rl_stats['skipped'] / g  # the fraction of groups
+            rl_stats.clear()
+            print(f"iter {iter_num} | loss {lossf:.4f} | reward {step['reward']:.3f} | constraints "
+                  f"{step['constraints']:.1%} | kl {step['kl']:.4f} | answer {step['answer_len']:.0f} "
+                  f"tokens | skipped {step['skipped']:.0%} of groups | {dt * 1000:.0f} ms", flush=True)
+            tok_s = float('nan')
+        else:
+            print(f"iter {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | "
+                  f"{tok_s:,.0f} tok/s{mfu_txt}", flush=True)
+        log_row([iter_num, f"{lossf:.6f}", '', f"{lr:.3e}", '' if task == 'rl' else f"{tok_s:.0f}"]
+                + [f"{step[k]:.6f}" if k in step else '' for k in log_extra])
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': lossf, 'lr': lr, 'tok_s': tok_s}, step=iter_num)
     iter_num += 1
