@@ -27,7 +27,6 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import rlhf
@@ -357,7 +356,8 @@ def rl_loss(m, prompts, sample_seed):
                                                  tok.im_end_id, generator=gen):
             text = tok.decode(answer[:-1] if stopped else answer)
             rewards.append(synth.reward(text, wanted, stopped))
-            met.append(sum(c := synth.constraints(text, wanted)) / len(c))
+            constraints = synth.constraints(text, wanted)
+            met.append(sum(constraints) / len(constraints))
             seqs.append((prompt + answer, len(prompt)))
     raw_model.train()
     x, y = answer_rows(seqs)
