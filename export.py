@@ -2,6 +2,7 @@
 Export a checkpoint for run.c (llama2.c's file formats) or for Hugging Face.
 
 $ python export.py out/model.bin --checkpoint=out/ckpt.pt              # version 0, float32
+$ python export.py out/model.bin --checkpoint=out/ckpt.pt --version=1  # float32, 256-byte header
 $ python export.py out/model_q80.bin --checkpoint=out/ckpt.pt --version=2   # int8 (Q8_0)
 $ python export.py out/hf --checkpoint=out/ckpt.pt --version=hf        # a transformers folder
 
@@ -26,7 +27,7 @@ from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, export
 
 # -----------------------------------------------------------------------------
 checkpoint = 'out/ckpt.pt'
-version = '0'            # 0 (float32, llama2.c's legacy format) | 2 (int8 Q8_0) | hf
+version = '0'            # 0 (float32, llama2.c's legacy format) | 1 (float32) | 2 (int8 Q8_0) | hf
 group_size = 64          # version 2: values per quantization group (halved until it fits)
 # -----------------------------------------------------------------------------
 
@@ -68,6 +69,32 @@ def export_v0(w, p, path):
     write_chunks(path, [struct.pack('7i', *header), *legacy_tensors(w, p)])
 
 
+def v12_header(p, version, gs, tuned):
+    """Versions 1 and 2 begin with 256 bytes: magic "ak42", the version, the 7 ints, the
+    shared-classifier byte, the group size (version 2); we add byte 41, which llama2.c
+    leaves 0: 1 = pretrained only, 2 = fine-tuned to chat, so that run.c -m chat can say
+    when a model was never taught to chat."""
+    h = struct.pack('<Ii7iBiB', 0x616b3432, version, *config_ints(p), int(p.shared), gs, tuned)
+    return h + b'\0' * (256 - len(h))
+
+
+def export_v1(w, p, path, tuned):
+    """llama2.c's version 1: the 256-byte header, all norms, then the float32 matrices."""
+    matrices = [w[name + '.weight'] for name in matrix_names(p)]
+    write_chunks(path, [v12_header(p, 1, 0, tuned)] + norms_first(w, p) + matrices)
+
+
+def norms_first(w, p):
+    return layers(w, p, 'attention_norm') + layers(w, p, 'ffn_norm') + [w['norm.weight']]
+
+
+def matrix_names(p):
+    names = ['tok_embeddings'] + [f'layers.{i}.{name}' for name in (
+        'attention.wq', 'attention.wk', 'attention.wv', 'attention.wo',
+        'feed_forward.w1', 'feed_forward.w2', 'feed_forward.w3') for i in range(p.n_layers)]
+    return names if p.shared else names + ['output']
+
+
 def quantize_q80(w, gs):
     """Symmetric int8 per group of gs values: w ≈ q * scale, q in [-127, 127].
     Returns (q int8, scale float32, largest absolute error)."""
@@ -78,7 +105,7 @@ def quantize_q80(w, gs):
     return q, scale.astype(np.float32), float(err)
 
 
-def export_v2(w, p, path):
+def export_v2(w, p, path, tuned):
     """llama2.c's version 2 (runq.c): a 256-byte header, the norms in float32, then
     every matrix as int8 groups followed by their float32 scales."""
     gs = group_size
@@ -87,17 +114,9 @@ def export_v2(w, p, path):
     if gs < group_size:
         print(f"group size {group_size} does not divide dim {p.dim} and hidden_dim "
               f"{p.hidden_dim}: using {gs}")
-    header = struct.pack('I', 0x616b3432) + struct.pack('i', 2) + struct.pack('7i', *config_ints(p)) \
-        + struct.pack('B', int(p.shared)) + struct.pack('i', gs)
-    chunks = [header + b'\0' * (256 - len(header))]
-    chunks += layers(w, p, 'attention_norm') + layers(w, p, 'ffn_norm') + [w['norm.weight']]
-    names = ['tok_embeddings'] + [f'layers.{i}.{name}' for name in (
-        'attention.wq', 'attention.wk', 'attention.wv', 'attention.wo',
-        'feed_forward.w1', 'feed_forward.w2', 'feed_forward.w3') for i in range(p.n_layers)]
-    if not p.shared:
-        names.append('output')
+    chunks = [v12_header(p, 2, gs, tuned)] + norms_first(w, p)
     worst = 0.0
-    for name in names:
+    for name in matrix_names(p):
         a = w[name + '.weight']
         q, s, err = quantize_q80(a, gs)
         chunks += [q, s]
@@ -318,9 +337,9 @@ def main():
     _, args = configure(globals(), positional=1)
     if not args:
         die("no output path — usage: python export.py OUTPUT --checkpoint=out/ckpt.pt "
-            "[--version=0|2|hf]")
-    if version not in ('0', '2', 'hf'):
-        die(f"--version={version}: use 0, 2 or hf")
+            "[--version=0|1|2|hf]")
+    if version not in ('0', '1', '2', 'hf'):
+        die(f"--version={version}: use 0, 1, 2 or hf")
     if group_size < 1:
         die(f"--group_size={group_size}: must be at least 1 (64 is llama2.c's)")
     out = args[0]
@@ -341,7 +360,11 @@ def main():
         if version == 'hf':
             export_hf(w, p, tok, ckpt, out)
         else:
-            (export_v0 if version == '0' else export_v2)(w, p, out)
+            tuned = 1 if ckpt.get('task', 'pretrain') == 'pretrain' else 2  # header byte 41
+            if version == '0':
+                export_v0(w, p, out)
+            else:
+                (export_v1 if version == '1' else export_v2)(w, p, out, tuned)
             export_tokenizer_bin(tok, tok_path)
             print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB) and {tok_path}")
     except OSError as e:  # a full disk, a read-only folder: the temporaries are gone

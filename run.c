@@ -119,6 +119,7 @@ typedef struct {
 typedef struct {
     Config config;
     int group_size;          // 0 for float32 files, else the int8 group size
+    int version, tuned;      // the file's format version and chat-tuned flag (see Format)
     Matrix token_embedding;  // (vocab_size, dim)
     Layer *layers;           // (n_layers,)
     const float *rms_final;  // (dim,)
@@ -184,6 +185,8 @@ typedef struct {
     int version;    // 0 (the legacy float32 file), 1 (float32) or 2 (int8)
     int shared;     // 1: the classifier is the token embedding table
     int group_size; // version 2: int8 values per float32 scale, else 0
+    int tuned;      // versions 1 and 2, header byte 41: 0 not recorded, 1 pretrained only,
+                    // 2 fine-tuned to chat (our export.py writes it; llama2.c leaves 0)
 } Format;
 
 static int32_t read_i32(const unsigned char *p) { int32_t v; memcpy(&v, p, 4); return v; }
@@ -224,7 +227,7 @@ static void check_config(const char *path, const Config *c) {
 // end), at least 28.
 static void read_header(Config *c, Format *f, const char *path, const unsigned char *h,
                         uint64_t size) {
-    *f = (Format){.version = 0, .shared = 1, .group_size = 0};
+    *f = (Format){.version = 0, .shared = 1, .group_size = 0, .tuned = 0};
     if ((uint32_t)read_i32(h) == MAGIC_AK42) {
         if (size < HEADER_V12)
             die("%s: %llu bytes is too small for its 256-byte header — is the file truncated?",
@@ -238,6 +241,10 @@ static void read_header(Config *c, Format *f, const char *path, const unsigned c
         if (f->shared > 1)
             die("%s: shared_classifier flag is %d, must be 0 or 1 — is this a model file?", path,
                 f->shared);
+        f->tuned = h[41];
+        if (f->tuned > 2)
+            die("%s: header byte 41 (fine-tuned to chat) is %d, must be 0, 1 or 2 — re-export "
+                "the model", path, f->tuned);
         if (f->version == 2) {
             f->group_size = read_i32(h + 37);
             if (f->group_size <= 0)
@@ -365,6 +372,8 @@ static void read_checkpoint(Transformer *tf, const char *path) {
             (unsigned long long)size, (unsigned long long)want,
             size < want ? "was the export interrupted?" : "is the header from another model?");
     tf->group_size = f.group_size;
+    tf->version = f.version;
+    tf->tuned = f.tuned;
     tf->file = read_weights(fd, path, header_bytes(&f), size - header_bytes(&f));
     close(fd);
     map_weights(tf, tf->file, &f);
@@ -1100,6 +1109,17 @@ static void check_room(int pos, size_t n, int max_seq_len) {
             max_seq_len);
 }
 
+// A model that was only pretrained continues stories; say so before it answers a chat.
+static void warn_if_not_tuned(const Transformer *tf, const char *path) {
+    if (tf->tuned == 1)
+        fprintf(stderr, "note: %s was pretrained only, never fine-tuned to chat, so it answers "
+                "with stories — fine-tune it first: python train.py --task=sft ...\n", path);
+    else if (tf->version == 0)
+        fprintf(stderr, "note: %s is a version 0 file, which cannot record whether the model "
+                "was fine-tuned to chat (a pretrained-only one answers with stories) — export "
+                "with --version=1 to know\n", path);
+}
+
 // Chat in the ChatML template of our tokenizer. All turns stay in the kv cache; each
 // turn runs only its new tokens through the model.
 static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, const char *user,
@@ -1258,7 +1278,10 @@ int main(int argc, char **argv) {
         malloc_run_state(&s, &tf, block < n_ctx ? block : n_ctx, n_ctx, logits_file != NULL);
         Sampler sm = {vocab_size, temperature, topp, 0, xalloc(2 * vocab_size * sizeof(ProbIndex))};
         sm.rng_state = seed > 0 ? (unsigned long long)seed : (unsigned long long)time(NULL);
-        if (is_chat) chat(&tf, &s, &tok, &sm, prompt, system_prompt, steps, logits_file);
+        if (is_chat) {
+            warn_if_not_tuned(&tf, model_path);
+            chat(&tf, &s, &tok, &sm, prompt, system_prompt, steps, logits_file);
+        }
         else generate(&tf, &s, &tok, &sm, prompt ? prompt : "", steps, logits_file);
         if (logits_file && fclose(logits_file) != 0) die("%s: write failed", logits_path);
         free(sm.probindex);

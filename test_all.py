@@ -1440,7 +1440,7 @@ def test_run_c_malformed_inputs(exported, tmp_path):
         ('v2 truncated', V2[:-1], TOK, []), ('v2 header cut', V2[:100], TOK, []), ('magic only', V2[:4], TOK, []),
         ('unknown version', v2(at=4, value=3), TOK, []), ('version -1', v2(at=4, value=-1), TOK, []),
         ('shared flag 2', v2(at=36, fmt='<B', value=2), TOK, []), ('group size 0', v2(at=37, value=0), TOK, []),
-        ('group size 3', v2(at=37, value=3), TOK, []), ('group size huge', v2(at=37, value=HUGE), TOK, []),
+        ('group size 3', v2(at=37, value=3), TOK, []), ('chat flag 3', v2(at=41, fmt='<B', value=3), TOK, []), ('group size huge', v2(at=37, value=HUGE), TOK, []),
         ('v2 dim huge', v2(dim=HUGE), TOK, []), ('unknown magic', b'GGUF' + V0[4:], TOK, []),
         ('random bytes', os.urandom(5000), TOK, []),
         ('empty tokenizer', V0, b'', []), ('tokenizer truncated by 1', V0, TOK[:-1], []),
@@ -1664,8 +1664,41 @@ def test_chat_context_full_same_in_c_and_python(work, runc, tmp_path):
                             '--device=cpu', '--chat', '--temperature=0', f'--start={first}'],
                            input=rest, capture_output=True, text=True, cwd=work)
         assert c.returncode == p.returncode == code and c.stdout.decode() == p.stdout, (first, rest)
-        if code:
-            assert c.stderr.decode() == p.stderr.splitlines()[-1] + '\n' and 'context' in p.stderr
+        if code:  # before it, each says the model was never fine-tuned, in its own words
+            assert c.stderr.decode().splitlines()[-1] == p.stderr.splitlines()[-1] and 'context' in p.stderr
+
+
+def test_chat_says_when_a_model_was_never_fine_tuned(exported, runc, tmp_path):
+    """Versions 1 and 2 record in header byte 41 whether the checkpoint was fine-tuned; run.c
+    -m chat says so for a pretrained-only model, as sample.py --chat does, and nothing for a
+    fine-tuned one. A version 0 file cannot record it, and run.c says that. Version 1 runs the
+    same tokens as version 0 (which the other tests hold to PyTorch)."""
+    import struct
+    pre = exported['random'][0]
+    sft = str(tmp_path / 'sft.pt')
+    ck = torch.load(pre, weights_only=True)
+    torch.save(dict(ck, task='sft'), sft)
+    for name, ckpt, flag in (('pre', pre, 1), ('sft', sft, 2)):
+        out = {}
+        for v in '012':
+            path = export(exported['work'], ckpt, tmp_path / f'{name}{v}.bin', f'--version={v}')
+            if v != '0':
+                assert open(path, 'rb').read(42)[41] == flag, (name, v)
+            r = subprocess.run([runc, path, '-m', 'chat', '-t', '0', '-n', '12', '-i', 'Hi'],
+                               capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+            assert r.returncode == 0, r.stderr
+            out[v] = r.stdout
+            if v == '0':
+                assert 'version 0' in r.stderr and 'cannot record' in r.stderr, r.stderr
+            elif flag == 1:
+                assert 'pretrained only' in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+            else:
+                assert r.stderr == '', r.stderr
+        assert out['1'] == out['0'] and out['0'].startswith('Assistant: ') and len(out['0']) > 15, out
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--checkpoint={pre}', '--device=cpu',
+                        '--chat', '--temperature=0', '--start=Hi', '--max_new_tokens=4'],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=exported['work'])
+    assert p.returncode == 0 and 'pretrained only' in p.stderr, p.stderr
 
 
 def test_run_c_chat_matches_sample_py(tuned, runc):
