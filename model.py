@@ -208,20 +208,25 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=0.0,
-                 stop_id=None, generator=None):
+                 stop_id=None, generator=None, repetition_penalty=1.0, exempt=()):
         """Continue idx (B, T) by up to max_new_tokens tokens (fewer if the context fills
         up), with the KV cache: the prompt is processed in one pass, then one token per
         step. temperature 0 is greedy. stop_id: an id or a set of ids; generation ends
-        when every row has produced one (rows that stopped are padded with it)."""
+        when every row has produced one (rows that stopped are padded with it).
+        repetition_penalty != 1 makes each token of the context so far less likely, but
+        for the ids in exempt (see penalize_repeats)."""
         B, T = idx.shape
         stops = {stop_id} if isinstance(stop_id, int) else set(stop_id or ())
+        seen = Seen(B, self.params.vocab_size, exempt, idx)
         # the last new token is never run through the model, so it may sit at max_seq_len
         max_new_tokens = min(max_new_tokens, self.params.max_seq_len - T + 1)
         cache = KVCache(self, B, T + max_new_tokens - 1)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         logits, _ = self(idx, cache=cache)
         for step in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            last = penalize_repeats(logits[:, -1, :], seen.mask, repetition_penalty)
+            nxt = sample_next(last, temperature, top_k, top_p, generator)
+            seen.add(nxt[:, None])
             if stops:
                 pad = next(iter(stops))
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
@@ -250,6 +255,29 @@ class RewardModel(Transformer):
             h = layer(h, self.freqs_cos[:T], self.freqs_sin[:T])
         h = self.norm(h[torch.arange(tokens.size(0)), last])  # (B, dim)
         return self.reward_head(h).squeeze(-1)
+
+
+class Seen:
+    """Which ids each row's context holds so far, (B, V) bools, for the repetition penalty;
+    the ids in exempt (BOS, EOS, the chat tokens: a turn must still end) are never held."""
+    def __init__(self, batch_size, vocab_size, exempt, idx=None):
+        self.mask = torch.zeros(batch_size, vocab_size, dtype=torch.bool)
+        self.exempt = torch.tensor(sorted(exempt), dtype=torch.long)
+        if idx is not None:
+            self.add(idx)
+
+    def add(self, ids):  # ids (B, T)
+        self.mask = self.mask.to(ids.device).scatter_(1, ids, True)
+        self.mask[:, self.exempt.to(ids.device)] = False
+
+
+def penalize_repeats(logits, seen, penalty):
+    """CTRL's repetition penalty (Keskar et al. 2019), as transformers and llama.cpp apply
+    it: each token already in the context (seen, (B, V) bools) gets less likely, its logit
+    divided by penalty when positive and multiplied by it when negative. run.c's -r."""
+    if penalty == 1:
+        return logits
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def sample_next(logits, temperature, top_k=0, top_p=0.0, generator=None):

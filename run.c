@@ -920,6 +920,9 @@ typedef struct {
     float topp;
     unsigned long long rng_state;
     ProbIndex *probindex; // (2 * vocab_size,) scratch for top-p
+    float penalty;        // repetition penalty, 1 = off
+    unsigned char *seen;  // (vocab_size,) 1 for each token in the context so far
+    int special[4];       // never penalized: BOS, EOS, <|im_start|>, <|im_end|> (-1: none)
 } Sampler;
 
 // xorshift* (as llama2.c), so that a seed gives the same text in both programs
@@ -1004,12 +1007,29 @@ static int is_finite(float x) {
     return (bits & 0x7f800000u) != 0x7f800000u;
 }
 
+// Remember a token of the context, for the repetition penalty.
+static void remember(Sampler *sm, int token) {
+    for (int i = 0; i < 4; i++) if (token == sm->special[i]) return;
+    sm->seen[token] = 1;
+}
+
+// CTRL's repetition penalty (Keskar et al. 2019), as transformers and llama.cpp apply it:
+// each token already in the context gets less likely, its logit divided by the penalty
+// when positive and multiplied by it when negative.
+static void penalize_repeats(const Sampler *sm, float *logits) {
+    if (sm->penalty == 1.0f) return;
+    for (int i = 0; i < sm->vocab_size; i++)
+        if (sm->seen[i])
+            logits[i] = logits[i] > 0 ? logits[i] / sm->penalty : logits[i] * sm->penalty;
+}
+
 static int sample(Sampler *sm, float *logits) {
     int n = sm->vocab_size;
     for (int i = 0; i < n; i++)
         if (!is_finite(logits[i]))
             die("the model computed NaN or inf — its weights are damaged or diverged; export "
                 "a good checkpoint again");
+    penalize_repeats(sm, logits);
     if (sm->temperature == 0.0f) return sample_argmax(logits, n);
     for (int i = 0; i < n; i++) logits[i] /= sm->temperature;
     softmax(logits, n);
@@ -1057,6 +1077,7 @@ static void generate(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, 
     double t_start = now_seconds();
     float *logits = forward_tokens(tf, s, p.ids, n_pre, 0, logits_file); // the prompt, batched
     double t_prefill = now_seconds();
+    for (int i = 0; i < n_pre; i++) remember(sm, p.ids[i]);
 
     Utf8Buffer u = {0};
     for (int i = 1; i < n_prompt && i <= steps; i++) decode(tok, &u, p.ids[i - 1], p.ids[i]);
@@ -1065,6 +1086,7 @@ static void generate(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, 
     while (n_prompt <= steps) { // (a prompt longer than steps is cut, as in llama2.c)
         int next = sample(sm, logits);
         if (next == BOS || next == EOS) break; // the end of a document
+        remember(sm, next);
         decode(tok, &u, token, next);
         fflush(stdout);
         token = next;
@@ -1148,6 +1170,7 @@ static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, cons
         push(&pending, im_start);
         encode(tok, "assistant\n", 0, &pending);
         check_room(pos, pending.n, max_seq_len);
+        for (size_t i = 0; i < pending.n; i++) remember(sm, pending.ids[i]);
         float *logits = forward_tokens(tf, s, pending.ids, (int)pending.n, pos, logits_file);
         pos += (int)pending.n;
         int token = pending.ids[pending.n - 1];
@@ -1159,6 +1182,7 @@ static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, cons
         for (int n = 0; n < max_reply; n++) {
             int next = sample(sm, logits);
             if (next == im_end || next == BOS || next == EOS) break;
+            remember(sm, next);
             decode(tok, &u, token, next);
             fflush(stdout);
             token = next;
@@ -1181,7 +1205,7 @@ static void usage(const char *why) {
     fprintf(stderr, "error: %s — usage: run <model.bin> [-t temperature=1.0] [-p topp=0.9] "
                     "[-s seed] [-n steps=256] [-i prompt] [-z tokenizer.bin] "
                     "[-m generate|chat|tokenize] [-y system_prompt] [-b prefill_block=128] "
-                    "[-L logits_file]\n", why);
+                    "[-r repetition_penalty=1] [-L logits_file]\n", why);
     exit(1);
 }
 
@@ -1222,6 +1246,7 @@ int main(int argc, char **argv) {
     const char *system_prompt = NULL, *logits_path = NULL;
     float temperature = 1.0f; // 0 = greedy
     float topp = 0.9f;        // top-p in nucleus sampling; 1 = off
+    float penalty = 1.0f;     // repetition penalty; 1 = off, 1.1-1.3 is usual
     long long seed = 0;       // <= 0: seed from the clock
     int steps = 256;          // positions to run, prompt included (chat: tokens per reply);
                               // 0 = the whole context
@@ -1238,6 +1263,7 @@ int main(int argc, char **argv) {
         switch (flag[1]) {
         case 't': temperature = (float)parse_number(flag, val, 0, 1e6); break;
         case 'p': topp = (float)parse_number(flag, val, 0, 1); break;
+        case 'r': penalty = (float)parse_number(flag, val, 1e-3, 1e3); break;
         case 's': seed = (long long)parse_number(flag, val, -9e18, 9e18); break;
         case 'n': steps = (int)parse_number(flag, val, 0, 1e9); break;
         case 'b': block = (int)parse_number(flag, val, 1, 1e6); break;
@@ -1276,7 +1302,9 @@ int main(int argc, char **argv) {
         int n_ctx = is_chat ? max_seq_len : steps; // the kv cache holds only the usable positions
         RunState s;
         malloc_run_state(&s, &tf, block < n_ctx ? block : n_ctx, n_ctx, logits_file != NULL);
-        Sampler sm = {vocab_size, temperature, topp, 0, xalloc(2 * vocab_size * sizeof(ProbIndex))};
+        Sampler sm = {vocab_size, temperature, topp, 0, xalloc(2 * vocab_size * sizeof(ProbIndex)),
+                      penalty, xalloc(vocab_size),
+                      {BOS, EOS, special_id(&tok, "<|im_start|>"), special_id(&tok, "<|im_end|>")}};
         sm.rng_state = seed > 0 ? (unsigned long long)seed : (unsigned long long)time(NULL);
         if (is_chat) {
             warn_if_not_tuned(&tf, model_path);
@@ -1285,6 +1313,7 @@ int main(int argc, char **argv) {
         else generate(&tf, &s, &tok, &sm, prompt ? prompt : "", steps, logits_file);
         if (logits_file && fclose(logits_file) != 0) die("%s: write failed", logits_path);
         free(sm.probindex);
+        free(sm.seen);
         free_run_state(&s);
     }
     free_tokenizer(&tok);

@@ -5,6 +5,7 @@ $ python sample.py --checkpoint=out/ckpt.pt --start="Once upon a time" --num_sam
 $ python sample.py --start=FILE:prompt.txt --temperature=0          # greedy
 $ python sample.py --checkpoint=out_sft/ckpt.pt --chat [--system="..."] [--start="first message"]
 $ python sample.py --checkpoint=out_sft/ckpt.pt --eval_instruct=100 # instruction-following rate
+$ python sample.py --checkpoint=out/ckpt.pt --eval=data/val.txt     # loss, perplexity, bits/byte
 $ python sample.py --reward=out_rm/ckpt.pt --start="a request" --answers=FILE:answers.txt
 $ python sample.py --reward=out_rm/ckpt.pt --checkpoint=out_sft/ckpt.pt --start="..." --num_samples=4
 
@@ -14,15 +15,20 @@ compare it. Chat prints "Assistant: " before each reply and reads the next user 
 after "User: "; end of input ends the chat. With --reward, a reward model (train.py
 --task=rm) scores answers to the request --start: the lines of --answers, or else
 num_samples replies of --checkpoint; they are printed best first, each after its score.
+With --eval, the model reads a .txt or .jsonl file (documents split as preprocess.py splits
+them) in windows of max_seq_len, and prints its loss per token, the perplexity and the bits per
+byte: nats over every token / the text's UTF-8 bytes / ln 2, which compares across tokenizers.
 """
 
+import math
+import os
 import sys
 
 import torch
 
 from checkpoint import checkpoint_tokenizer, load_model
 from configurator import check, check_device, configure, die
-from model import KVCache, RewardModel, sample_next
+from model import KVCache, RewardModel, Seen, penalize_repeats, sample_next
 
 # -----------------------------------------------------------------------------
 checkpoint = 'out/ckpt.pt'
@@ -32,6 +38,7 @@ max_new_tokens = 256     # per sample; in chat, per reply
 temperature = 1.0        # 0 = greedy
 top_k = 0                # 0 = off
 top_p = 0.9              # 0 or 1 = off
+repetition_penalty = 1.0 # > 1 makes tokens already in the context less likely; 1 = off (run.c -r)
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 chat = False             # multi-turn chat with the chat template
@@ -39,6 +46,8 @@ system = ''              # chat: a system prompt
 eval_instruct = 0        # > 0: run this many held-out synth instructions and report the rate
 reward = ''              # a reward model's checkpoint: score answers to --start (see above)
 answers = ''             # with --reward: the answers to score, one per line, or FILE:path
+eval = ''                # a .txt or .jsonl file: report loss, perplexity and bits per byte on it
+batch_size = 8           # --eval: windows per forward pass
 # -----------------------------------------------------------------------------
 configure(globals())
 check(globals(), {
@@ -47,8 +56,10 @@ check(globals(), {
     'temperature': (lambda v: v == v and 0 <= v < float('inf'), "0 (greedy) or more"),
     'top_k': (lambda v: v >= 0, "0 (off) or more"),
     'top_p': (lambda v: 0 <= v <= 1, "between 0 and 1 (0 or 1: off)"),
+    'repetition_penalty': (lambda v: 1e-3 <= v <= 1e3, "in [0.001, 1000] (1: off, 1.1-1.3 usual)"),
     'seed': (lambda v: v >= 0, "0 or more"),
     'eval_instruct': (lambda v: v >= 0, "0 (off) or more"),
+    'batch_size': (lambda v: v >= 1, "at least 1"),
 })
 check_device(device)
 torch.manual_seed(seed)
@@ -114,7 +125,9 @@ def generate(ids):
     if idx.size(1) > max_seq_len:
         die(f"the prompt is {idx.size(1)} tokens, longer than the model's context of "
             f"{max_seq_len} — shorten it")
-    out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, stop_ids)[0].tolist()
+    out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                         repetition_penalty=repetition_penalty, exempt=tok.special_ids())
+    out = out[0].tolist()
     new = out[len(ids):]
     return ids + new[:next((i for i, t in enumerate(new) if t in stop_ids), len(new))]
 
@@ -127,11 +140,13 @@ class Chat:
     """A conversation kept in its own KV cache: each turn only feeds its new tokens."""
     def __init__(self):
         self.cache, self.pending = KVCache(model, 1, max_seq_len), [tok.bos_id]
+        self.seen = Seen(1, model.params.vocab_size, tok.special_ids())  # the whole conversation
         if system:
             self.pending += tok.encode_message('system', system)[0]
 
     def feed(self, ids):
         x = torch.tensor([ids], dtype=torch.long, device=device)
+        self.seen.add(x)
         with torch.inference_mode():
             logits, _ = model(x, cache=self.cache)
         return logits[:, -1, :]
@@ -145,6 +160,7 @@ class Chat:
         room = max_seq_len - self.cache.pos  # as run.c: a reply ends where the context does
         self.stopped = False  # by the model, not by a limit
         while len(out) < min(max_new_tokens, room):
+            logits = penalize_repeats(logits, self.seen.mask, repetition_penalty)
             nxt = int(sample_next(logits, temperature, top_k, top_p)[0])
             if nxt in (tok.im_end_id,) + stop_ids:
                 self.stopped = True
@@ -162,7 +178,40 @@ def read_user():
     return line.rstrip('\n') if line else None
 
 
-if eval_instruct:
+
+
+def eval_text(path):
+    """Loss, perplexity and bits per byte of the model on the documents of a text file, read
+    as training reads them: BOS + document, one after another, cut into windows of
+    max_seq_len + 1 tokens that overlap by one (every token but the first is predicted once)."""
+    from preprocess import read_jsonl, read_txt
+    if not os.path.isfile(path):
+        die(f"--eval={path}: no such file — give a .txt or .jsonl file of text")
+    docs = [d for _, d in read_jsonl(path)] if path.endswith('.jsonl') else read_txt(path)
+    if not docs:
+        die(f"--eval={path}: no text in it")
+    ids = [i for d in docs for i in tok.encode(d, bos=True)]
+    T, nbytes = max_seq_len, sum(len(d.encode('utf-8')) for d in docs)
+    starts = list(range(0, len(ids) - 1, T))
+    nats = 0.0
+    with torch.inference_mode():
+        for b in range(0, len(starts), batch_size):
+            rows = [ids[s:s + T + 1] for s in starts[b:b + batch_size]]
+            width = max(len(r) for r in rows)  # the last window is shorter: pad, not counted
+            x = torch.tensor([r[:-1] + [0] * (width - len(r)) for r in rows], device=device)
+            y = torch.tensor([r[1:] + [-1] * (width - len(r)) for r in rows], device=device)
+            _, loss = model(x, y)
+            nats += loss.item() * (y != -1).sum().item()
+    n = len(ids) - 1
+    print(f"{path}: {len(docs):,} documents, {nbytes:,} bytes, {n:,} tokens "
+          f"({nbytes / n:.2f} bytes per token): loss {nats / n:.4f} nats per token, "
+          f"perplexity {math.exp(nats / n):.2f}, {nats / nbytes / math.log(2):.4f} bits per byte "
+          f"({checkpoint})")
+
+
+if eval:
+    eval_text(eval)
+elif eval_instruct:
     import synth
     rows = synth.instructions(eval_instruct, heldout=True)
     ok = passed = 0

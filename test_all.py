@@ -1269,6 +1269,81 @@ def test_run_c_generates_what_sample_py_generates(exported, runc):
     assert min(lengths[3:]) >= 200  # the random model never stops early
 
 
+def test_repetition_penalty_by_hand_and_same_in_c_and_python(exported, runc):
+    """The penalty on a hand-made row; then greedy text at several penalties (one below 1,
+    which favours repeats) is the same from run.c -r and sample.py --repetition_penalty, in
+    generation and chat, and differs from the text without it."""
+    from model import penalize_repeats
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.0]])
+    seen = torch.tensor([[True, True, False, True]])
+    assert penalize_repeats(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0, 0.0]]
+    assert penalize_repeats(logits, seen, 1.0) is logits
+    work, (ckpt, model_bin) = exported['work'], exported['trained']
+    tok = Tokenizer(os.path.join(work, 'data', f'tok{VOCAB}.model'))
+    texts = {}
+    for prompt in ("Once upon a time", "从前，有一只小猫"):
+        n_prompt = len(tok.encode(prompt, bos=True))
+        for r in ('1', '1.3', '2', '0.8'):
+            c = run_c(runc, model_bin, '-t', '0', '-n', '160', '-r', r, '-i', prompt).stdout.decode()
+            p = py('sample.py', f'--checkpoint={ckpt}', '--device=cpu', '--temperature=0', f'--start={prompt}',
+                   f'--max_new_tokens={160 - n_prompt + 1}', f'--repetition_penalty={r}', cwd=work).stdout
+            assert c == p, (prompt, r)
+            texts[prompt, r] = c
+        assert len({texts[prompt, r] for r in ('1', '1.3', '2', '0.8')}) == 4, prompt
+    for r in ('1', '1.5'):
+        c = subprocess.run([runc, model_bin, '-m', 'chat', '-t', '0', '-n', '60', '-r', r, '-i', 'Tell me a story.'],
+                           input=b'And another one.\n', capture_output=True, timeout=300).stdout.decode()
+        p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--checkpoint={ckpt}', '--device=cpu',
+                            '--chat', '--temperature=0', '--start=Tell me a story.', '--max_new_tokens=60',
+                            f'--repetition_penalty={r}'], input='And another one.\n', capture_output=True,
+                           text=True, cwd=work).stdout
+        assert c == p and c.count('Assistant: ') == 2, r
+        texts['chat', r] = c
+    assert texts['chat', '1'] != texts['chat', '1.5']
+
+
+def test_bits_per_byte(exported, tiny, tmp_path):
+    """The bytes each id stands for add up to the text's UTF-8 bytes (+1 for the dummy-prefix
+    space); sample.py --eval equals a hand computation on a text that fits one window, gives
+    the same with any batch size and for the same documents as .jsonl; train.py's val_bpb
+    agrees with sample.py --eval on the validation documents (other windows: within 5%)."""
+    import json
+    from preprocess import read_txt
+    work = exported['work']
+    tok = Tokenizer(os.path.join(work, 'data', f'tok{VOCAB}.model'))
+    table = tok.token_bytes()
+    for s in ROUNDTRIP[:11]:
+        assert sum(table[i] for i in tok.encode(s, bos=True, eos=True)) == len(s.encode()) + (s != ''), s
+
+    def evaluate(path, ckpt, *extra):
+        out = py('sample.py', f'--checkpoint={ckpt}', '--device=cpu', f'--eval={path}', *extra, cwd=work).stdout
+        loss, bpb = re.search(r'loss ([\d.]+) nats per token, perplexity [\d.]+, ([\d.]+) bits per byte', out).groups()
+        return float(loss), float(bpb)
+
+    docs = ["Once upon a time, a cat sat.", "从前有一只小兔子。 😀"]
+    (tmp_path / 'two.txt').write_text('\n<|endoftext|>\n'.join(docs) + '\n')
+    (tmp_path / 'two.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
+    rnd = random_checkpoint(str(tmp_path / 'r.pt'), tok.model_bytes, VOCAB, dim=32, seq=64)
+    ids = [i for d in docs for i in tok.encode(d, bos=True)]
+    assert len(ids) <= 64
+    model, _ = load_model(rnd)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))
+        nats = torch.nn.functional.cross_entropy(logits[0], torch.tensor(ids[1:]), reduction='sum').item()
+    want = (nats / (len(ids) - 1), nats / sum(len(d.encode()) for d in docs) / math.log(2))
+    for path in ('two.txt', 'two.jsonl'):
+        got = evaluate(tmp_path / path, rnd)
+        assert got == pytest.approx(want, abs=2e-4), (path, got, want)
+    stories = read_txt(os.path.join(work, 'data', 'synth', 'stories.txt'))
+    (tmp_path / 'some.txt').write_text('\n<|endoftext|>\n'.join(stories[:40]))
+    assert evaluate(tmp_path / 'some.txt', rnd, '--batch_size=1') == evaluate(tmp_path / 'some.txt', rnd, '--batch_size=7')
+    _, ckpt = tiny
+    (tmp_path / 'val.txt').write_text('\n<|endoftext|>\n'.join(stories[::100]))  # preprocess's val_every
+    log = read_log(os.path.join(os.path.dirname(ckpt), 'log.csv'))
+    val_bpb = float([row for row in log if row['val_bpb']][-1]['val_bpb'])
+    assert evaluate(tmp_path / 'val.txt', ckpt)[1] == pytest.approx(val_bpb, rel=0.05)
+
+
 def test_run_c_logits_match_pytorch(exported, runc):
     work = exported['work']
     tok = Tokenizer(os.path.join(work, 'data', f'tok{VOCAB}.model'))

@@ -131,6 +131,22 @@ class Tokenizer:
             ids, mask = ids + gen, mask + [0] * len(gen)
         return ids, mask
 
+    def token_bytes(self):
+        """The number of UTF-8 bytes of text each id stands for: a byte token <0xNN> is 1,
+        a piece its length with '▁' as a space, a control or chat token 0 (it is not text).
+        Nats summed over tokens / bytes summed over the same tokens / ln 2 = bits per byte,
+        which compares models across tokenizers (nanochat's evaluation)."""
+        sp, special = self.sp, self.special_ids()
+        return [0 if i in special or sp.is_control(i) or sp.is_unknown(i) else 1 if sp.is_byte(i)
+                else len(sp.id_to_piece(i).replace('▁', ' ').encode('utf-8'))
+                for i in range(self.n_words)]
+
+    def special_ids(self):
+        """BOS, EOS and the chat tokens this tokenizer has (the repetition penalty skips them)"""
+        chat = [i for i, p in ((self.im_start_id, IM_START), (self.im_end_id, IM_END))
+                if self.sp.id_to_piece(i) == p]
+        return {self.bos_id, self.eos_id, *chat}
+
     def generation_prompt(self):
         return [self.im_start_id] + self.encode("assistant\n", dummy_prefix=False)
 

@@ -218,6 +218,8 @@ if task == 'rl':  # (prompt ids, check) of synth's training instructions
 
 
 splits = {split: make_batches(split) for split in ('train', 'val')}
+if task in ('pretrain', 'sft'):  # UTF-8 bytes per id, for val bits per byte
+    token_bytes = torch.tensor(Tokenizer(tokenizer_bytes).token_bytes(), device=device)
 
 
 class BatchStream(torch.utils.data.IterableDataset):
@@ -420,7 +422,9 @@ def heldout_answers(n):
 
 @torch.no_grad()
 def evaluate():
-    """Losses on fixed batches (the same every time, so evals compare). For DPO and the
+    """Losses on fixed batches (the same every time, so evals compare), and for pretraining
+    and SFT the val bits per byte (val nats / the UTF-8 bytes of the targets / ln 2), which
+    compares models across tokenizers. For DPO and the
     reward model, over every held-out pair: preference accuracy (the chosen answer gets the
     higher log-probability, or reward) and the mean margin. For RL, greedy answers to
     eval_iters held-out instructions; its val is 1 - pass@1."""
@@ -443,13 +447,19 @@ def evaluate():
     elif task == 'rl':
         out = heldout_answers(eval_iters)
     else:
+        nats = nbytes = 0
         for split in ('train', 'val'):
             ds, losses = splits[split], []
             for k in range(eval_iters):
                 x, y = to_device(*ds.batch(ds.rng(EVAL_BATCHES + k)))
                 with autocast:
                     losses.append(compute_loss(eval_model, x, y).item())
+                if split == 'val':  # the loss is a mean over the counted targets
+                    counted = y[y != -1]
+                    nats += losses[-1] * counted.numel()
+                    nbytes += token_bytes[counted].sum().item()
             out[split] = sum(losses) / len(losses)
+        out['val_bpb'] = nats / max(nbytes, 1) / math.log(2)  # bits per UTF-8 byte of text
     eval_model.train()
     return out
 
@@ -515,7 +525,7 @@ def peak():
 log_path = os.path.join(out_dir, 'log.csv')
 # columns beside the losses: what evals measure, and (RL) what the steps saw
 eval_extra = {'dpo': ['pref_acc', 'logp_margin', 'reward_margin'], 'rm': ['rm_acc', 'rm_margin'],
-              'rl': ['pass1', 'instruct', 'eval_reward']}.get(task, [])
+              'rl': ['pass1', 'instruct', 'eval_reward']}.get(task, ['val_bpb'])
 step_extra = ['reward', 'constraints', 'kl', 'answer_len', 'skipped'] if task == 'rl' else []
 log_extra = eval_extra + step_extra
 log_file = None

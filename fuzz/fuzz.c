@@ -102,6 +102,7 @@ static void release(void) {
     model_fd = -1;
     free_run_state(&rs);
     free(sm.probindex);
+    free(sm.seen);
     memset(&tf, 0, sizeof(tf));
     memset(&rs, 0, sizeof(rs));
     memset(&sm, 0, sizeof(sm));
@@ -129,7 +130,9 @@ static void load_and_run(const uint8_t *data, size_t size) {
     int vocab = tf.config.vocab_size, tokens[4] = {BOS, vocab - 1, 0, EOS};
     malloc_run_state(&rs, &tf, 4, 4, 1);
     float *logits = forward(&tf, &rs, tokens, 4, 0, 1) + (size_t)3 * vocab;
-    sm = (Sampler){vocab, 1.0f, 0.9f, 42, xalloc(2 * (size_t)vocab * sizeof(ProbIndex))};
+    sm = (Sampler){vocab, 1.0f, 0.9f, 42, xalloc(2 * (size_t)vocab * sizeof(ProbIndex)), 1.3f,
+                   xalloc(vocab), {BOS, EOS, -1, -1}};
+    for (int i = 0; i < 4; i++) remember(&sm, tokens[i]); // the repetition penalty's path too
     int next = sample(&sm, logits);
     if (next < 0 || next >= vocab) abort();
     release();
