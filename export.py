@@ -1,10 +1,11 @@
 """
-Export a checkpoint for run.c (llama2.c's file formats) or for Hugging Face.
+Export a checkpoint for run.c (llama2.c's file formats), for Hugging Face, or for llama.cpp.
 
 $ python export.py out/model.bin --checkpoint=out/ckpt.pt              # version 0, float32
 $ python export.py out/model.bin --checkpoint=out/ckpt.pt --version=1  # float32, 256-byte header
 $ python export.py out/model_q80.bin --checkpoint=out/ckpt.pt --version=2   # int8 (Q8_0)
 $ python export.py out/hf --checkpoint=out/ckpt.pt --version=hf        # a transformers folder
+$ python export.py out/model.gguf --checkpoint=out/ckpt.pt --version=gguf --dtype=q8_0  # llama.cpp
 
 Beside a .bin model it writes tokenizer.bin, from the tokenizer stored in the checkpoint,
 so run.c finds the right one. Arrays are written whole with numpy (llama2.c packs floats
@@ -23,12 +24,16 @@ import numpy as np
 from checkpoint import (check_model, checkpoint_tokenizer, nonfinite_weights, read_checkpoint,
                         write_atomic)
 from configurator import configure, die
-from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, export_tokenizer_bin
+from export_gguf import gguf_chunks
+from tokenizer import (CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, export_tokenizer_bin,
+                       jinja_chat_template)
 
 # -----------------------------------------------------------------------------
 checkpoint = 'out/ckpt.pt'
-version = '0'            # 0 (float32, llama2.c's legacy format) | 1 (float32) | 2 (int8 Q8_0) | hf
+version = '0'            # 0 (float32, llama2.c's legacy format) | 1 (float32) | 2 (int8 Q8_0)
+                         # | hf (a transformers folder) | gguf (llama.cpp, Ollama)
 group_size = 64          # version 2: values per quantization group (halved until it fits)
+dtype = 'f32'            # gguf: the matrices as f32, f16 or q8_0 (norms stay f32)
 # -----------------------------------------------------------------------------
 
 
@@ -200,14 +205,14 @@ def hf_tokenizer_json(tok, special):
         'version': '1.0', 'truncation': None, 'padding': None,
         'added_tokens': [{'id': i, 'content': sp.id_to_piece(i), 'special': True, 'normalized': False,
                           'single_word': False, 'lstrip': False, 'rstrip': False} for i in special],
-        # SentencePiece's dummy prefix: ' ' -> '▁', then one '▁' before the text (but not
-        # after a special token). Metaspace alone adds none when the text starts with a space
-        # (Llama's HF quirk), so spaces become '▁' first, Metaspace then always adds a ' ',
-        # and a second Metaspace turns it into '▁'. split False: the whole text is one word,
-        # as SentencePiece's BPE sees it.
+        # SentencePiece's dummy prefix: ' ' -> '▁', then one '▁' before the text and after
+        # each special token (as tokenizer.encode_chat and llama.cpp do). Metaspace alone adds
+        # none when the text starts with a space (Llama's HF quirk), so spaces become '▁'
+        # first, Metaspace then adds a ' ', and a second Metaspace turns it into '▁'. split
+        # False: the whole text is one word, as SentencePiece's BPE sees it.
         'normalizer': {'type': 'Replace', 'pattern': {'String': ' '}, 'content': '▁'},
         'pre_tokenizer': {'type': 'Sequence', 'pretokenizers': [
-            {'type': 'Metaspace', 'replacement': ' ', 'prepend_scheme': 'first', 'split': False},
+            {'type': 'Metaspace', 'replacement': ' ', 'prepend_scheme': 'always', 'split': False},
             {'type': 'Metaspace', 'replacement': '▁', 'prepend_scheme': 'never', 'split': False}]},
         'post_processor': {'type': 'TemplateProcessing', 'single': [s, a], 'pair': [s, a, s, b],
                            'special_tokens': {bos: {'id': bos, 'ids': [tok.bos_id], 'tokens': [bos]}}},
@@ -217,14 +222,6 @@ def hf_tokenizer_json(tok, special):
             {'type': 'Fuse'}, {'type': 'Strip', 'content': ' ', 'start': 1, 'stop': 0}]},
         'model': {'type': 'BPE', 'unk_token': sp.id_to_piece(sp.unk_id()), 'fuse_unk': True,
                   'byte_fallback': True, 'vocab': vocab, 'merges': merges}}
-
-
-def hf_chat_template(chat):
-    """Our chat template (str.format fields) as the Jinja string apply_chat_template runs."""
-    message = chat['message'].replace('{role}', "{{ message['role'] }}")
-    message = message.replace('{content}', "{{ message['content'] }}")
-    return ("{{ bos_token }}{% for message in messages %}" + message + "{% endfor %}"
-            "{% if add_generation_prompt %}" + chat['generation_prompt'] + "{% endif %}")
 
 
 def hf_tokenizer_files(p, tok, ckpt):
@@ -239,7 +236,7 @@ def hf_tokenizer_files(p, tok, ckpt):
     # losing the leading-space fix in hf_tokenizer_json
     config = dict(names, tokenizer_class='PreTrainedTokenizerFast', add_bos_token=True,
                   add_eos_token=False, clean_up_tokenization_spaces=False,
-                  model_max_length=p.max_seq_len, chat_template=hf_chat_template(chat))
+                  model_max_length=p.max_seq_len, chat_template=jinja_chat_template(chat))
     return {'tokenizer.json': hf_tokenizer_json(tok, special), 'tokenizer_config.json': config,
             'special_tokens_map.json': names, 'tokenizer.model': tok.model_bytes}
 
@@ -337,15 +334,17 @@ def main():
     _, args = configure(globals(), positional=1)
     if not args:
         die("no output path — usage: python export.py OUTPUT --checkpoint=out/ckpt.pt "
-            "[--version=0|1|2|hf]")
-    if version not in ('0', '1', '2', 'hf'):
-        die(f"--version={version}: use 0, 1, 2 or hf")
+            "[--version=0|1|2|hf|gguf]")
+    if version not in ('0', '1', '2', 'hf', 'gguf'):
+        die(f"--version={version}: use 0, 1, 2, hf or gguf")
+    if dtype not in ('f32', 'f16', 'q8_0'):
+        die(f"--dtype={dtype}: use f32, f16 or q8_0 (for --version=gguf)")
     if group_size < 1:
         die(f"--group_size={group_size}: must be at least 1 (64 is llama2.c's)")
     out = args[0]
     tok_path = os.path.join(os.path.dirname(os.path.abspath(out)), 'tokenizer.bin')
     check_output(out, folder=version == 'hf')
-    if version != 'hf':
+    if version not in ('hf', 'gguf'):  # a GGUF file holds its tokenizer
         check_output(tok_path)
     ckpt = read_checkpoint(checkpoint)
     if ckpt.get('task') == 'rm':
@@ -359,6 +358,9 @@ def main():
     try:
         if version == 'hf':
             export_hf(w, p, tok, ckpt, out)
+        elif version == 'gguf':
+            write_chunks(out, gguf_chunks(w, p, tok, ckpt, dtype))
+            print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB, {dtype})")
         else:
             tuned = 1 if ckpt.get('task', 'pretrain') == 'pretrain' else 2  # header byte 41
             if version == '0':

@@ -856,15 +856,15 @@ static int match_special(const Tokenizer *tok, const char *text, size_t n, int *
 
 // Encode UTF-8 text, appending to out. The text is cut at special pieces like <|im_end|>,
 // each becoming its own id; the pieces between are encoded by BPE. dummy_prefix puts a
-// space before the text, as SentencePiece's add_dummy_prefix does.
+// space before the text, as SentencePiece's add_dummy_prefix does; the text after a special
+// piece always gets one, as llama.cpp and Hugging Face encode it (tokenizer.py's encode).
 static void encode(const Tokenizer *tok, const char *text, int dummy_prefix, Tokens *out) {
     size_t n = strlen(text), seg = 0;
     if (n == 0) return;
     for (size_t i = 0; i <= n;) {
         int len = 0, sp = i < n ? match_special(tok, text + i, n - i, &len) : -1;
         if (sp < 0 && i < n) { i++; continue; }
-        if (i > seg || (seg == 0 && dummy_prefix))
-            encode_segment(tok, text + seg, i - seg, seg == 0 && dummy_prefix, out);
+        if (i > seg) encode_segment(tok, text + seg, i - seg, seg > 0 || dummy_prefix, out);
         if (sp < 0) break;
         push(out, sp);
         i += len;
@@ -902,7 +902,10 @@ static void decode(const Tokenizer *tok, Utf8Buffer *u, int prev, int token) {
         return;
     }
     int len = tok->piece_len[token];
-    if (prev == BOS && p[0] == ' ') { p++; len--; } // the first word's dummy prefix is not text
+    if ((prev == BOS || tok->kind[prev] == SPECIAL) && p[0] == ' ') { // a dummy prefix,
+        p++;                                                          // not text
+        len--;
+    }
     fwrite(p, 1, len, stdout);
 }
 
@@ -1113,15 +1116,16 @@ static int special_id(const Tokenizer *tok, const char *text) {
     return len == (int)strlen(text) ? id : -1;
 }
 
-// <|im_start|>role\ncontent<|im_end|>\n  (role+"\n" and content are encoded separately)
+// <|im_start|>role\ncontent<|im_end|>\n  (role+"\n" and content are encoded separately; text
+// right after a chat token gets the dummy prefix, as llama.cpp and Hugging Face encode it)
 static void append_message(const Tokenizer *tok, Tokens *v, const char *role, const char *content) {
     char header[16];
     snprintf(header, sizeof(header), "%s\n", role);
     push(v, special_id(tok, "<|im_start|>"));
-    encode(tok, header, 0, v);
+    encode(tok, header, 1, v);
     encode(tok, content, 0, v);
     push(v, special_id(tok, "<|im_end|>"));
-    encode(tok, "\n", 0, v);
+    encode(tok, "\n", 1, v);
 }
 
 // a message that does not fit the context after pos is a stop the user must act on
@@ -1168,7 +1172,7 @@ static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, cons
         append_message(tok, &pending, "user", user);
         user = NULL;
         push(&pending, im_start);
-        encode(tok, "assistant\n", 0, &pending);
+        encode(tok, "assistant\n", 1, &pending);
         check_room(pos, pending.n, max_seq_len);
         for (size_t i = 0; i < pending.n; i++) remember(sm, pending.ids[i]);
         float *logits = forward_tokens(tf, s, pending.ids, (int)pending.n, pos, logits_file);
@@ -1192,7 +1196,7 @@ static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, cons
         printf("\n");
         fflush(stdout);
         push(&pending, im_end); // whether sampled or not: the turn is closed in the context
-        encode(tok, "\n", 0, &pending);
+        encode(tok, "\n", 1, &pending);
     }
     free(line);
     free(pending.ids);

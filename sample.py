@@ -168,7 +168,7 @@ class Chat:
             out.append(nxt)
             logits = self.feed([nxt])
         # close the turn as the template does; it enters the cache with the next message
-        self.pending = [tok.im_end_id] + tok.encode("\n", dummy_prefix=False)
+        self.pending = [tok.im_end_id] + tok.encode("\n")
         return tok.decode_continuation(head, out)
 
 

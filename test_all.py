@@ -13,6 +13,7 @@ import glob
 from dataclasses import asdict
 import gzip
 import http.server
+import importlib
 import io
 import json
 import math
@@ -41,6 +42,17 @@ from tokenizer import Tokenizer, render_chat  # noqa: E402
 VOCAB = 1024
 TINY = ['--dim=96', '--n_layers=4', '--n_heads=4', '--n_kv_heads=2', '--max_seq_len=256']
 CPU = ['--device=cpu', '--compile=False']
+
+
+def consumer(name):
+    """A package that a test checks our files against (transformers, gguf, llama_cpp): where it
+    is missing the test is skipped, but in CI, where .ci/run installs it, that is a failure."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if os.environ.get('CI'):
+            pytest.fail(f"{name} is not installed, though .ci/run installs it")
+        pytest.skip(f"{name} is not installed (.ci/run shows how to install it)")
 
 
 def py(script, *args, cwd, check=True, env=None, timeout=900):
@@ -97,7 +109,11 @@ def test_tokenizer_roundtrip_and_chat_tokens(work):
     for s in ROUNDTRIP:
         assert tok.decode(tok.encode(s)) == s, s
         assert tok.decode(tok.encode(s, bos=True, eos=True)) == s, s
-    assert tok.encode("<|im_start|>") == [tok.sp.piece_to_id('▁'), tok.im_start_id]
+    assert tok.sp.encode("<|im_start|>") == [tok.sp.piece_to_id('▁'), tok.im_start_id]
+    assert tok.encode("<|im_start|>") == [tok.im_start_id]  # no text before it, as llama.cpp
+    # after a chat token, text is encoded as new text (llama.cpp's and HF's rule, not SentencePiece's)
+    assert tok.encode("<|im_end|>user") == [tok.im_end_id, *tok.sp.encode("user")]
+    assert tok.sp.encode("<|im_end|>user") != tok.encode("<|im_end|>user")
     ids = tok.encode("x<|im_end|>y", dummy_prefix=False)
     assert ids.count(tok.im_end_id) == 1 and (tok.im_start_id, tok.im_end_id) == (3, 4)
     assert tok.encode("Hi", dummy_prefix=False) != tok.encode("Hi")  # no '▁Hi'
@@ -116,6 +132,11 @@ def test_chat_template_mask(work):
     assert tok.decode(ids) == ("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                                "<|im_start|>assistant\nHello there!<|im_end|>\n<|im_start|>user\nAgain"
                                "<|im_end|>\n<|im_start|>assistant\n你好<|im_end|>\n")
+    # text right after a chat token carries the dummy prefix ('▁system', '▁\n'), as llama.cpp
+    # and Hugging Face tokenize the rendered template
+    assert tok.encode_chat(msgs[:1])[0] == [tok.bos_id, tok.im_start_id, *tok.sp.encode("system\n"),
+                                             *tok.encode("Be kind.", dummy_prefix=False), tok.im_end_id,
+                                             *tok.sp.encode("\n")]
     learned = [i for i, m in zip(ids, mask) if m]
     assert tok.decode(learned) == "Hello there!<|im_end|>你好<|im_end|>"
     # the masked span is exactly each assistant content plus its <|im_end|>
@@ -1109,10 +1130,8 @@ def test_hf_export(request, tmp_path):
     """LlamaForCausalLM and AutoTokenizer load export.py's folder and agree with us:
     the same logits (the q/k permutation for HF's rotary layout, with GQA and without),
     the same token ids (SentencePiece rebuilt as tokenizer.json) and the chat template."""
-    try:
-        from transformers import AutoTokenizer, LlamaForCausalLM
-    except ImportError:
-        pytest.skip("transformers is not installed (pip install transformers)")
+    transformers = consumer('transformers')
+    AutoTokenizer, LlamaForCausalLM = transformers.AutoTokenizer, transformers.LlamaForCausalLM
     work, ckpt = request.getfixturevalue('tiny')  # only now: a skip needs no training
     ours, c = load_model(ckpt)
     tok = Tokenizer(c['tokenizer'])
@@ -1137,7 +1156,9 @@ def test_hf_export(request, tmp_path):
     for s in HF_TEXTS:
         ids = tok.encode(s, bos=True)
         assert hft(s)['input_ids'] == ids, s
-        assert hft.decode(ids[1:]) == tok.decode(ids), s
+        # transformers (as llama.cpp) decodes the dummy prefix after a chat token as a space,
+        # which SentencePiece's decode shows too; ours drops it, so text round-trips
+        assert hft.decode(ids[1:]) == (tok.sp.decode(ids) if '<|im' in s else tok.decode(ids)), s
     # a chat renders to our template and tokenizes to the ids the SFT data holds
     msgs = [{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': '你好 there!\n  Hi?'},
             {'role': 'assistant', 'content': 'Fine 😀'}, {'role': 'user', 'content': ' 3 + 4 '}]
@@ -1197,6 +1218,191 @@ def exported(tiny, tmp_path_factory):
     (d / 'random').mkdir()
     return {'trained': (ckpt, export(work, ckpt, d / 'trained' / 'model.bin')),
             'random': (rnd, export(work, rnd, d / 'random' / 'model.bin')), 'work': work, 'dir': d}
+
+
+def test_gguf_export_fields(tiny, tmp_path):
+    """llama.cpp's own reader (the gguf package) reads back every field of the file as it
+    was meant: hyperparameters, the vocabulary with scores and token types, special ids,
+    template; every tensor under llama.cpp's name and shape, equal to our weight in f32, within
+    f16's rounding in f16, and in q8_0 byte for byte what llama.cpp's reference quantizer
+    makes of it. A matrix whose rows are not blocks of 32 falls back to f16."""
+    consumer('gguf')
+    from gguf import GGUFReader, GGMLQuantizationType as Q
+    from gguf.quants import quantize
+    from export_gguf import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED
+    work, ckpt = tiny
+    model, c = load_model(ckpt)
+    tok, p = Tokenizer(c['tokenizer']), model.params
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    odd = random_checkpoint(str(tmp_path / 'odd.pt'), c['tokenizer'], VOCAB, dim=48, n_heads=4, n_kv_heads=2)
+    names = {'attn_norm': 'attention_norm', 'attn_q': 'attention.wq', 'attn_k': 'attention.wk',
+             'attn_v': 'attention.wv', 'attn_output': 'attention.wo', 'ffn_norm': 'ffn_norm',
+             'ffn_gate': 'feed_forward.w1', 'ffn_down': 'feed_forward.w2', 'ffn_up': 'feed_forward.w3'}
+
+    def ours(name):
+        if name in ('token_embd.weight', 'output.weight'):
+            return sd['tok_embeddings.weight']
+        if name == 'output_norm.weight':
+            return sd['norm.weight']
+        _, i, n, _ = name.split('.')
+        return sd[f'layers.{i}.{names[n]}.weight']
+
+    for dtype in ('f32', 'f16', 'q8_0'):
+        path = tmp_path / f'm_{dtype}.gguf'
+        py('export.py', str(path), f'--checkpoint={ckpt}', '--version=gguf', f'--dtype={dtype}', cwd=work)
+        r = GGUFReader(str(path))
+        f = {k: v.contents() for k, v in r.fields.items()}
+        want = {'GGUF.version': 3, 'general.architecture': 'llama', 'general.alignment': 32,
+                'general.file_type': {'f32': 0, 'f16': 1, 'q8_0': 7}[dtype],
+                'llama.context_length': p.max_seq_len, 'llama.embedding_length': p.dim,
+                'llama.block_count': p.n_layers, 'llama.feed_forward_length': p.hidden_dim,
+                'llama.attention.head_count': p.n_heads, 'llama.attention.head_count_kv': p.n_kv_heads,
+                'llama.rope.dimension_count': p.dim // p.n_heads, 'llama.rope.freq_base': 10000.0,
+                'llama.vocab_size': VOCAB, 'tokenizer.ggml.model': 'llama',
+                'tokenizer.ggml.tokens': [tok.sp.id_to_piece(i) for i in range(VOCAB)],
+                'tokenizer.ggml.bos_token_id': 1, 'tokenizer.ggml.eos_token_id': 2,
+                'tokenizer.ggml.unknown_token_id': 0, 'tokenizer.ggml.add_bos_token': True,
+                'tokenizer.ggml.add_eos_token': False, 'tokenizer.ggml.add_space_prefix': True,
+                'tokenizer.ggml.eot_token_id': 4,
+                'GGUF.tensor_count': 3 + 9 * p.n_layers}
+        for k, v in want.items():
+            assert f[k] == v, (dtype, k, f[k], v)
+        assert f['llama.attention.layer_norm_rms_epsilon'] == pytest.approx(p.norm_eps, rel=1e-6)
+        assert np.allclose(f['tokenizer.ggml.scores'], [tok.sp.get_score(i) for i in range(VOCAB)])
+        types = f['tokenizer.ggml.token_type']
+        assert types[:5] == [UNKNOWN, CONTROL, CONTROL, USER_DEFINED, USER_DEFINED]
+        assert types[5:261] == [BYTE] * 256 and set(types[261:]) == {NORMAL}
+        assert tok.decode(tok.encode_chat([{'role': 'user', 'content': 'Hi'}], True)[0]) == \
+            render_chat([{'role': 'user', 'content': 'Hi'}], True)
+        msgs = [{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': '你好'}]
+        template = consumer('jinja2').Template(f['tokenizer.chat_template'])
+        assert template.render(messages=msgs, bos_token='<s>', add_generation_prompt=True) == \
+            '<s>' + render_chat(msgs, add_generation_prompt=True)
+        assert {t.name for t in r.tensors} == {'token_embd.weight', 'output_norm.weight', 'output.weight'} | {
+            f'blk.{i}.{n}.weight' for i in range(p.n_layers) for n in names}
+        for t in r.tensors:
+            a = ours(t.name)
+            assert list(t.shape) == list(a.shape[::-1]), t.name  # innermost dimension first
+            if a.ndim == 1 or dtype == 'f32':
+                assert t.tensor_type == Q.F32 and np.array_equal(t.data.reshape(a.shape), a), t.name
+            elif dtype == 'f16':
+                assert t.tensor_type == Q.F16 and np.array_equal(t.data.reshape(a.shape), a.astype(np.float16))
+            else:
+                assert t.tensor_type == Q.Q8_0, t.name
+                assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(-1),
+                                      quantize(a, Q.Q8_0).view(np.uint8).reshape(-1)), t.name
+    py('export.py', str(tmp_path / 'odd.gguf'), f'--checkpoint={odd}', '--version=gguf', '--dtype=q8_0', cwd=work)
+    r = GGUFReader(str(tmp_path / 'odd.gguf'))
+    kinds = {t.name: t.tensor_type for t in r.tensors}
+    assert kinds['blk.0.attn_q.weight'] == Q.F16 and kinds['output_norm.weight'] == Q.F32
+    assert kinds['blk.0.ffn_down.weight'] == Q.Q8_0  # its rows (hidden_dim 128) are whole blocks
+
+
+
+def llama_cpp_model(llama_cpp, path, **kw):
+    """A GGUF file loaded in llama.cpp: float32 KV cache (its default is f16), logits of every
+    position kept"""
+    return llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, **kw)
+
+
+def llama_cpp_greedy(llm, ids, n):
+    """llama.cpp's greedy continuation of ids: up to n tokens, ending before BOS or EOS"""
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    while len(out) < n:
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if nxt in (1, 2):
+            break
+        out.append(nxt)
+        llm.eval([nxt])
+    return out
+
+
+def test_llama_cpp_tokenizes_as_we_do(tiny, tmp_path):
+    """llama.cpp's tokenizer, reading only our GGUF's vocabulary, gives our ids: English,
+    Chinese, emoji, spaces, newlines, chat tokens inside text, and rendered chats (the chat
+    template as llama.cpp tokenizes it, a dummy prefix after each chat token)."""
+    llama_cpp = consumer('llama_cpp')
+    work, ckpt = tiny
+    tok = Tokenizer(torch.load(ckpt, weights_only=True)['tokenizer'])
+    path = export(work, ckpt, tmp_path / 'm.gguf', '--version=gguf')
+    vocab = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+    for s in ENCODE_TEXTS + HF_TEXTS:
+        assert vocab.tokenize(s.encode(), add_bos=True, special=True) == tok.encode(s, bos=True), s
+    chats = [[{'role': 'user', 'content': 'Tell me a story about a fox.'}],
+             [{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': '你好 there!\n  Hi?'},
+              {'role': 'assistant', 'content': 'Fine 😀'}, {'role': 'user', 'content': ' 3 + 4 '}]]
+    for msgs in chats:
+        text = tok.sp.id_to_piece(tok.bos_id) + render_chat(msgs, add_generation_prompt=True)
+        assert vocab.tokenize(text.encode(), add_bos=False, special=True) == tok.encode_chat(msgs, True)[0]
+
+
+def test_llama_cpp_runs_our_gguf_as_run_c(tiny, runc, tmp_path):
+    """llama.cpp computes our model: on three prompts its float32 logits at every position are
+    PyTorch's within 1e-4 (of logits up to ~17), its greedy continuation is run.c's at -t 0,
+    token for token, and the q8_0 file continues the same way at least for the first tokens
+    (the point where rounding makes it diverge is printed)."""
+    llama_cpp = consumer('llama_cpp')
+    work, ckpt = tiny
+    model, c = load_model(ckpt)
+    tok = Tokenizer(c['tokenizer'])
+    f32 = llama_cpp_model(llama_cpp, export(work, ckpt, tmp_path / 'm.gguf', '--version=gguf'))
+    q80 = llama_cpp_model(llama_cpp, export(work, ckpt, tmp_path / 'q.gguf', '--version=gguf',
+                                            '--dtype=q8_0'))
+    model_bin = export(work, ckpt, tmp_path / 'model.bin')
+    for prompt in ["Once upon a time", "Lily wanted a red kite.", "小猫"]:
+        ids = tok.encode(prompt, bos=True)
+        out = llama_cpp_greedy(f32, ids, 100)
+        x = torch.tensor([ids + out])
+        with torch.no_grad():
+            want, _ = model.eval()(x, targets=torch.full_like(x, -1))
+        got = np.array(f32.scores[:x.size(1)])
+        assert np.abs(got - want[0].numpy()).max() < 1e-4, prompt
+        r = run_c(runc, model_bin, '-t', '0', '-n', str(len(ids) + 100 - 1), '-i', prompt)
+        assert r.stdout.decode() == tok.decode(ids + out) + '\n', prompt
+        q = llama_cpp_greedy(q80, ids, 100)
+        same = next((i for i, (a, b) in enumerate(zip(out, q)) if a != b), min(len(out), len(q)))
+        # q8_0 on float32's tokens: its logits a rounding away, its choices nearly all the same
+        q80.reset()
+        q80.eval(ids + out)
+        qlog = np.array(q80.scores[:x.size(1)])
+        agree = (qlog.argmax(-1) == got.argmax(-1)).mean()
+        print(f"q8_0 in llama.cpp, {prompt!r}: greedy as float32 for {same} of {len(out)} tokens; "
+              f"on float32's tokens the same choice at {agree:.0%} of positions, logits within "
+              f"{np.abs(qlog - got).max():.3f}")
+        assert q[0] == out[0] and agree >= 0.9 and np.abs(qlog - got).max() < 0.5, prompt
+
+
+def test_llama_cpp_chat_equals_run_c(tuned, runc, tmp_path):
+    """The fine-tuned model in llama.cpp, chatting through the template our GGUF carries
+    (llama-cpp-python's create_chat_completion, greedy), answers what ./run -m chat -t 0
+    answers, with a system prompt and without, in English and Chinese, over two turns."""
+    llama_cpp = consumer('llama_cpp')
+    work, sft, _ = tuned
+    llm = llama_cpp_model(llama_cpp, export(work, sft, tmp_path / 'sft.gguf', '--version=gguf'))
+    model_bin = export(work, sft, tmp_path / 'model.bin')
+    turns = [["Tell me a story about a fox who wants a kite."],
+             ["给我讲一个关于小兔子想要风筝的故事。"],
+             ["Write a short story about a cat and a ball.", "Who is the story about?"]]
+    for system in ("", "You tell short stories."):
+        for first, *rest in turns:
+            sys_c = ['-y', system] if system else []
+            c = subprocess.run([runc, model_bin, '-m', 'chat', '-t', '0', '-i', first, *sys_c],
+                               input=''.join(m + '\n' for m in rest).encode(), capture_output=True,
+                               timeout=300)
+            assert c.returncode == 0, c.stderr
+            msgs = [{'role': 'system', 'content': system}] if system else []
+            replies = []
+            for user in [first, *rest]:
+                msgs.append({'role': 'user', 'content': user})
+                r = llm.create_chat_completion(messages=msgs, temperature=0, top_k=1, top_p=1,
+                                               min_p=0, repeat_penalty=1, max_tokens=200)
+                replies.append(r['choices'][0]['message']['content'])
+                msgs.append({'role': 'assistant', 'content': replies[-1]})
+            want = ''.join(f"Assistant: {a}\nUser: " for a in replies) + "\n"
+            assert c.stdout.decode() == want, (first, system)
 
 
 def test_export_reads_checkpoints_without_torch(work, tmp_path):
@@ -1391,7 +1597,9 @@ def test_run_c_encoder_matches_sentencepiece(work, runc, tmp_path):
         model_bin = export(work, ckpt, d / 'm.bin')
         for s in texts:
             got = run_c(runc, model_bin, '-m', 'tokenize', '-i', s).stdout.decode().split()
-            assert [int(i) for i in got] == tok.sp.encode(s), (model_path, s)
+            assert [int(i) for i in got] == tok.encode(s), (model_path, s)
+            if not any(t in s for t in tok.chat_ids):  # after a chat token we add a prefix
+                assert tok.encode(s) == tok.sp.encode(s), (model_path, s)
             checked += 1
     print(f"C encoder == SentencePiece on {checked} strings, {len(cases)} tokenizers")
 

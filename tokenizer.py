@@ -14,6 +14,7 @@ chat tokens are reserved from the start, so fine-tuning never needs a new tokeni
 """
 
 import os
+import re
 import struct
 import sys
 
@@ -83,23 +84,46 @@ class Tokenizer:
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.im_start_id = self.sp.piece_to_id(IM_START)
         self.im_end_id = self.sp.piece_to_id(IM_END)
+        # the chat tokens the text is cut at (a tokenizer without them has none)
+        self.chat_ids = {p: i for i, p in ((self.im_start_id, IM_START), (self.im_end_id, IM_END))
+                         if self.sp.id_to_piece(i) == p}
+        self._chat_id_set = set(self.chat_ids.values())
+        self._chat_split = re.compile('(' + '|'.join(map(re.escape, self.chat_ids)) + ')')
         # SentencePiece puts a "dummy prefix" space before the text; to encode a piece of
         # text in the middle of a sequence without it, we encode it behind a special token
         # (which never merges with its neighbours) and cut that token off again.
         self._cut = self.sp.encode(IM_START)
 
     def encode(self, s, bos=False, eos=False, dummy_prefix=True):
+        """Text -> ids. A chat token written in the text becomes its id, and the text after
+        it is encoded as a text of its own, with the dummy prefix ("<|im_start|>user" ->
+        <|im_start|>, '▁user'): that is how llama.cpp and Hugging Face tokenize a rendered
+        chat template (SentencePiece alone would not prefix it). Text without chat tokens is
+        encoded exactly as SentencePiece does."""
         assert isinstance(s, str)
-        if dummy_prefix:
-            t = self.sp.encode(s)
-        else:
-            t = self.sp.encode(IM_START + s)
-            assert t[:len(self._cut)] == self._cut
-            t = t[len(self._cut):]
-        return [self.bos_id] * bos + t + [self.eos_id] * eos
+        ids = [self.bos_id] * bos
+        parts = self._chat_split.split(s) if self.chat_ids else [s]
+        for k, part in enumerate(parts):
+            if k % 2:  # a chat token
+                ids.append(self.chat_ids[part])
+            elif k == 0 and not dummy_prefix:
+                t = self.sp.encode(IM_START + part)
+                assert t[:len(self._cut)] == self._cut
+                ids += t[len(self._cut):]
+            elif part:
+                ids += self.sp.encode(part)
+        return ids + [self.eos_id] * eos
 
     def decode(self, ids):
-        return self.sp.decode([int(i) for i in ids])
+        """ids -> text; the dummy prefix after a chat token is dropped, as encode added it"""
+        out, seg = [], []
+        for i in map(int, ids):
+            if i in self._chat_id_set:
+                out += [self.sp.decode(seg), self.sp.id_to_piece(i)]
+                seg = []
+            else:
+                seg.append(i)
+        return ''.join(out) + self.sp.decode(seg)
 
     def decode_continuation(self, context, ids):
         """The text that ids add after context, decoded as part of the whole sequence
@@ -111,10 +135,12 @@ class Tokenizer:
         """One chat message: ids and loss mask (1 on an assistant's content and its
         <|im_end|>, the tokens a chat model must learn to produce). The header and the
         content are encoded separately so the content starts on a token boundary, exactly
-        as it does at generation time after the generation prompt."""
-        head = [self.im_start_id] + self.encode(role + "\n", dummy_prefix=False)
+        as it does at generation time after the generation prompt. Text right after a chat
+        token has the dummy prefix ('▁user', '▁\n'), as encode() gives it, so that llama.cpp
+        and Hugging Face, tokenizing the rendered template, give these ids."""
+        head = [self.im_start_id] + self.encode(role + "\n")
         body = self.encode(content, dummy_prefix=False) + [self.im_end_id]
-        tail = self.encode("\n", dummy_prefix=False)
+        tail = self.encode("\n")
         learn = int(role == 'assistant')
         return head + body + tail, [0] * len(head) + [learn] * len(body) + [0] * len(tail)
 
@@ -148,13 +174,22 @@ class Tokenizer:
         return {self.bos_id, self.eos_id, *chat}
 
     def generation_prompt(self):
-        return [self.im_start_id] + self.encode("assistant\n", dummy_prefix=False)
+        return [self.im_start_id] + self.encode("assistant\n")
 
 
 def render_chat(messages, add_generation_prompt=False):
     """The chat as one string (what encode_chat tokenizes, BOS aside)."""
     s = "".join(CHAT_TEMPLATE.format(**m) for m in messages)
     return s + (GENERATION_PROMPT if add_generation_prompt else "")
+
+
+def jinja_chat_template(chat):
+    """A chat template (str.format fields, as stored in checkpoints) as the Jinja string that
+    Hugging Face's apply_chat_template and GGUF readers (llama.cpp, Ollama) run."""
+    message = chat['message'].replace('{role}', "{{ message['role'] }}")
+    message = message.replace('{content}', "{{ message['content'] }}")
+    return ("{{ bos_token }}{% for message in messages %}" + message + "{% endfor %}"
+            "{% if add_generation_prompt %}" + chat['generation_prompt'] + "{% endif %}")
 
 
 # -----------------------------------------------------------------------------
