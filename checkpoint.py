@@ -151,15 +151,21 @@ def read_checkpoint(path):
 # checking a checkpoint against its model_args
 
 MAX_SEQ_LEN = 1 << 20   # positions: larger is a damaged header, not a model
+MAX_EXPERTS = 256       # experts in a mixture-of-experts layer (DeepSeek-V3 has 256)
 
 
-def layer_shapes(dim, hidden_dim, n_heads, n_kv_heads):
+def layer_shapes(dim, hidden_dim, n_heads, n_kv_heads, n_experts=0):
     head_dim = dim // n_heads
-    return {'attention_norm': (dim,), 'attention.wq': (n_heads * head_dim, dim),
-            'attention.wk': (n_kv_heads * head_dim, dim), 'attention.wv': (n_kv_heads * head_dim, dim),
-            'attention.wo': (dim, n_heads * head_dim), 'ffn_norm': (dim,),
-            'feed_forward.w1': (hidden_dim, dim), 'feed_forward.w2': (dim, hidden_dim),
-            'feed_forward.w3': (hidden_dim, dim)}
+    shapes = {'attention_norm': (dim,), 'attention.wq': (n_heads * head_dim, dim),
+              'attention.wk': (n_kv_heads * head_dim, dim),
+              'attention.wv': (n_kv_heads * head_dim, dim),
+              'attention.wo': (dim, n_heads * head_dim), 'ffn_norm': (dim,)}
+    ffn = {'w1': (hidden_dim, dim), 'w2': (dim, hidden_dim), 'w3': (hidden_dim, dim)}
+    if not n_experts:
+        return shapes | {f'feed_forward.{w}': shape for w, shape in ffn.items()}
+    shapes['feed_forward.gate'] = (n_experts, dim)  # a mixture of experts: the router
+    return shapes | {f'feed_forward.experts.{e}.{w}': shape
+                     for e in range(n_experts) for w, shape in ffn.items()}
 
 
 def check_model(path, ckpt):
@@ -175,7 +181,8 @@ def check_model(path, ckpt):
         if type(a.get(key)) is not int or a[key] < 1:
             bad(f"model_args {key}={a.get(key)!r} is not a positive integer")
     for key, types in (('n_kv_heads', (int,)), ('hidden_dim', (int,)), ('multiple_of', (int,)),
-                       ('norm_eps', (int, float)), ('dropout', (int, float))):
+                       ('norm_eps', (int, float)), ('dropout', (int, float)),
+                       ('n_experts', (int,)), ('n_experts_per_tok', (int,))):
         if key in a and (type(a[key]) not in types or not 0 <= a[key] < 1e9):
             bad(f"model_args {key}={a[key]!r} is not a number of the right kind")
     dim, n_heads, n_kv_heads = a['dim'], a['n_heads'], a.get('n_kv_heads') or a['n_heads']
@@ -185,13 +192,17 @@ def check_model(path, ckpt):
         bad(f"n_heads={n_heads} does not split dim={dim} into heads of an even size")
     if a['max_seq_len'] > MAX_SEQ_LEN:
         bad(f"max_seq_len={a['max_seq_len']} is beyond any model's")
+    n_experts, k = a.get('n_experts', 0), a.get('n_experts_per_tok', 2)
+    if n_experts and not 1 <= k <= n_experts <= MAX_EXPERTS:
+        bad(f"n_experts={n_experts}, n_experts_per_tok={k}: a mixture of at most {MAX_EXPERTS} "
+            "experts, each token using 1 to n_experts of them")
     weights = {str(k).removeprefix('_orig_mod.'): v for k, v in weights.items()}
-    w1 = weights.get('layers.0.feed_forward.w1.weight')
+    w1 = weights.get(f"layers.0.feed_forward.{'experts.0.' * bool(n_experts)}w1.weight")
     hidden_dim = a.get('hidden_dim') or (w1.shape[0] if hasattr(w1, 'shape') and w1.shape else 0)
     want = {'tok_embeddings.weight': (a['vocab_size'], dim), 'norm.weight': (dim,),
             'output.weight': (a['vocab_size'], dim)}
     for i in range(a['n_layers']):
-        for name, shape in layer_shapes(dim, hidden_dim, n_heads, n_kv_heads).items():
+        for name, shape in layer_shapes(dim, hidden_dim, n_heads, n_kv_heads, n_experts).items():
             want[f'layers.{i}.{name}.weight'] = shape
     for name, shape in want.items():
         t = weights.get(name)

@@ -13,6 +13,7 @@ one by one with struct, minutes for 110M parameters), and every file is written 
 temporary name and renamed, so an interrupted export never leaves a half file behind.
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -31,10 +32,12 @@ from tokenizer import (CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, expor
 # -----------------------------------------------------------------------------
 checkpoint = 'out/ckpt.pt'
 version = '0'            # 0 (float32, llama2.c's legacy format) | 1 (float32) | 2 (int8 Q8_0)
-                         # | hf (a transformers folder) | gguf (llama.cpp, Ollama)
+                         # | 3 (a mixture of experts, --dtype=f32|q8_0) | hf (a transformers
+                         # folder) | gguf (llama.cpp, Ollama)
 group_size = 64          # version 2: values per quantization group (halved until it fits)
-dtype = 'f32'            # gguf: the matrices as f32, f16 or q8_0 (norms stay f32)
+dtype = 'f32'            # gguf, 3: the matrices as f32, f16 (gguf) or q8_0 (norms stay f32)
 # -----------------------------------------------------------------------------
+MOE_VERSIONS = ('3', 'hf', 'gguf')  # the formats that hold a mixture of experts
 
 
 # -----------------------------------------------------------------------------
@@ -78,15 +81,18 @@ def v12_header(p, version, gs, tuned):
     """Versions 1 and 2 begin with 256 bytes: magic "ak42", the version, the 7 ints, the
     shared-classifier byte, the group size (version 2); we add byte 41, which llama2.c
     leaves 0: 1 = pretrained only, 2 = fine-tuned to chat, so that run.c -m chat can say
-    when a model was never taught to chat."""
+    when a model was never taught to chat. Version 3, ours, a mixture of experts, has the
+    same fields (group size 0: float32), then n_experts and n_experts_per_tok."""
     h = struct.pack('<Ii7iBiB', 0x616b3432, version, *config_ints(p), int(p.shared), gs, tuned)
+    if version == 3:
+        h += struct.pack('<ii', p.n_experts, p.n_experts_per_tok)
     return h + b'\0' * (256 - len(h))
 
 
-def export_v1(w, p, path, tuned):
+def export_v1(w, p, path, tuned, version=1):
     """llama2.c's version 1: the 256-byte header, all norms, then the float32 matrices."""
     matrices = [w[name + '.weight'] for name in matrix_names(p)]
-    write_chunks(path, [v12_header(p, 1, 0, tuned)] + norms_first(w, p) + matrices)
+    write_chunks(path, [v12_header(p, version, 0, tuned)] + norms_first(w, p) + matrices)
 
 
 def norms_first(w, p):
@@ -94,9 +100,18 @@ def norms_first(w, p):
 
 
 def matrix_names(p):
-    names = ['tok_embeddings'] + [f'layers.{i}.{name}' for name in (
-        'attention.wq', 'attention.wk', 'attention.wv', 'attention.wo',
-        'feed_forward.w1', 'feed_forward.w2', 'feed_forward.w3') for i in range(p.n_layers)]
+    """The matrices of versions 1 to 3, in file order: each kind for all layers in turn. A
+    mixture of experts (version 3) has, after wo, each layer's router (always float32),
+    then w1 of each layer's experts, then their w2, then their w3."""
+    L = range(p.n_layers)
+    names = ['tok_embeddings'] + [f'layers.{i}.attention.{m}' for m in ('wq', 'wk', 'wv', 'wo')
+                                  for i in L]
+    if p.n_experts:
+        names += [f'layers.{i}.feed_forward.gate' for i in L]
+        names += [f'layers.{i}.feed_forward.experts.{e}.{m}' for m in ('w1', 'w2', 'w3')
+                  for i in L for e in range(p.n_experts)]
+    else:
+        names += [f'layers.{i}.feed_forward.{m}' for m in ('w1', 'w2', 'w3') for i in L]
     return names if p.shared else names + ['output']
 
 
@@ -110,7 +125,7 @@ def quantize_q80(w, gs):
     return q, scale.astype(np.float32), float(err)
 
 
-def export_v2(w, p, path, tuned):
+def export_v2(w, p, path, tuned, version=2):
     """llama2.c's version 2 (runq.c): a 256-byte header, the norms in float32, then
     every matrix as int8 groups followed by their float32 scales."""
     gs = group_size
@@ -119,10 +134,13 @@ def export_v2(w, p, path, tuned):
     if gs < group_size:
         print(f"group size {group_size} does not divide dim {p.dim} and hidden_dim "
               f"{p.hidden_dim}: using {gs}")
-    chunks = [v12_header(p, 2, gs, tuned)] + norms_first(w, p)
+    chunks = [v12_header(p, version, gs, tuned)] + norms_first(w, p)
     worst = 0.0
     for name in matrix_names(p):
         a = w[name + '.weight']
+        if name.endswith('.gate'):  # a router: small, and float32 keeps its choices exact
+            chunks.append(a)
+            continue
         q, s, err = quantize_q80(a, gs)
         chunks += [q, s]
         worst = max(worst, err)
@@ -154,6 +172,11 @@ def hf_tensors(w, p):
         t[pre + 'self_attn.v_proj.weight'] = ours('attention.wv')  # v is not rotated
         t[pre + 'self_attn.o_proj.weight'] = ours('attention.wo')
         t[pre + 'post_attention_layernorm.weight'] = ours('ffn_norm')
+        if p.n_experts:  # Mixtral's names: the router is the gate, w1/w2/w3 as ours
+            t[pre + 'block_sparse_moe.gate.weight'] = ours('feed_forward.gate')
+            for e, n in itertools.product(range(p.n_experts), ('w1', 'w2', 'w3')):
+                t[pre + f'block_sparse_moe.experts.{e}.{n}.weight'] = ours(f'feed_forward.experts.{e}.{n}')
+            continue
         t[pre + 'mlp.gate_proj.weight'] = ours('feed_forward.w1')
         t[pre + 'mlp.down_proj.weight'] = ours('feed_forward.w2')
         t[pre + 'mlp.up_proj.weight'] = ours('feed_forward.w3')
@@ -177,13 +200,18 @@ def safetensors_chunks(tensors):
 
 
 def hf_config(p, tok):
-    return {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_size': p.dim,
-            'intermediate_size': p.hidden_dim, 'num_hidden_layers': p.n_layers,
-            'num_attention_heads': p.n_heads, 'num_key_value_heads': p.n_kv_heads,
-            'head_dim': p.dim // p.n_heads, 'vocab_size': p.vocab_size,
-            'max_position_embeddings': p.max_seq_len, 'rms_norm_eps': p.norm_eps,
-            'rope_theta': 10000.0, 'hidden_act': 'silu', 'tie_word_embeddings': p.shared,
-            'bos_token_id': tok.bos_id, 'eos_token_id': tok.eos_id, 'torch_dtype': 'float32'}
+    config = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_size': p.dim,
+              'intermediate_size': p.hidden_dim, 'num_hidden_layers': p.n_layers,
+              'num_attention_heads': p.n_heads, 'num_key_value_heads': p.n_kv_heads,
+              'head_dim': p.dim // p.n_heads, 'vocab_size': p.vocab_size,
+              'max_position_embeddings': p.max_seq_len, 'rms_norm_eps': p.norm_eps,
+              'rope_theta': 10000.0, 'hidden_act': 'silu', 'tie_word_embeddings': p.shared,
+              'bos_token_id': tok.bos_id, 'eos_token_id': tok.eos_id, 'torch_dtype': 'float32'}
+    if p.n_experts:  # a mixture of experts is Mixtral: Llama with MoE feed-forwards
+        config.update(architectures=['MixtralForCausalLM'], model_type='mixtral',
+                      num_local_experts=p.n_experts, num_experts_per_tok=p.n_experts_per_tok,
+                      sliding_window=None, output_router_logits=False)
+    return config
 
 
 def hf_tokenizer_json(tok, special):
@@ -298,7 +326,8 @@ def model_weights(ckpt, path):
     p = SimpleNamespace(dim=a['dim'], hidden_dim=hidden_dim, n_layers=a['n_layers'],
                         n_heads=a['n_heads'], n_kv_heads=a.get('n_kv_heads') or a['n_heads'],
                         vocab_size=a['vocab_size'], max_seq_len=a['max_seq_len'],
-                        norm_eps=a.get('norm_eps', 1e-5))
+                        norm_eps=a.get('norm_eps', 1e-5), n_experts=a.get('n_experts', 0),
+                        n_experts_per_tok=a.get('n_experts_per_tok', 2))
     emb = w['tok_embeddings.weight']
     p.shared = np.array_equal(w.setdefault('output.weight', emb), emb)  # tied: stored twice
     return w, p
@@ -334,9 +363,11 @@ def main():
     _, args = configure(globals(), positional=1)
     if not args:
         die("no output path — usage: python export.py OUTPUT --checkpoint=out/ckpt.pt "
-            "[--version=0|1|2|hf|gguf]")
-    if version not in ('0', '1', '2', 'hf', 'gguf'):
-        die(f"--version={version}: use 0, 1, 2, hf or gguf")
+            "[--version=0|1|2|3|hf|gguf]")
+    if version not in ('0', '1', '2', '3', 'hf', 'gguf'):
+        die(f"--version={version}: use 0, 1, 2, 3, hf or gguf")
+    if version == '3' and dtype == 'f16':
+        die("--version=3 holds f32 or q8_0 (int8 in groups of --group_size), not f16")
     if dtype not in ('f32', 'f16', 'q8_0'):
         die(f"--dtype={dtype}: use f32, f16 or q8_0 (for --version=gguf)")
     if group_size < 1:
@@ -354,6 +385,12 @@ def main():
         die(f"{checkpoint} is a {ckpt['task']!r} model, not a language model — export the "
             "model it was trained from")
     w, p = model_weights(ckpt, checkpoint)
+    if p.n_experts and version not in MOE_VERSIONS:
+        die(f"{checkpoint} is a mixture of experts, which --version={version} cannot hold — "
+            f"use --version={' or '.join(MOE_VERSIONS)}")
+    if version == '3' and not p.n_experts:
+        die(f"--version=3 is for a mixture of experts, and {checkpoint} is dense — use "
+            "--version=1 (float32) or 2 (int8)")
     tok = checkpoint_tokenizer(checkpoint, ckpt)
     try:
         if version == 'hf':
@@ -365,6 +402,8 @@ def main():
             tuned = 1 if ckpt.get('task', 'pretrain') == 'pretrain' else 2  # header byte 41
             if version == '0':
                 export_v0(w, p, out)
+            elif version == '3':  # float32 as version 1, int8 as version 2
+                (export_v2 if dtype == 'q8_0' else export_v1)(w, p, out, tuned, version=3)
             else:
                 (export_v1 if version == '1' else export_v2)(w, p, out, tuned)
             export_tokenizer_bin(tok, tok_path)

@@ -63,10 +63,11 @@ def quantize_q8_0(a):
     return blocks
 
 
-def encode_tensor(a, dtype):
-    """(bytes, ggml type) of a float32 array. Norms (1-D) stay float32, as llama.cpp keeps
-    them; a matrix whose rows are not whole blocks of 32 falls back to f16."""
-    if a.ndim == 1 or dtype == 'f32':
+def encode_tensor(name, a, dtype):
+    """(bytes, ggml type) of a float32 array. Norms (1-D) and a mixture's routers stay
+    float32, as llama.cpp keeps them; a matrix whose rows are not whole blocks of 32 falls
+    back to f16."""
+    if a.ndim == 1 or dtype == 'f32' or 'ffn_gate_inp' in name:
         return a.astype('<f4').tobytes(), GGML_TYPE['f32']
     if dtype == 'q8_0' and a.shape[-1] % 32 == 0:
         return quantize_q8_0(a).tobytes(), GGML_TYPE['q8_0']
@@ -79,12 +80,21 @@ def tensors(w, p):
     t = {'token_embd.weight': w['tok_embeddings.weight'], 'output_norm.weight': w['norm.weight'],
          'output.weight': w['tok_embeddings.weight' if p.shared else 'output.weight']}
     names = {'attention_norm': 'attn_norm', 'attention.wq': 'attn_q', 'attention.wk': 'attn_k',
-             'attention.wv': 'attn_v', 'attention.wo': 'attn_output', 'ffn_norm': 'ffn_norm',
-             'feed_forward.w1': 'ffn_gate', 'feed_forward.w2': 'ffn_down',
-             'feed_forward.w3': 'ffn_up'}
+             'attention.wv': 'attn_v', 'attention.wo': 'attn_output', 'ffn_norm': 'ffn_norm'}
+    ffn = {'w1': 'ffn_gate', 'w2': 'ffn_down', 'w3': 'ffn_up'}
     for i in range(p.n_layers):
         for ours, theirs in names.items():
             t[f'blk.{i}.{theirs}.weight'] = w[f'layers.{i}.{ours}.weight']
+        if not p.n_experts:
+            for ours, theirs in ffn.items():
+                t[f'blk.{i}.{theirs}.weight'] = w[f'layers.{i}.feed_forward.{ours}.weight']
+            continue
+        # a mixture of experts: the router, and each kind of matrix of all experts as one
+        # (n_experts, rows, cols) tensor
+        t[f'blk.{i}.ffn_gate_inp.weight'] = w[f'layers.{i}.feed_forward.gate.weight']
+        for ours, theirs in ffn.items():
+            t[f'blk.{i}.{theirs}_exps.weight'] = np.stack(
+                [w[f'layers.{i}.feed_forward.experts.{e}.{ours}.weight'] for e in range(p.n_experts)])
     return t
 
 
@@ -132,14 +142,16 @@ def metadata(p, tok, ckpt, dtype, name):
         ('tokenizer.ggml.add_eos_token', BOOL, False),
         ('tokenizer.ggml.add_space_prefix', BOOL, space_prefix),
         ('tokenizer.chat_template', STRING, jinja_chat_template(chat)),
-    ] + [('tokenizer.ggml.eot_token_id', U32, tok.im_end_id)] * (IM_END in tok.chat_ids)
+    ] + [('tokenizer.ggml.eot_token_id', U32, tok.im_end_id)] * (IM_END in tok.chat_ids) + [
+        ('llama.expert_count', U32, p.n_experts), ('llama.expert_used_count', U32,
+                                                    p.n_experts_per_tok)] * bool(p.n_experts)
     # (<|im_end|> ends a chat turn; llama.cpp would guess it from the name, others may not)
 
 
 def gguf_chunks(w, p, tok, ckpt, dtype, name='llama from scratch'):
     """The file as a list of byte strings, in order."""
     meta = metadata(p, tok, ckpt, dtype, name)
-    data = [(n, *encode_tensor(a, dtype), a.shape) for n, a in tensors(w, p).items()]
+    data = [(n, *encode_tensor(n, a, dtype), a.shape) for n, a in tensors(w, p).items()]
     head = [b'GGUF', struct.pack('<IQQ', 3, len(data), len(meta))]
     head += [string(k) + struct.pack('<I', kind) + value(kind, v) for k, kind, v in meta]
     offset, body = 0, []

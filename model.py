@@ -30,6 +30,8 @@ class ModelArgs:
     norm_eps: float = 1e-5
     max_seq_len: int = 256
     dropout: float = 0.0
+    n_experts: int = 0         # > 0: each feed-forward is a mixture of this many experts
+    n_experts_per_tok: int = 2 # ... of which each token uses this many (top-k)
 
     def __post_init__(self):
         if not self.n_kv_heads:
@@ -40,6 +42,8 @@ class ModelArgs:
         assert self.dim % self.n_heads == 0, "n_heads must divide dim"
         assert self.n_heads % self.n_kv_heads == 0, "n_kv_heads must divide n_heads"
         assert (self.dim // self.n_heads) % 2 == 0, "RoPE needs an even head_dim"
+        assert not self.n_experts or 1 <= self.n_experts_per_tok <= self.n_experts, \
+            "n_experts_per_tok must be between 1 and n_experts"
 
 
 # -----------------------------------------------------------------------------
@@ -119,13 +123,44 @@ class FeedForward(nn.Module):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
+class MoEFeedForward(nn.Module):
+    """A mixture of experts in place of the feed-forward (Mixtral's, as minimind teaches
+    it): n_experts SwiGLU feed-forwards and a router, a linear layer scoring each expert for
+    each token. A token goes to the k experts it scores highest, and gets the sum of their
+    outputs weighted by the router's probabilities, renormalised over those k. The model
+    holds n_experts feed-forwards; a token pays for k."""
+    def __init__(self, args):
+        super().__init__()
+        self.k = args.n_experts_per_tok
+        self.gate = nn.Linear(args.dim, args.n_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(FeedForward(args) for _ in range(args.n_experts))
+        self.aux_loss = self.load = None  # of the last forward pass, for train.py
+
+    def forward(self, x):
+        shape, E = x.shape, len(self.experts)
+        x = x.reshape(-1, shape[-1])                             # (N, dim): all the tokens
+        probs = F.softmax(self.gate(x).float(), dim=-1)           # (N, E)
+        weights, chosen = probs.topk(self.k, dim=-1)              # (N, k): the k best experts
+        weights = (weights / weights.sum(-1, keepdim=True)).type_as(x)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):  # every expert, so each gets a gradient
+            token, slot = torch.where(chosen == e)                # the tokens that chose e
+            y.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        # load balancing (Switch Transformer's, as Mixtral's): E * sum_e load_e * P_e, load_e
+        # the fraction of the N*k choices that went to expert e, P_e its mean probability.
+        # 1 when the router spreads the tokens evenly; larger when a few experts take most.
+        self.load = torch.bincount(chosen.flatten(), minlength=E).float() / chosen.numel()
+        self.aux_loss = E * (self.load * probs.mean(0)).sum()
+        return y.view(shape)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args)
 
     def forward(self, x, freqs_cos, freqs_sin):
         h = x + self.attention(self.attention_norm(x), freqs_cos, freqs_sin)
@@ -195,13 +230,34 @@ class Transformer(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
                                  fused=device_type == 'cuda')
 
+    def aux_loss(self):
+        """A mixture of experts' load-balancing loss of the last forward pass, the mean over
+        the layers (1 when balanced; 0 for a dense model); train.py adds aux_loss_coef times it."""
+        if not self.params.n_experts:
+            return 0.0
+        return sum(l.feed_forward.aux_loss for l in self.layers) / len(self.layers)
+
+    def expert_load(self):
+        """(n_layers, n_experts): the fraction of the last forward pass's token choices that
+        went to each expert, per layer"""
+        return torch.stack([l.feed_forward.load for l in self.layers])
+
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
         """Model FLOPs utilization: achieved FLOP/s over peak_flops (PaLM, appendix B)."""
-        N = sum(p.numel() for p in self.parameters())
+        N = self.active_params()
         p = self.params
         L, H, Q, T = p.n_layers, p.n_heads, p.dim // p.n_heads, p.max_seq_len
         flops_per_token = 6 * N + 12 * L * H * Q * T
         return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
+
+    def active_params(self):
+        """The parameters a token is computed with: all of them, but for a mixture of
+        experts only k of each layer's n_experts feed-forwards"""
+        N, p = sum(w.numel() for w in self.parameters()), self.params
+        if p.n_experts:
+            per_expert = sum(w.numel() for w in self.layers[0].feed_forward.experts[0].parameters())
+            N -= p.n_layers * (p.n_experts - p.n_experts_per_tok) * per_expert
+        return N
 
     # -------------------------------------------------------------------------
     # generation
@@ -332,8 +388,9 @@ class KVCache:
         attn, ffn = [l.attention for l in model.layers], [l.feed_forward for l in model.layers]
         self.wqkv = [fused(a.wq, a.wk, a.wv) for a in attn]
         self.wo = [fused(a.wo) for a in attn]
-        self.w13 = [fused(f.w1, f.w3) for f in ffn]
-        self.w2 = [fused(f.w2) for f in ffn]
+        moe = p.n_experts > 0  # a mixture of experts decodes through its own module
+        self.w13 = [None if moe else fused(f.w1, f.w3) for f in ffn]
+        self.w2 = [None if moe else fused(f.w2) for f in ffn]
         self.output = fused(model.output)
 
 
@@ -379,6 +436,9 @@ def decode(model, tokens, cache):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not pos and T > 1,
                                            enable_gqa=H != KV)  # (B, n_heads, T, head_dim)
         h = h + matmul_blocks(y.transpose(1, 2).reshape(B, T, H * D), cache.wo[i])
+        if cache.w13[i] is None:  # a mixture of experts
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+            continue
         gate, value = matmul_blocks(layer.ffn_norm(h), cache.w13[i]).chunk(2, dim=-1)
         h = h + matmul_blocks(F.silu(gate) * value, cache.w2[i])
     cache.pos = S

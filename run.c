@@ -13,7 +13,7 @@ code above calls through the few functions declared before it. It reads the form
 karpathy/llama2.c: version 0 (the legacy float32 file), version 1 (float32 with a 256-byte
 header) and version 2 (int8 weights in groups with a float32 scale each, as written by
 llama2.c's export.py and read by its runq.c). Only loading and matmul know the difference;
-everything else is shared.
+everything else is shared. Version 3, ours, is a mixture of experts (float32 or int8).
 */
 #define _POSIX_C_SOURCE 200809L
 #define _DEFAULT_SOURCE // and madvise
@@ -94,6 +94,8 @@ typedef struct {
     int n_kv_heads;  // number of key/value heads (can be < n_heads: grouped-query attention)
     int vocab_size;
     int max_seq_len; // context length the model was trained for
+    int n_experts;   // 0: dense; else each feed-forward is a mixture of this many experts
+    int n_experts_per_tok; // ... of which each token uses this many
 } Config;
 
 // A weight matrix (rows, cols) in the model file's bytes in memory: float32 values w, or
@@ -109,11 +111,17 @@ typedef struct {
 } Matrix;
 
 typedef struct {
+    Matrix w1, w2, w3;    // SwiGLU: (hidden_dim, dim), (dim, hidden_dim), (hidden_dim, dim)
+} FFN;
+
+typedef struct {
     const float *rms_att; // (dim,) attention_norm
     const float *rms_ffn; // (dim,) ffn_norm
     Matrix wq, wk, wv;    // (dim, dim), (kv_dim, dim), (kv_dim, dim)
     Matrix wo;            // (dim, dim)
-    Matrix w1, w2, w3;    // (hidden_dim, dim), (dim, hidden_dim), (hidden_dim, dim)
+    FFN ffn;              // the feed-forward of a dense model
+    const float *router;  // (n_experts, dim) float32: a mixture of experts' router, else NULL
+    FFN *experts;         // (n_experts,) the mixture's feed-forwards
 } Layer;
 
 typedef struct {
@@ -144,6 +152,12 @@ typedef struct {
     int8_t *xq;         // (B, max(dim, hidden)) int8 activations (int8 files only)
     float *xq_scale;    // (B, max(dim, hidden) / group_size) their scales
     int32_t *xq_sum;    // (B, max(dim, hidden) / group_size) the sum of each group's values
+    float *probs;       // (n_experts,) a token's router probabilities (mixtures of experts)
+    int *chosen;        // (B, n_experts_per_tok) each token's experts, best first
+    float *weight;      // (B, n_experts_per_tok) and their weights, which sum to 1
+    int *tokens;        // (B,) the tokens that chose one expert, and
+    float *token_weight; // (B,) its weight for each
+    float *xe, *ye;     // (B, dim) their inputs, gathered, and the expert's outputs
     float *key_cache;   // (n_layers, kv_dim, n_ctx): transposed, see forward()
     float *value_cache; // (n_layers, n_ctx, kv_dim)
 } RunState;
@@ -179,13 +193,15 @@ static void attention_values(float *out, const float *att, const HeadCache *kv, 
 // exactly what the header implies, so that no weight pointer can leave the file.
 
 #define MAGIC_AK42 0x616b3432u // "ak42", the versioned llama2.c formats
-#define HEADER_V12 256         // header bytes of versions 1 and 2
+#define HEADER_V12 256         // header bytes of versions 1, 2 and 3
+#define MAX_EXPERTS 256
 
 typedef struct {
-    int version;    // 0 (the legacy float32 file), 1 (float32) or 2 (int8)
+    int version;    // 0 (the legacy float32 file), 1 (float32), 2 (int8), 3 (ours: a mixture
+                    // of experts, float32 or int8)
     int shared;     // 1: the classifier is the token embedding table
-    int group_size; // version 2: int8 values per float32 scale, else 0
-    int tuned;      // versions 1 and 2, header byte 41: 0 not recorded, 1 pretrained only,
+    int group_size; // versions 2 and 3: int8 values per float32 scale; 0 for float32
+    int tuned;      // versions 1 to 3, header byte 41: 0 not recorded, 1 pretrained only,
                     // 2 fine-tuned to chat (our export.py writes it; llama2.c leaves 0)
 } Format;
 
@@ -228,13 +244,14 @@ static void check_config(const char *path, const Config *c) {
 static void read_header(Config *c, Format *f, const char *path, const unsigned char *h,
                         uint64_t size) {
     *f = (Format){.version = 0, .shared = 1, .group_size = 0, .tuned = 0};
+    c->n_experts = c->n_experts_per_tok = 0; // dense, unless a version 3 header says otherwise
     if ((uint32_t)read_i32(h) == MAGIC_AK42) {
         if (size < HEADER_V12)
             die("%s: %llu bytes is too small for its 256-byte header — is the file truncated?",
                 path, (unsigned long long)size);
         f->version = read_i32(h + 4);
-        if (f->version != 1 && f->version != 2)
-            die("%s: unknown format version %d (this program reads 0, 1 and 2) — re-export the "
+        if (f->version < 1 || f->version > 3)
+            die("%s: unknown format version %d (this program reads 0 to 3) — re-export the "
                 "model", path, f->version);
         read_config(c, h + 8);
         f->shared = h[36];
@@ -245,11 +262,20 @@ static void read_header(Config *c, Format *f, const char *path, const unsigned c
         if (f->tuned > 2)
             die("%s: header byte 41 (fine-tuned to chat) is %d, must be 0, 1 or 2 — re-export "
                 "the model", path, f->tuned);
-        if (f->version == 2) {
+        if (f->version >= 2) {
             f->group_size = read_i32(h + 37);
-            if (f->group_size <= 0)
+            if (f->group_size < (f->version == 2)) // version 3: 0 is float32
                 die("%s: group_size %d must be positive — re-export the model", path,
                     f->group_size);
+        }
+        if (f->version == 3) { // the mixture: header bytes 42..49
+            c->n_experts = read_i32(h + 42);
+            c->n_experts_per_tok = read_i32(h + 46);
+            if (c->n_experts < 1 || c->n_experts > MAX_EXPERTS || c->n_experts_per_tok < 1
+                    || c->n_experts_per_tok > c->n_experts)
+                die("%s: n_experts = %d, n_experts_per_tok = %d: a mixture needs 1 <= "
+                    "n_experts_per_tok <= n_experts <= %d — re-export the model", path,
+                    c->n_experts, c->n_experts_per_tok, MAX_EXPERTS);
         }
     } else { // version 0: 7 int32, a negative vocab_size means the classifier is not shared
         read_config(c, h);
@@ -280,9 +306,9 @@ static uint64_t expected_size(const Config *c, const Format *f) {
     uint64_t L = c->n_layers, dim = c->dim, hidden = c->hidden_dim, vocab = c->vocab_size;
     uint64_t kv_dim = dim * c->n_kv_heads / c->n_heads, head_size = dim / c->n_heads;
     int gs = f->group_size;
-    uint64_t norms = 4 * (2 * L * dim + dim);
+    uint64_t norms = 4 * (2 * L * dim + dim), E = c->n_experts;
     uint64_t per_layer = 2 * matrix_bytes(dim, dim, gs) + 2 * matrix_bytes(kv_dim, dim, gs)
-                       + 3 * matrix_bytes(hidden, dim, gs);
+                       + (E ? E : 1) * 3 * matrix_bytes(hidden, dim, gs) + 4 * E * dim; // router
     uint64_t size = header_bytes(f) + norms + L * per_layer
                   + matrix_bytes(vocab, dim, gs) * (f->shared ? 1 : 2);
     if (f->version == 0) size += 4 * (uint64_t)c->max_seq_len * head_size; // unused RoPE tables
@@ -312,10 +338,12 @@ static Matrix take_matrix(Cursor *cur, int rows, int cols, int group_size) {
 }
 
 // Point every weight of tf into the file's bytes. Version 0 interleaves the norms with
-// the matrices; versions 1 and 2 put all norms first.
+// the matrices; versions 1 to 3 put all norms first. Version 3 has, after wo, each layer's
+// router, then w1 of each layer's experts, then their w2, then their w3.
 static void map_weights(Transformer *tf, const char *weights, const Format *f) {
     Config *c = &tf->config;
     int L = c->n_layers, dim = c->dim, hidden = c->hidden_dim, gs = f->group_size;
+    int E = c->n_experts;
     int kv_dim = dim * c->n_kv_heads / c->n_heads, head_size = dim / c->n_heads;
     Cursor cur = {weights};
     Layer *ls = tf->layers = xalloc(L * sizeof(Layer));
@@ -333,9 +361,22 @@ static void map_weights(Transformer *tf, const char *weights, const Format *f) {
     for (int l = 0; l < L; l++) ls[l].wv = take_matrix(&cur, kv_dim, dim, gs);
     for (int l = 0; l < L; l++) ls[l].wo = take_matrix(&cur, dim, dim, gs);
     if (f->version == 0) for (int l = 0; l < L; l++) ls[l].rms_ffn = take_f32(&cur, dim);
-    for (int l = 0; l < L; l++) ls[l].w1 = take_matrix(&cur, hidden, dim, gs);
-    for (int l = 0; l < L; l++) ls[l].w2 = take_matrix(&cur, dim, hidden, gs);
-    for (int l = 0; l < L; l++) ls[l].w3 = take_matrix(&cur, hidden, dim, gs);
+    if (E) {
+        for (int l = 0; l < L; l++) {
+            ls[l].router = take_f32(&cur, (uint64_t)E * dim);
+            ls[l].experts = xalloc(E * sizeof(FFN));
+        }
+        for (int l = 0; l < L; l++)
+            for (int e = 0; e < E; e++) ls[l].experts[e].w1 = take_matrix(&cur, hidden, dim, gs);
+        for (int l = 0; l < L; l++)
+            for (int e = 0; e < E; e++) ls[l].experts[e].w2 = take_matrix(&cur, dim, hidden, gs);
+        for (int l = 0; l < L; l++)
+            for (int e = 0; e < E; e++) ls[l].experts[e].w3 = take_matrix(&cur, hidden, dim, gs);
+    } else {
+        for (int l = 0; l < L; l++) ls[l].ffn.w1 = take_matrix(&cur, hidden, dim, gs);
+        for (int l = 0; l < L; l++) ls[l].ffn.w2 = take_matrix(&cur, dim, hidden, gs);
+        for (int l = 0; l < L; l++) ls[l].ffn.w3 = take_matrix(&cur, hidden, dim, gs);
+    }
     if (f->version == 0) {
         tf->rms_final = take_f32(&cur, dim);
         take_f32(&cur, (uint64_t)c->max_seq_len * head_size); // RoPE tables: computed instead
@@ -381,6 +422,7 @@ static void read_checkpoint(Transformer *tf, const char *path) {
 }
 
 static void free_transformer(Transformer *tf) {
+    for (int l = 0; l < tf->config.n_layers && tf->layers; l++) free(tf->layers[l].experts);
     free(tf->file);
     free(tf->layers);
 }
@@ -408,14 +450,27 @@ static void malloc_run_state(RunState *s, const Transformer *tf, int B, int n_ct
     }
     s->key_cache = xalloc(cache * sizeof(float));
     s->value_cache = xalloc(cache * sizeof(float));
+    if (c->n_experts) {
+        size_t k = c->n_experts_per_tok;
+        s->probs = xalloc(c->n_experts * sizeof(float));
+        s->chosen = xalloc(B * k * sizeof(int));
+        s->weight = xalloc(B * k * sizeof(float));
+        s->tokens = xalloc(B * sizeof(int));
+        s->token_weight = xalloc(B * sizeof(float));
+        s->xe = xalloc(B * dim * sizeof(float));
+        s->ye = xalloc(B * dim * sizeof(float));
+    }
 }
 
 static void free_run_state(RunState *s) {
     float *f[] = {s->x, s->xb, s->xb2, s->qkv, s->hb, s->hb2, s->att, s->rope_cos, s->rope_sin,
-                  s->logits, s->xq_scale, s->key_cache, s->value_cache};
+                  s->logits, s->xq_scale, s->key_cache, s->value_cache, s->probs, s->weight,
+                  s->token_weight, s->xe, s->ye};
     for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) free(f[i]);
     free(s->xq);
     free(s->xq_sum);
+    free(s->chosen);
+    free(s->tokens);
 }
 
 // ----------------------------------------------------------------------------
@@ -495,6 +550,65 @@ static void attention(float *out, const float *q, float *att, int pos, const Hea
     attention_values(out, att, kv, pos);
 }
 
+// The SwiGLU feed-forward of T tokens: out (T, dim) = w2 (silu(w1 x) * w3 x), x (T, dim)
+static void swiglu(float *out, const float *x, int T, const FFN *f, RunState *s) {
+    int hidden = f->w1.rows;
+    Matrix w13[2] = {f->w1, f->w3}; // w1 x and w3 x, in one pass over both
+    matmul(s->hb, x, T, w13, 2, s);
+    OMP(omp parallel for if(T > 1)) // silu(w1 x) * w3 x, where silu(x) = x * sigmoid(x)
+    for (int t = 0; t < T; t++) {
+        const float *h1 = s->hb + (size_t)t * 2 * hidden, *h3 = h1 + hidden;
+        float *o = s->hb2 + (size_t)t * hidden;
+        for (int i = 0; i < hidden; i++) o[i] = h1[i] * (1.0f / (1.0f + expf(-h1[i]))) * h3[i];
+    }
+    matmul(out, s->hb2, T, &f->w2, 1, s);
+}
+
+// A mixture of experts for T tokens: out (T, dim). Each token's router scores the experts
+// (softmax of router x) and keeps its k best, their probabilities renormalised to weights
+// that sum to 1. Then each expert runs once, on the tokens that chose it, and adds its
+// output times each token's weight. Only the chosen experts are computed.
+static void mixture(float *out, const float *x, int T, const Layer *layer, const Config *c,
+                    RunState *s) {
+    int dim = c->dim, E = c->n_experts, k = c->n_experts_per_tok;
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (size_t)t * dim;
+        for (int e = 0; e < E; e++) {
+            float sum = 0.0f;
+            for (int i = 0; i < dim; i++) sum += layer->router[(size_t)e * dim + i] * xt[i];
+            s->probs[e] = sum;
+        }
+        softmax(s->probs, E);
+        float total = 0.0f;
+        for (int j = 0; j < k; j++) { // the k best, by repeated argmax (ties: the lower index)
+            int best = -1;
+            for (int e = 0; e < E; e++)
+                if (s->probs[e] >= 0.0f && (best < 0 || s->probs[e] > s->probs[best])) best = e;
+            s->chosen[t * k + j] = best;
+            total += s->weight[t * k + j] = s->probs[best];
+            s->probs[best] = -1.0f; // taken
+        }
+        for (int j = 0; j < k; j++) s->weight[t * k + j] /= total;
+    }
+    memset(out, 0, (size_t)T * dim * sizeof(float));
+    for (int e = 0; e < E; e++) {
+        int n = 0; // gather the tokens that chose expert e
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < k; j++)
+                if (s->chosen[t * k + j] == e) {
+                    s->tokens[n] = t;
+                    s->token_weight[n] = s->weight[t * k + j];
+                    memcpy(s->xe + (size_t)n++ * dim, x + (size_t)t * dim, dim * sizeof(float));
+                }
+        if (n == 0) continue;
+        swiglu(s->ye, s->xe, n, &layer->experts[e], s);
+        for (int i = 0; i < n; i++) {
+            float *o = out + (size_t)s->tokens[i] * dim;
+            for (int d = 0; d < dim; d++) o[d] += s->ye[(size_t)i * dim + d] * s->token_weight[i];
+        }
+    }
+}
+
 // ----------------------------------------------------------------------------
 // the forward pass
 
@@ -504,7 +618,7 @@ static void attention(float *out, const float *q, float *att, int pos, const Hea
 static float *forward(Transformer *tf, RunState *s, const int *tokens, int T, int pos,
                       int all_logits) {
     const Config *c = &tf->config;
-    int dim = c->dim, hidden = c->hidden_dim, n_heads = c->n_heads, n_ctx = s->n_ctx;
+    int dim = c->dim, n_heads = c->n_heads, n_ctx = s->n_ctx;
     int head_size = dim / n_heads, kv_dim = dim * c->n_kv_heads / n_heads;
     int kv_mul = n_heads / c->n_kv_heads; // query heads per kv head
     int qkv_dim = dim + 2 * kv_dim, half = head_size / 2;
@@ -561,21 +675,9 @@ static float *forward(Transformer *tf, RunState *s, const int *tokens, int T, in
         for (int t = 0; t < T; t++)
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->rms_ffn, dim);
 
-        // w1 x and w3 x, in one pass over both
-        Matrix w13[2] = {layer->w1, layer->w3};
-        matmul(s->hb, s->xb, T, w13, 2, s);
-
-        // SwiGLU: silu(w1 x) * w3 x, where silu(x) = x * sigmoid(x)
-        OMP(omp parallel for if(T > 1))
-        for (int t = 0; t < T; t++) {
-            const float *h1 = s->hb + (size_t)t * 2 * hidden, *h3 = h1 + hidden;
-            float *out = s->hb2 + (size_t)t * hidden;
-            for (int i = 0; i < hidden; i++)
-                out[i] = h1[i] * (1.0f / (1.0f + expf(-h1[i]))) * h3[i];
-        }
-
-        // w2, and the residual connection
-        matmul(s->xb2, s->hb2, T, &layer->w2, 1, s);
+        // the feed-forward (SwiGLU, or a mixture of experts), and the residual connection
+        if (layer->router) mixture(s->xb2, s->xb, T, layer, c, s);
+        else swiglu(s->xb2, s->xb, T, &layer->ffn, s);
         for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i];
     }
 
@@ -1426,8 +1528,14 @@ static void pack_int8(Transformer *tf) {
     pack_matrix(&tf->token_embedding, slab);
     for (int l = 0; l < c->n_layers; l++) {
         Layer *y = &tf->layers[l];
-        Matrix *ms[] = {&y->wq, &y->wk, &y->wv, &y->wo, &y->w1, &y->w2, &y->w3};
-        for (int i = 0; i < 7; i++) pack_matrix(ms[i], slab);
+        Matrix *ms[] = {&y->wq, &y->wk, &y->wv, &y->wo};
+        for (int i = 0; i < 4; i++) pack_matrix(ms[i], slab);
+        FFN *ffns = y->experts ? y->experts : &y->ffn; // a mixture's experts, or the one
+        for (int e = 0; e < (y->experts ? c->n_experts : 1); e++) {
+            pack_matrix(&ffns[e].w1, slab);
+            pack_matrix(&ffns[e].w2, slab);
+            pack_matrix(&ffns[e].w3, slab);
+        }
     }
     if (shared) tf->wcls = tf->token_embedding;
     else pack_matrix(&tf->wcls, slab);

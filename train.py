@@ -65,6 +65,9 @@ n_heads = 8
 n_kv_heads = 4
 multiple_of = 32
 dropout = 0.0
+n_experts = 0            # > 0: a mixture of experts, each feed-forward this many SwiGLUs
+n_experts_per_tok = 2    # ... of which each token uses this many (top-k)
+aux_loss_coef = 0.01     # weight of the experts' load-balancing loss in the training loss
 # AdamW and the learning rate schedule: linear warmup, then cosine decay to min_lr
 gradient_accumulation_steps = 4
 learning_rate = 5e-4
@@ -107,6 +110,8 @@ check(globals(), {
     'num_workers': at_least_0, 'seed': at_least_0,
     'dim': at_least_1, 'n_layers': at_least_1, 'n_heads': at_least_1,
     'n_kv_heads': (lambda v: v >= 0, "0 (= n_heads) or more"), 'multiple_of': at_least_1,
+    'n_experts': (lambda v: 0 <= v <= 256, "0 (dense) to 256"), 'n_experts_per_tok': at_least_1,
+    'aux_loss_coef': rate,
     'vocab_size': (lambda v: 1 <= v <= 1 << 16, "between 1 and 65536 (shards hold uint16 ids)"),
     'dropout': fraction, 'beta1': fraction, 'beta2': fraction,
     'learning_rate': rate, 'min_lr': rate, 'weight_decay': rate, 'grad_clip': rate,
@@ -253,7 +258,7 @@ iter_num, best_val_loss, ckpt, ref_model = 0, 1e9, None, None
 if init_from == 'scratch':
     model_args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                       vocab_size=vocab_size, multiple_of=multiple_of, max_seq_len=max_seq_len,
-                      dropout=dropout)
+                      dropout=dropout, n_experts=n_experts, n_experts_per_tok=n_experts_per_tok)
     try:
         model = Transformer(ModelArgs(**model_args))
     except AssertionError as e:
@@ -314,6 +319,7 @@ if init_from == 'resume':
 ckpt = None  # free the memory
 
 raw_model = model  # the plain module: its state_dict has clean names
+moe = raw_model.params.n_experts > 0  # a mixture of experts
 if compile:
     if master:
         print("compiling the model...")
@@ -447,7 +453,7 @@ def evaluate():
     elif task == 'rl':
         out = heldout_answers(eval_iters)
     else:
-        nats = nbytes = 0
+        nats = nbytes = load = 0
         for split in ('train', 'val'):
             ds, losses = splits[split], []
             for k in range(eval_iters):
@@ -458,8 +464,13 @@ def evaluate():
                     counted = y[y != -1]
                     nats += losses[-1] * counted.numel()
                     nbytes += token_bytes[counted].sum().item()
+                    load = load + raw_model.expert_load() / eval_iters if moe else 0
             out[split] = sum(losses) / len(losses)
         out['val_bpb'] = nats / max(nbytes, 1) / math.log(2)  # bits per UTF-8 byte of text
+        if moe:  # which share of the token choices each expert took, per layer
+            out['max_load'] = load.max().item()  # the busiest expert's (1/n_experts: even)
+            print("expert load on val:", "; ".join(
+                f"layer {i} " + " ".join(f"{v:.2f}" for v in row) for i, row in enumerate(load)))
     eval_model.train()
     return out
 
@@ -527,6 +538,9 @@ log_path = os.path.join(out_dir, 'log.csv')
 eval_extra = {'dpo': ['pref_acc', 'logp_margin', 'reward_margin'], 'rm': ['rm_acc', 'rm_margin'],
               'rl': ['pass1', 'instruct', 'eval_reward']}.get(task, ['val_bpb'])
 step_extra = ['reward', 'constraints', 'kl', 'answer_len', 'skipped'] if task == 'rl' else []
+if moe:  # a mixture of experts: its load-balancing loss, and at evals its busiest expert
+    eval_extra = eval_extra + ['max_load'] * (task in ('pretrain', 'sft'))
+    step_extra = step_extra + ['aux_loss']
 log_extra = eval_extra + step_extra
 log_file = None
 
@@ -551,7 +565,9 @@ if master:
     print(f"{task} on {data_folder}: {per_iter} = "
           f"{gradient_accumulation_steps} accumulation steps x {world_size} processes x "
           f"{batch_size} x {max_seq_len if task != 'rl' else group_size}; "
-          f"{sum(p.numel() for p in raw_model.parameters()):,} parameters; {device} {dtype}"
+          f"{sum(p.numel() for p in raw_model.parameters()):,} parameters"
+          + (f" ({raw_model.active_params():,} active per token)" if moe else "")
+          + f"; {device} {dtype}"
           + (f"; MFU of {peak() / 1e12:.0f} TFLOP/s" if peak() else ""))
     if wandb_log:
         import wandb
@@ -596,14 +612,17 @@ while True:
         break
 
     # forward, backward, update; gradients are summed over the micro-steps
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = aux_sum = torch.zeros((), device=device)
     for micro_step in range(gradient_accumulation_steps):
         if ddp:  # synchronise gradients across processes only on the last micro-step
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         with autocast:
             loss = compute_loss(model, X, Y) / gradient_accumulation_steps
+            if moe:  # the experts' load balancing (the loss reported stays the task's)
+                aux = raw_model.aux_loss() / gradient_accumulation_steps
+                aux_sum = aux_sum + aux.detach()
         X, Y = to_device(*next(batches))  # the next batch loads while the GPU works
-        scaler.scale(loss).backward()
+        scaler.scale(loss + aux_loss_coef * aux if moe else loss).backward()
         loss_sum += loss.detach()
     lossf = loss_sum.item()
     if not math.isfinite(lossf):
@@ -636,8 +655,11 @@ while True:
                   f"tokens | skipped {step['skipped']:.0%} of groups | {dt * 1000:.0f} ms", flush=True)
             tok_s = float('nan')
         else:
-            print(f"iter {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | "
-                  f"{tok_s:,.0f} tok/s{mfu_txt}", flush=True)
+            aux_txt = f" | aux {aux_sum.item():.3f}" if moe else ""
+            print(f"iter {iter_num} | loss {lossf:.4f}{aux_txt} | lr {lr:.2e} | "
+                  f"{dt * 1000:.1f} ms | {tok_s:,.0f} tok/s{mfu_txt}", flush=True)
+        if moe:
+            step['aux_loss'] = aux_sum.item()
         log_row([iter_num, f"{lossf:.6f}", '', f"{lr:.3e}", '' if task == 'rl' else f"{tok_s:.0f}"]
                 + [f"{step[k]:.6f}" if k in step else '' for k in log_extra])
         if wandb_log:

@@ -86,9 +86,15 @@ static void check_weights(void) {
         const Layer *w = &tf.layers[l];
         check_inside(w->rms_att, 4 * dim);
         check_inside(w->rms_ffn, 4 * dim);
-        const Matrix *ms[] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w1, &w->w3};
-        for (int i = 0; i < 6; i++) check_matrix(ms[i], dim);
-        check_matrix(&w->w2, c->hidden_dim);
+        const Matrix *ms[] = {&w->wq, &w->wk, &w->wv, &w->wo};
+        for (int i = 0; i < 4; i++) check_matrix(ms[i], dim);
+        if (w->router) check_inside(w->router, 4 * dim * c->n_experts);
+        const FFN *ffns = w->experts ? w->experts : &w->ffn;
+        for (int e = 0; e < (w->experts ? c->n_experts : 1); e++) {
+            check_matrix(&ffns[e].w1, dim);
+            check_matrix(&ffns[e].w3, dim);
+            check_matrix(&ffns[e].w2, c->hidden_dim);
+        }
     }
     check_inside(tf.rms_final, 4 * dim);
     check_matrix(&tf.token_embedding, dim);
@@ -96,6 +102,7 @@ static void check_weights(void) {
 }
 
 static void release(void) {
+    for (int l = 0; tf.layers && l < tf.config.n_layers; l++) free(tf.layers[l].experts);
     free(tf.file);
     free(tf.layers);
     if (model_fd >= 0 && fcntl(model_fd, F_GETFD) != -1) close(model_fd); // died with it open

@@ -4,7 +4,7 @@ and near-valid ones (one field or byte wrong), so that libFuzzer starts next to 
 
     python fuzz/make_corpus.py
 
-Models are tiny (dim 8, one layer) in all three formats of run.c; v0_vocab512.bin matches
+Models are tiny (dim 8, one layer) in all four formats of run.c; v0_vocab512.bin matches
 fuzz/tokenizer.bin (vocab 512), which `make fuzz` and the tests use for prompts. A tokenizer
 input is 2 bytes of vocab_size - 3 (little-endian) and then a tokenizer.bin, as fuzz.c reads it.
 """
@@ -54,6 +54,35 @@ def model(version, dim=8, hidden=16, L=1, n_heads=2, n_kv_heads=1, vocab=16, seq
     return b''.join(out)
 
 
+def moe_model(gs=0, n_experts=2, k=1, dim=8, hidden=16, L=1, vocab=16, seq=8):
+    """Version 3, a mixture of experts: version 1 or 2's header (group size 0 for float32)
+    with n_experts and n_experts_per_tok at bytes 42 and 46; after wo, the routers (float32),
+    then w1 of every layer's experts, their w2, their w3."""
+    w = weights(dim, hidden, L, 2, 1, vocab)
+    header = struct.pack('<Ii7iBiBii', 0x616b3432, 3, dim, hidden, L, 2, 1, vocab, seq, 1, gs, 0,
+                         n_experts, k)
+    out = [header.ljust(256, b'\0'), w['att'].tobytes(), w['ffn'].tobytes(), w['final'].tobytes()]
+    mats = [w['tok']] + [m for k in ('wq', 'wk', 'wv', 'wo') for m in w[k]]
+    experts = {k: f32(L, n_experts, *w[k].shape[1:]) for k in ('w1', 'w2', 'w3')}
+    routers = f32(L, n_experts, dim)
+    for m in mats[:1 + 4 * L]:
+        out += quantized(m, gs)
+    out.append(routers.tobytes())
+    for k in ('w1', 'w2', 'w3'):
+        for m in experts[k].reshape(-1, *experts[k].shape[2:]):
+            out += quantized(m, gs)
+    return b''.join(out)
+
+
+def quantized(m, gs):
+    """float32 bytes (gs 0), or int8 values and then a float32 scale per group of gs"""
+    if not gs:
+        return [m.tobytes()]
+    g = m.reshape(-1, gs)
+    s = (np.abs(g).max(axis=1) / 127).astype('<f4')
+    return [np.round(g / s[:, None]).astype('i1').tobytes(), s.tobytes()]
+
+
 def poke(b, at, fmt, value):
     b = bytearray(b)
     struct.pack_into(fmt, b, at, value)
@@ -84,6 +113,8 @@ def main():
         'v1_shared2.bin': poke(v1, 36, '<B', 2), 'v2_gs3.bin': poke(v2, 37, '<i', 3),
         'v2_gs0.bin': poke(v2, 37, '<i', 0), 'v2_header_cut.bin': v2[:100],
         'v0_nan.bin': poke(v0, 28, '<f', float('nan')), 'v0_inf.bin': poke(v0, 28 + 64, '<f', float('inf')),
+        'v3_moe.bin': moe_model(), 'v3_moe_int8.bin': moe_model(gs=4, n_experts=3, k=2),
+        'v3_moe_k_above_n.bin': poke(moe_model(), 46, '<i', 3),
     }
     for name, data in models.items():
         write('model', name, data)
