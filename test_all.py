@@ -703,8 +703,9 @@ def test_reward_model_stage(rlhf_runs, tmp_path):
     ids = tok.encode_chat([{'role': 'user', 'content': 'Tell me a story about a fox who wants a kite.'},
                            {'role': 'assistant', 'content': text}])[0]
     with torch.no_grad():
-        by_hand = model(torch.tensor([ids]), torch.tensor([len(ids) - 2])).item()  # at <|im_end|>
-    assert ids[-2] == tok.im_end_id and abs(by_hand - scores[0]) < 1e-3
+        last = len(ids) - 1 - ids[::-1].index(tok.im_end_id)  # the answer's <|im_end|>
+        by_hand = model(torch.tensor([ids]), torch.tensor([last])).item()
+    assert ids[last + 1:] == tok.encode("\n") and abs(by_hand - scores[0]) < 1e-3
     r = py('train.py', '--task=sft', f'--init_from={rm}', '--out_dir=out_no', '--dataset=synth',
            f'--vocab_size={VOCAB}', *CPU, cwd=work, check=False)
     assert r.returncode == 1 and 'reward model' in r.stderr
