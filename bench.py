@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import shutil
@@ -247,6 +248,20 @@ def stem(shape):
         'dim', 'n_layers', 'n_heads', 'n_kv_heads', 'hidden_dim', 'vocab_size', 'max_seq_len'))
 
 
+def sentencepiece_model(vocab_size):
+    """A SentencePiece model of vocab_size pieces (export.py checks that the checkpoint's
+    tokenizer fits the model), trained in a second on random words"""
+    path = f'{BENCH}/sp{vocab_size}.model'
+    if not os.path.exists(path):
+        from tokenizer import train_tokenizer
+        rng = random.Random(0)
+        words = [''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(3, 9)))
+                 for _ in range(40000)]
+        train_tokenizer((' '.join(rng.choice(words) for _ in range(200)) for _ in range(3000)),
+                        vocab_size, path)
+    return path
+
+
 def checkpoint(shape):
     """Random weights in our checkpoint format (model, model_args, tokenizer). Its
     model_args hold only fields llama2.c's ModelArgs has too, so llama2.c's export.py
@@ -259,7 +274,7 @@ def checkpoint(shape):
         model = Transformer(ModelArgs(**SHAPES[shape]))
         with torch.no_grad():  # near-zero BOS and EOS rows: greedy decoding never picks
             model.tok_embeddings.weight[1:3] *= 1e-3  # them, so no run ends early
-        tok = open(f'{synth_data()}/tok1024.model', 'rb').read()  # export.py wants one
+        tok = open(sentencepiece_model(SHAPES[shape]['vocab_size']), 'rb').read()
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(dict(model=model.state_dict(), model_args=SHAPES[shape], tokenizer=tok), path + '.tmp')
         os.replace(path + '.tmp', path)
