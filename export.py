@@ -175,7 +175,8 @@ def hf_tensors(w, p):
         if p.n_experts:  # Mixtral's names: the router is the gate, w1/w2/w3 as ours
             t[pre + 'block_sparse_moe.gate.weight'] = ours('feed_forward.gate')
             for e, n in itertools.product(range(p.n_experts), ('w1', 'w2', 'w3')):
-                t[pre + f'block_sparse_moe.experts.{e}.{n}.weight'] = ours(f'feed_forward.experts.{e}.{n}')
+                expert = f'experts.{e}.{n}'
+                t[pre + f'block_sparse_moe.{expert}.weight'] = ours(f'feed_forward.{expert}')
             continue
         t[pre + 'mlp.gate_proj.weight'] = ours('feed_forward.w1')
         t[pre + 'mlp.down_proj.weight'] = ours('feed_forward.w2')

@@ -93,8 +93,9 @@ def tensors(w, p):
         # (n_experts, rows, cols) tensor
         t[f'blk.{i}.ffn_gate_inp.weight'] = w[f'layers.{i}.feed_forward.gate.weight']
         for ours, theirs in ffn.items():
-            t[f'blk.{i}.{theirs}_exps.weight'] = np.stack(
-                [w[f'layers.{i}.feed_forward.experts.{e}.{ours}.weight'] for e in range(p.n_experts)])
+            experts = [f'layers.{i}.feed_forward.experts.{e}.{ours}.weight'
+                       for e in range(p.n_experts)]
+            t[f'blk.{i}.{theirs}_exps.weight'] = np.stack([w[name] for name in experts])
     return t
 
 
