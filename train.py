@@ -612,7 +612,7 @@ while True:
         break
 
     # forward, backward, update; gradients are summed over the micro-steps
-    loss_sum = aux_sum = torch.zeros((), device=device)
+    loss_sum, aux_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     for micro_step in range(gradient_accumulation_steps):
         if ddp:  # synchronise gradients across processes only on the last micro-step
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
