@@ -87,7 +87,6 @@ class Tokenizer:
         # the chat tokens the text is cut at (a tokenizer without them has none)
         self.chat_ids = {p: i for i, p in ((self.im_start_id, IM_START), (self.im_end_id, IM_END))
                          if self.sp.id_to_piece(i) == p}
-        self._chat_id_set = set(self.chat_ids.values())
         self._chat_split = re.compile('(' + '|'.join(map(re.escape, self.chat_ids)) + ')')
         # SentencePiece puts a "dummy prefix" space before the text; to encode a piece of
         # text in the middle of a sequence without it, we encode it behind a special token
@@ -116,9 +115,9 @@ class Tokenizer:
 
     def decode(self, ids):
         """ids -> text; the dummy prefix after a chat token is dropped, as encode added it"""
-        out, seg = [], []
+        out, seg, chat = [], [], set(self.chat_ids.values())
         for i in map(int, ids):
-            if i in self._chat_id_set:
+            if i in chat:
                 out += [self.sp.decode(seg), self.sp.id_to_piece(i)]
                 seg = []
             else:
@@ -169,9 +168,7 @@ class Tokenizer:
 
     def special_ids(self):
         """BOS, EOS and the chat tokens this tokenizer has (the repetition penalty skips them)"""
-        chat = [i for i, p in ((self.im_start_id, IM_START), (self.im_end_id, IM_END))
-                if self.sp.id_to_piece(i) == p]
-        return {self.bos_id, self.eos_id, *chat}
+        return {self.bos_id, self.eos_id, *self.chat_ids.values()}
 
     def generation_prompt(self):
         return [self.im_start_id] + self.encode("assistant\n")

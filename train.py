@@ -464,7 +464,8 @@ def evaluate():
                     counted = y[y != -1]
                     nats += losses[-1] * counted.numel()
                     nbytes += token_bytes[counted].sum().item()
-                    load = load + raw_model.expert_load() / eval_iters if moe else 0
+                    if moe:
+                        load = load + raw_model.expert_load() / eval_iters
             out[split] = sum(losses) / len(losses)
         out['val_bpb'] = nats / max(nbytes, 1) / math.log(2)  # bits per UTF-8 byte of text
         if moe:  # which share of the token choices each expert took, per layer
