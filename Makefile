@@ -21,8 +21,8 @@ TUNE = $(DEMO_DATA) --device=cpu --compile=False --batch_size=16 --gradient_accu
 	--warmup_iters=10 --eval_iters=10 --log_interval=20
 
 RM_TUNE = --learning_rate=1e-3 --min_lr=1e-4 --max_iters=200 --eval_interval=100
-RL_TUNE = --batch_size=8 --group_size=8 --learning_rate=3e-4 --min_lr=3e-5 --beta=0.05 \
-	--max_iters=80 --eval_interval=40 --eval_iters=50
+RL_TUNE = --batch_size=16 --group_size=8 --learning_rate=1e-4 --min_lr=1e-5 --beta=0.05 \
+	--max_iters=40 --eval_interval=20 --eval_iters=50
 
 .PHONY: install demo demo-chat test testc bench fuzz fuzz-replay clean run runfast runomp rundebug \
 	runasan runarm

@@ -65,7 +65,7 @@ def reward_model_loss(r):
 
 
 # -----------------------------------------------------------------------------
-# RL with verifiable rewards (GRPO, Shao et al. 2024, as DAPO normalises it per token)
+# RL with verifiable rewards (GRPO, Shao et al. 2024)
 
 @torch.no_grad()
 def sample_group(model, prompt, group_size, max_new_tokens, stop_id, temperature=1.0,
@@ -101,13 +101,13 @@ def kl_k3(logp, ref_logp):
 def grpo_loss(logp, ref_logp, adv, mask, beta):
     """logp, ref_logp (N, T): log-probs of the sampled tokens under the policy (with
     gradient) and the frozen reference; adv (N,) each answer's advantage; mask (N, T) 1 on
-    answer tokens. Per token: -ratio * adv + beta * KL, averaged over every answer token of
-    the batch (a long answer weighs by its tokens). ratio = exp(logp - logp.detach()) is 1
-    here, since the answers were just sampled from this policy (PPO's clipped ratio with
-    one update per sample), but its gradient is the policy gradient, adv * d logp.
-    Returns (loss, mean KL per token)."""
+    answer tokens. Per token: -ratio * adv + beta * KL, averaged over each answer's tokens,
+    then over the answers (GRPO's form: a 10-token answer to a question weighs as much as a
+    130-token story). ratio = exp(logp - logp.detach()) is 1 here, since the answers were
+    just sampled from this policy (PPO's clipped ratio with one update per sample), but its
+    gradient is the policy gradient, adv * d logp. Returns (loss, mean KL per token)."""
     ratio = torch.exp(logp - logp.detach())
     kl = kl_k3(logp, ref_logp)
-    n = mask.sum().clamp(min=1)
-    loss = ((-ratio * adv[:, None] + beta * kl) * mask).sum() / n
-    return loss, (kl.detach() * mask).sum() / n
+    per_token = (-ratio * adv[:, None] + beta * kl) * mask
+    loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return loss, (kl.detach() * mask).sum() / mask.sum().clamp(min=1)

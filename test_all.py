@@ -602,12 +602,14 @@ def test_group_advantages_and_loss_by_hand():
     loss, kl = rlhf.grpo_loss(logp, ref, a, mask, beta)
     k3 = lambda lp, r: math.exp(r - lp) - (r - lp) - 1
     kls = [k3(-1.0, -1.5), k3(-2.0, -2.0), k3(-0.5, -0.25)]
-    want = ((-2.0 + beta * kls[0]) + (-2.0 + beta * kls[1]) + (1.0 + beta * kls[2])) / 3
+    # each answer's mean over its tokens, then the mean over the 2 answers
+    want = (((-2.0 + beta * kls[0]) + (-2.0 + beta * kls[1])) / 2 + (1.0 + beta * kls[2])) / 2
     assert loss.item() == pytest.approx(want, rel=1e-6) and kl.item() == pytest.approx(sum(kls) / 3, rel=1e-6)
     loss.backward()
-    # d/dlogp of -adv * ratio + beta * k3 is -adv + beta * (1 - exp(ref - logp)), over 3 tokens
-    g = lambda adv, lp, r: (-adv + beta * (1 - math.exp(r - lp))) / 3
-    want_grad = [[g(2, -1, -1.5), g(2, -2, -2), 0], [g(-1, -0.5, -0.25), 0, 0]]
+    # d/dlogp of -adv * ratio + beta * k3 is -adv + beta * (1 - exp(ref - logp)), over the
+    # answer's n tokens and the 2 answers
+    g = lambda adv, lp, r, n: (-adv + beta * (1 - math.exp(r - lp))) / n / 2
+    want_grad = [[g(2, -1, -1.5, 2), g(2, -2, -2, 2), 0], [g(-1, -0.5, -0.25, 1), 0, 0]]
     assert torch.allclose(logp.grad, torch.tensor(want_grad), atol=1e-7)
 
 
