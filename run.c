@@ -427,52 +427,6 @@ static void free_transformer(Transformer *tf) {
     free(tf->layers);
 }
 
-static void malloc_run_state(RunState *s, const Transformer *tf, int B, int n_ctx, int all_logits) {
-    const Config *c = &tf->config;
-    size_t dim = c->dim, hidden = c->hidden_dim, kv_dim = dim * c->n_kv_heads / c->n_heads;
-    n_ctx = (n_ctx + 15) / 16 * 16; // attention_scores computes 16 positions at a time
-    size_t widest = hidden > dim ? hidden : dim, cache = (size_t)c->n_layers * n_ctx * kv_dim;
-    *s = (RunState){.B = B, .n_ctx = n_ctx};
-    s->x = xalloc(B * dim * sizeof(float));
-    s->xb = xalloc(B * dim * sizeof(float));
-    s->xb2 = xalloc(B * dim * sizeof(float));
-    s->qkv = xalloc(B * (dim + 2 * kv_dim) * sizeof(float));
-    s->hb = xalloc(B * 2 * hidden * sizeof(float));
-    s->hb2 = xalloc(B * hidden * sizeof(float));
-    s->att = xalloc((size_t)B * c->n_heads * n_ctx * sizeof(float));
-    s->rope_cos = xalloc(B * dim / c->n_heads / 2 * sizeof(float));
-    s->rope_sin = xalloc(B * dim / c->n_heads / 2 * sizeof(float));
-    s->logits = xalloc((all_logits ? B : 1) * (size_t)c->vocab_size * sizeof(float));
-    if (tf->group_size) {
-        s->xq = xalloc(B * widest);
-        s->xq_scale = xalloc(B * widest / tf->group_size * sizeof(float));
-        s->xq_sum = xalloc(B * widest / tf->group_size * sizeof(int32_t));
-    }
-    s->key_cache = xalloc(cache * sizeof(float));
-    s->value_cache = xalloc(cache * sizeof(float));
-    if (c->n_experts) {
-        size_t k = c->n_experts_per_tok;
-        s->probs = xalloc(c->n_experts * sizeof(float));
-        s->chosen = xalloc(B * k * sizeof(int));
-        s->weight = xalloc(B * k * sizeof(float));
-        s->tokens = xalloc(B * sizeof(int));
-        s->token_weight = xalloc(B * sizeof(float));
-        s->xe = xalloc(B * dim * sizeof(float));
-        s->ye = xalloc(B * dim * sizeof(float));
-    }
-}
-
-static void free_run_state(RunState *s) {
-    float *f[] = {s->x, s->xb, s->xb2, s->qkv, s->hb, s->hb2, s->att, s->rope_cos, s->rope_sin,
-                  s->logits, s->xq_scale, s->key_cache, s->value_cache, s->probs, s->weight,
-                  s->token_weight, s->xe, s->ye};
-    for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) free(f[i]);
-    free(s->xq);
-    free(s->xq_sum);
-    free(s->chosen);
-    free(s->tokens);
-}
-
 // ----------------------------------------------------------------------------
 // neural net blocks
 
@@ -1145,6 +1099,54 @@ static int sample(Sampler *sm, float *logits) {
 
 // ----------------------------------------------------------------------------
 // generation
+
+// The activation buffers and kv cache forward() works in, for blocks of up to B tokens and
+// n_ctx positions; all_logits keeps the logits of every token of a block, not just the last.
+static void malloc_run_state(RunState *s, const Transformer *tf, int B, int n_ctx, int all_logits) {
+    const Config *c = &tf->config;
+    size_t dim = c->dim, hidden = c->hidden_dim, kv_dim = dim * c->n_kv_heads / c->n_heads;
+    n_ctx = (n_ctx + 15) / 16 * 16; // attention_scores computes 16 positions at a time
+    size_t widest = hidden > dim ? hidden : dim, cache = (size_t)c->n_layers * n_ctx * kv_dim;
+    *s = (RunState){.B = B, .n_ctx = n_ctx};
+    s->x = xalloc(B * dim * sizeof(float));
+    s->xb = xalloc(B * dim * sizeof(float));
+    s->xb2 = xalloc(B * dim * sizeof(float));
+    s->qkv = xalloc(B * (dim + 2 * kv_dim) * sizeof(float));
+    s->hb = xalloc(B * 2 * hidden * sizeof(float));
+    s->hb2 = xalloc(B * hidden * sizeof(float));
+    s->att = xalloc((size_t)B * c->n_heads * n_ctx * sizeof(float));
+    s->rope_cos = xalloc(B * dim / c->n_heads / 2 * sizeof(float));
+    s->rope_sin = xalloc(B * dim / c->n_heads / 2 * sizeof(float));
+    s->logits = xalloc((all_logits ? B : 1) * (size_t)c->vocab_size * sizeof(float));
+    if (tf->group_size) {
+        s->xq = xalloc(B * widest);
+        s->xq_scale = xalloc(B * widest / tf->group_size * sizeof(float));
+        s->xq_sum = xalloc(B * widest / tf->group_size * sizeof(int32_t));
+    }
+    s->key_cache = xalloc(cache * sizeof(float));
+    s->value_cache = xalloc(cache * sizeof(float));
+    if (c->n_experts) {
+        size_t k = c->n_experts_per_tok;
+        s->probs = xalloc(c->n_experts * sizeof(float));
+        s->chosen = xalloc(B * k * sizeof(int));
+        s->weight = xalloc(B * k * sizeof(float));
+        s->tokens = xalloc(B * sizeof(int));
+        s->token_weight = xalloc(B * sizeof(float));
+        s->xe = xalloc(B * dim * sizeof(float));
+        s->ye = xalloc(B * dim * sizeof(float));
+    }
+}
+
+static void free_run_state(RunState *s) {
+    float *f[] = {s->x, s->xb, s->xb2, s->qkv, s->hb, s->hb2, s->att, s->rope_cos, s->rope_sin,
+                  s->logits, s->xq_scale, s->key_cache, s->value_cache, s->probs, s->weight,
+                  s->token_weight, s->xe, s->ye};
+    for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) free(f[i]);
+    free(s->xq);
+    free(s->xq_sum);
+    free(s->chosen);
+    free(s->tokens);
+}
 
 // Forward tokens (n,) at positions pos..pos+n-1 in blocks of s->B; returns the logits of
 // the last one. With logits_file, every position's logits are written to it.
