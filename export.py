@@ -360,6 +360,24 @@ def check_output(path, folder=False):
         die(f"cannot make the folder {parent} for {path}: {e.strerror} — give another output path")
 
 
+HF_FILES = {'config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json',
+            'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model'}
+
+
+def check_not_overwriting(out, tok_path):
+    """An export replaces an earlier export, never the checkpoint or other files."""
+    if os.path.exists(checkpoint) and os.path.exists(out) and os.path.samefile(out, checkpoint):
+        die(f"{out} is the checkpoint itself — give another output path")
+    if version == 'hf' and os.path.isdir(out):
+        other = sorted(set(os.listdir(out)) - HF_FILES)
+        if other:
+            die(f"{out}/ holds files that are not a Hugging Face export ({', '.join(other[:3])}"
+                f"{', ...' if len(other) > 3 else ''}), which would be lost — give a new folder")
+    if version not in ('hf', 'gguf') and os.path.abspath(out) == tok_path:
+        die(f"{out}: export writes the tokenizer to tokenizer.bin beside the model — give the "
+            "model another name")
+
+
 def main():
     _, args = configure(globals(), positional=1)
     if not args:
@@ -373,9 +391,13 @@ def main():
         die(f"--dtype={dtype}: use f32, f16 or q8_0 (for --version=gguf)")
     if group_size < 1:
         die(f"--group_size={group_size}: must be at least 1 (64 is llama2.c's)")
+    if dtype != 'f32' and version in ('0', '1', '2'):
+        die(f"--dtype={dtype} is for --version=3 and gguf; version {version} is "
+            f"{'int8 (--group_size)' if version == '2' else 'float32'}")
     out = args[0]
     tok_path = os.path.join(os.path.dirname(os.path.abspath(out)), 'tokenizer.bin')
     check_output(out, folder=version == 'hf')
+    check_not_overwriting(out, tok_path)
     if version not in ('hf', 'gguf'):  # a GGUF file holds its tokenizer
         check_output(tok_path)
     ckpt = read_checkpoint(checkpoint)

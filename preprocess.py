@@ -22,6 +22,7 @@ The loaders train.py uses (pretraining windows, SFT rows, DPO pairs) are at the 
 
 import glob
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -301,10 +302,21 @@ def pretokenize():
         die(f"{tokenizer_path()} not found — " + recipe(dataset, vocab_size, data_dir))
     tok = Tokenizer(tokenizer_path())
     dtype = np.uint16 if tok.n_words <= 1 << 16 else np.uint32
+    documents = iter_documents(dataset)
+    first = next(documents, None)  # an unknown dataset is refused before any folder is made
+    if first is None:
+        die(f"{dataset}: the corpus has no documents")
     out = shard_dir()
     os.makedirs(out, exist_ok=True)
-    for old in glob.glob(os.path.join(out, '*.bin')) + glob.glob(os.path.join(out, 'meta.json')):
-        os.remove(old)
+    # New shards are written under temporary names and replace the old ones only at the end,
+    # so a corpus that fails halfway (a line that is not UTF-8) leaves the old shards as they were.
+    written = {}  # final path -> temporary path
+
+    def write(name, arr):
+        path = os.path.join(out, name)
+        written[path] = f"{path}.new{os.getpid()}"
+        write_array(written[path], arr)
+
     t0, shard, train, val = time.time(), 0, [], []
     docs = {'train': 0, 'val': 0}
     tokens = {'train': 0, 'val': 0}
@@ -313,28 +325,40 @@ def pretokenize():
         nonlocal shard, train
         if train:
             arr = np.concatenate(train).astype(dtype)
-            write_array(os.path.join(out, f'train_{shard:03d}.bin'), arr)
+            write(f'train_{shard:03d}.bin', arr)
             tokens['train'] += len(arr)
             shard, train = shard + 1, []
 
     # documents[::val_every] are the validation set. Batches of 500 documents are encoded
-    # in parallel and come back in order, so the shards never depend on the core count.
-    tagged = ((i % val_every == 0, d) for i, d in enumerate(iter_documents(dataset)))
-    with mp.Pool(num_workers or os.cpu_count() or 1, initializer=_init_worker,
-                 initargs=(tok.model_bytes,)) as pool:
-        for t_ids, v_ids, n_t, n_v in pool.imap(_encode_batch, batched(tagged, 500)):
-            train.append(t_ids)
-            val.append(v_ids)
-            docs['train'] += n_t
-            docs['val'] += n_v
-            if docs['train'] >= shard_docs * (shard + 1):
-                flush()
-    flush()
-    if docs['train'] + docs['val'] == 0:
-        die(f"{dataset}: the corpus has no documents")
-    val = np.concatenate(val).astype(dtype)
-    write_array(os.path.join(out, 'val.bin'), val)
-    tokens['val'] = len(val)
+    # in parallel and come back in order, so the shards never depend on the core count. The
+    # documents are read here, in this process, so that an error in the corpus stops it here.
+    workers = num_workers or os.cpu_count() or 1
+    tagged = ((i % val_every == 0, d) for i, d in enumerate(itertools.chain([first], documents)))
+    batches = batched(tagged, 500)
+    try:
+        with mp.Pool(workers, initializer=_init_worker, initargs=(tok.model_bytes,)) as pool:
+            while group := list(itertools.islice(batches, 2 * workers)):
+                for t_ids, v_ids, n_t, n_v in pool.map(_encode_batch, group):
+                    train.append(t_ids)
+                    val.append(v_ids)
+                    docs['train'] += n_t
+                    docs['val'] += n_v
+                    if docs['train'] >= shard_docs * (shard + 1):
+                        flush()
+        flush()
+        val = np.concatenate(val).astype(dtype)
+        write('val.bin', val)
+        tokens['val'] = len(val)
+    except BaseException:
+        for tmp in written.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    for old in glob.glob(os.path.join(out, '*.bin')) + glob.glob(os.path.join(out, 'meta.json')):
+        if old not in written:
+            os.remove(old)
+    for path, tmp in written.items():
+        os.replace(tmp, path)
     copy_atomic(tokenizer_path(), os.path.join(out, 'tokenizer.model'))
     meta = dict(dataset=dataset, vocab_size=tok.n_words, dtype=np.dtype(dtype).name,
                 bos_id=tok.bos_id, val_every=val_every, documents=docs, tokens=tokens,
@@ -430,9 +454,15 @@ def chats(kind):
     if not os.path.exists(tokenizer_path()):
         die(f"{tokenizer_path()} not found — " + recipe(dataset, vocab_size, data_dir, kind))
     tok = Tokenizer(tokenizer_path())
+    splits = chat_data(kind)
+    what = 'conversations' if kind == 'sft' else 'pairs'
+    for split, rows in zip(('train', 'val'), splits):
+        if not rows:  # rows[::val_every] are the validation set, the rest the training set
+            die(f"{dataset}: no usable {what} for the {split} set (every {val_every}th row is "
+                f"held out for validation) — give at least 2 well-formed rows")
     out = shard_dir(kind=kind)
     os.makedirs(out, exist_ok=True)
-    for split, rows in zip(('train', 'val'), chat_data(kind)):
+    for split, rows in zip(('train', 'val'), splits):
         if kind == 'sft':
             seqs = [tok.encode_chat(m) for m in rows]
         else:  # a pair becomes two sequences: prompt + chosen, prompt + rejected
@@ -443,7 +473,7 @@ def chats(kind):
                     a_ids, a_mask = tok.encode_message('assistant', answer)
                     seqs.append((p_ids + a_ids, [0] * len(p_ids) + a_mask))
         save_sequences(os.path.join(out, f'{split}.npz'), seqs)
-        print(f"{split}: {len(rows)} {'conversations' if kind == 'sft' else 'pairs'}, "
+        print(f"{split}: {len(rows)} {what}, "
               f"{sum(len(i) for i, _ in seqs)} tokens -> {out}/{split}.npz")
     copy_atomic(tokenizer_path(), os.path.join(out, 'tokenizer.model'))
 

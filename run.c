@@ -244,6 +244,12 @@ static void check_config(const char *path, const Config *c) {
 static void read_header(Config *c, Format *f, const char *path, const unsigned char *h,
                         uint64_t size) {
     *f = (Format){.version = 0, .shared = 1, .group_size = 0, .tuned = 0};
+    if (memcmp(h, "GGUF", 4) == 0)
+        die("%s is a GGUF file, which llama.cpp runs — for this program export with "
+            "--version=0, 1, 2 or 3", path);
+    if (memcmp(h, "PK\x03\x04", 4) == 0)
+        die("%s is a zip file such as a PyTorch checkpoint — export it first: python export.py "
+            "out/model.bin --checkpoint=%s", path, path);
     c->n_experts = c->n_experts_per_tok = 0; // dense, unless a version 3 header says otherwise
     if ((uint32_t)read_i32(h) == MAGIC_AK42) {
         if (size < HEADER_V12)

@@ -77,7 +77,23 @@ def read_text(flag, value):
             f"({getattr(e, 'strerror', None) or e.reason})")
 
 
-start, answers = read_text('start', start), read_text('answers', answers)
+def utf8(flag, text):
+    """text that came from the command line or the terminal, refused if it is not UTF-8
+    (Python holds the bad bytes as surrogates, which no tokenizer takes)"""
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError as e:
+        die(f"{flag} is not UTF-8 text (byte {e.start}) — type or convert it as UTF-8")
+    return text
+
+
+if sum(map(bool, (chat, eval, eval_instruct))) > 1:
+    die("--chat, --eval and --eval_instruct are different modes — give one of them")
+if answers and not reward:
+    die("--answers are scored by a reward model — give it with --reward=out_rm/ckpt.pt")
+answers_flag = answers
+start = utf8('--start', read_text('start', start))
+answers = utf8('--answers', read_text('answers', answers))
 if reward:
     reward_model, reward_ckpt = load_model(reward, device)
     if not isinstance(reward_model, RewardModel):
@@ -103,7 +119,9 @@ def show_scores(texts):
         print(f"{s:+.3f}  {a}")
 
 
-if reward and answers:
+if reward and answers_flag:
+    if not answers.strip():
+        die(f"--answers={answers_flag} holds no answers — give them one per line")
     show_scores([a for a in answers.splitlines() if a.strip()])
     sys.exit(0)
 
@@ -174,8 +192,11 @@ class Chat:
 
 def read_user():
     print("User: ", end='', flush=True)
-    line = sys.stdin.readline()
-    return line.rstrip('\n') if line else None
+    try:
+        line = sys.stdin.readline()
+    except UnicodeDecodeError as e:
+        die(f"the message typed is not UTF-8 text (byte {e.start}) — type it as UTF-8")
+    return utf8('the message typed', line.rstrip('\n')) if line else None
 
 
 
@@ -186,7 +207,8 @@ def eval_text(path):
     max_seq_len + 1 tokens that overlap by one (every token but the first is predicted once)."""
     from preprocess import read_jsonl, read_txt
     if not os.path.isfile(path):
-        die(f"--eval={path}: no such file — give a .txt or .jsonl file of text")
+        what = 'is a folder' if os.path.isdir(path) else 'no such file'
+        die(f"--eval={path}: {what} — give a .txt or .jsonl file of text")
     docs = [d for _, d in read_jsonl(path)] if path.endswith('.jsonl') else read_txt(path)
     if not docs:
         die(f"--eval={path}: no text in it")

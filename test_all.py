@@ -205,6 +205,21 @@ def test_corpus_formats(tmp_path):
     assert r.returncode != 0 and 'no documents' in r.stderr
     r = py('preprocess.py', 'pretokenize', '--dataset=nope', cwd=tmp_path, check=False)
     assert r.returncode != 0 and r.stderr.count('\n') == 1
+    # a corpus that fails halfway, an unknown one (the tokenizer exists), too few chat rows:
+    # one line each, at once, and the shards of the last good run are left as they were
+    shards = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    with open(tmp_path / 'c' / 'a.txt', 'ab') as f:
+        f.write(b'\xff\xfe not UTF-8\n')
+    one = tmp_path / 'one.jsonl'
+    one.write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                   '{"role": "assistant", "content": "hello"}]}\n')
+    for stage, ds, words in (('pretokenize', 'c', 'not UTF-8'), ('pretokenize', 'nope', 'neither'),
+                             ('sft', str(one), 'no usable conversations')):
+        r = py('preprocess.py', stage, f'--dataset={ds}', '--vocab_size=300', cwd=tmp_path, check=False,
+               timeout=120)
+        assert r.returncode == 1 and r.stderr.count('\n') == 1 and words in r.stderr, (stage, ds, r.stderr)
+    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == shards
+    assert not (tmp_path / 'data' / 'nope').exists()
 
 
 # -----------------------------------------------------------------------------
@@ -716,6 +731,17 @@ def test_reward_model_stage(rlhf_runs, tmp_path):
     r = py('train.py', '--task=sft', f'--init_from={rm}', '--out_dir=out_no', '--dataset=synth',
            f'--vocab_size={VOCAB}', *CPU, cwd=work, check=False)
     assert r.returncode == 1 and 'reward model' in r.stderr
+    # RL refuses a reward model (or policy) whose context is too short for its prompts
+    sft = rm.replace('out_rm', 'out_sft')
+    for name, path in (('short_rm.pt', rm), ('short_sft.pt', sft)):
+        short = torch.load(path, weights_only=True)
+        short['model_args']['max_seq_len'] = 64
+        torch.save(short, tmp_path / name)
+    for init, rm_flag, words in ((sft, tmp_path / 'short_rm.pt', 'a prompt with its answer'),
+                                 (tmp_path / 'short_sft.pt', '', "RL's prompts take")):
+        r = py('train.py', *RL, f'--init_from={init}', f'--reward_model={rm_flag}', '--out_dir=out_no',
+               '--dataset=synth', f'--vocab_size={VOCAB}', '--max_seq_len=64', *CPU, cwd=work, check=False)
+        assert r.returncode == 1 and r.stderr.count('\n') == 1 and words in r.stderr, r.stderr
 
 
 def test_rl_resume_continues_identically(rlhf_runs):
@@ -899,6 +925,7 @@ def test_train_refuses_bad_input(work, bad_checkpoints, tmp_path):
         'task': ['--task=ppo'], 'sft_scratch': ['--task=sft'], 'rm_scratch': ['--task=rm'],
         'rl_group': ['--task=rl', '--group_size=1'], 'dpo_beta': ['--task=dpo', '--beta=0'],
         'rl_not_synth': ['--task=rl', '--dataset=tinystories', '--init_from=x.pt'], 'typo': ['--batch_sise=8'],
+        'reward_model_not_rl': ['--reward_model=x.pt'],
         'type': ['--batch_size=abc'], 'config_syntax': [str(config)], 'config_missing': ['nope.py'],
         'no_data': ['--dataset=nothing_here'], 'no_tinystories': ['--dataset=tinystories'],
         'shards_deleted': [damaged('deleted', lambda s: os.remove(s / 'train_000.bin'))],
@@ -972,6 +999,10 @@ def test_export_refuses_bad_input(tiny, bad_checkpoints, tmp_path):
         'group_size_0': [out, f'--checkpoint={ckpt}', '--version=2', '--group_size=0'],
         'group_size_neg': [out, f'--checkpoint={ckpt}', '--version=2', '--group_size=-64'],
         'version': [out, f'--checkpoint={ckpt}', '--version=3'],
+        'dtype_v1': [out, f'--checkpoint={ckpt}', '--version=1', '--dtype=q8_0'],
+        'out_is_checkpoint': [ckpt, f'--checkpoint={ckpt}'],
+        'out_is_tokenizer': [str(good / 'tokenizer.bin'), f'--checkpoint={ckpt}'],
+        'hf_over_run': [os.path.dirname(ckpt), f'--checkpoint={ckpt}', '--version=hf'],
         'no_output': [f'--checkpoint={ckpt}'], 'typo': [out, '--chekpoint=x'],
     })
     answers = refused('export.py', cases, work)
@@ -1003,9 +1034,11 @@ def test_sample_refuses_bad_input(tiny, bad_checkpoints, tmp_path):
              'top_p': '--top_p=1.5', 'num_samples': '--num_samples=0', 'device': '--device=gpu',
              'cuda': '--device=cuda', 'start_missing': f'--start=FILE:{tmp_path}/nope.txt',
              'start_binary': f'--start=FILE:{tmp_path}/binary.txt', 'too_long': '--start=' + 'word ' * 600,
-             'typo': '--temprature=0'}
+             'typo': '--temprature=0', 'start_not_utf8': '--start=abc\udcff', 'answers_no_reward': '--answers=a',
+             'eval_folder': f'--eval={tmp_path}'}
     cases.update({k: [f'--checkpoint={ckpt}', '--device=cpu', v, '--max_new_tokens=2'] for k, v in flags.items()})
     cases['max_new_tokens'] = [f'--checkpoint={ckpt}', '--device=cpu', '--max_new_tokens=-1']
+    cases['chat_and_eval'] = [f'--checkpoint={ckpt}', '--device=cpu', '--eval_instruct=1', '--chat']
     answers = refused('sample.py', cases, work)
     assert 'NaN' in answers['ckpt_nan'] and 'tokens' in answers['ckpt_tok_other_vocab']
     assert 'no CUDA' in answers['cuda'] and 'SentencePiece' in answers['ckpt_tok_garbage']
@@ -1162,6 +1195,8 @@ def test_hf_export(request, tmp_path):
                 want, _ = model.eval()(x, targets=torch.full_like(x, -1))  # (1, T, vocab)
                 got = hf(x).logits
             assert (got - want).abs().max().item() < 1e-4, (model.params, ids[:8])
+    # a second export replaces the first (a folder holding other files would be refused)
+    py('export.py', out, f'--checkpoint={tmp_path / "mha.pt"}', '--version=hf', cwd=work)
     hft = AutoTokenizer.from_pretrained(out)
     for s in HF_TEXTS:
         ids = tok.encode(s, bos=True)
@@ -1747,7 +1782,8 @@ def test_run_c_malformed_inputs(exported, tmp_path):
         ('v3 group size -1', v3(37, -1), TOK, []), ('v3 as float32, sizes of int8', v3(37, 0), TOK, []),
         ('shared flag 2', v2(at=36, fmt='<B', value=2), TOK, []), ('group size 0', v2(at=37, value=0), TOK, []),
         ('group size 3', v2(at=37, value=3), TOK, []), ('chat flag 3', v2(at=41, fmt='<B', value=3), TOK, []), ('group size huge', v2(at=37, value=HUGE), TOK, []),
-        ('v2 dim huge', v2(dim=HUGE), TOK, []), ('unknown magic', b'GGUF' + V0[4:], TOK, []),
+        ('v2 dim huge', v2(dim=HUGE), TOK, []), ('GGUF file', b'GGUF' + V0[4:], TOK, []),
+        ('PyTorch checkpoint', b'PK\x03\x04' + V0[4:], TOK, []),
         ('random bytes', os.urandom(5000), TOK, []),
         ('empty tokenizer', V0, b'', []), ('tokenizer truncated by 1', V0, TOK[:-1], []),
         ('tokenizer cut mid-entry', V0, TOK[:len(TOK) // 2], []), ('tokenizer extra byte', V0, TOK + b'\0', []),
@@ -1782,6 +1818,7 @@ def test_run_c_malformed_inputs(exported, tmp_path):
             lines = r.stderr.decode('utf-8', 'replace').splitlines()
             assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith('error: '), (exe, what, r.returncode, lines[:5])
             answers[what] = lines[0].replace(str(tmp_path), '')
+    assert 'llama.cpp' in answers['GGUF file'] and 'export.py' in answers['PyTorch checkpoint']
     print(f"{len(cases)} malformed inputs x {len(run_binaries())} binaries: one line, exit 1")
     print('\n'.join(f"  {what}: {line}" for what, line in answers.items()))
 

@@ -22,6 +22,7 @@ import fcntl
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 
@@ -97,6 +98,9 @@ dtype = 'auto'           # auto (bfloat16 on CUDA if supported, else float16; fl
 compile = torch.cuda.is_available()  # torch.compile the model
 peak_flops = 0.0         # for MFU; 0 = look up the GPU (bf16 dense), unknown -> MFU not shown
 # -----------------------------------------------------------------------------
+SHAPE = ('dim', 'n_layers', 'n_heads', 'n_kv_heads', 'multiple_of', 'n_experts',
+         'n_experts_per_tok')  # the model knobs a checkpoint overrides
+shape_defaults = {k: globals()[k] for k in SHAPE}
 config, _ = configure(globals())
 
 at_least_1, at_least_0 = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, "0 or more")
@@ -129,6 +133,8 @@ if task != 'pretrain' and init_from == 'scratch':
     die(f"--task={task} fine-tunes a model: give --init_from=path/to/ckpt.pt (or resume)")
 if task == 'dpo' and beta == 0:
     die("--beta=0 makes DPO's loss a constant: give it a value above 0 (0.1 is usual)")
+if reward_model and task != 'rl':
+    die(f"--reward_model is for --task=rl (its score is added to RL's reward), not --task={task}")
 if task == 'rl' and dataset != 'synth':
     die("--task=rl rewards answers by checking them against synth's instructions: "
         "use --dataset=synth (the prompts come from synth.py)")
@@ -305,6 +311,19 @@ if task == 'rl' and reward_model:
             "train one with --task=rm from the same sft checkpoint")
     rm_model.eval().requires_grad_(False)
     rm_ckpt = None
+if task == 'rl':  # every prompt must fit the policy's context (answers stop at its end), and
+    # the longest prompt with its answer must fit the reward model's
+    held = [tok.encode_chat(m[:1], add_generation_prompt=True)[0]
+            for m, _ in synth.instructions(eval_iters, heldout=True)]
+    longest = max(len(p) for p in [p for p, _ in rl_pool] + held)
+    if model.params.max_seq_len <= longest:
+        die(f"{path} has a context of {model.params.max_seq_len} tokens, but RL's prompts take "
+            f"up to {longest} — fine-tune a model with a longer --max_seq_len")
+    need = min(longest + max_new_tokens, model.params.max_seq_len)
+    if rm_model is not None and rm_model.params.max_seq_len < need:
+        die(f"--reward_model={reward_model} has a context of {rm_model.params.max_seq_len} "
+            f"tokens, but a prompt with its answer takes up to {need} — train the reward model "
+            f"from the policy's own sft checkpoint")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -570,6 +589,11 @@ if master:
           + (f" ({raw_model.active_params():,} active per token)" if moe else "")
           + f"; {device} {dtype}"
           + (f"; MFU of {peak() / 1e12:.0f} TFLOP/s" if peak() else ""))
+    ignored = [f"--{k}={config[k]}" for k in SHAPE if init_from != 'scratch'
+               and config[k] != shape_defaults[k] and model_args.get(k) != config[k]]
+    if ignored:
+        print(f"note: {' '.join(ignored)} ignored: {path} brings its own shape ("
+              + ", ".join(f"{k}={model_args.get(k)}" for k in SHAPE) + ")", file=sys.stderr)
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
