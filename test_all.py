@@ -358,7 +358,7 @@ def test_torchrun_ddp_cpu(work, experts):
             *experts]
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', *args], cwd=work,
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[:4000]  # the first failing rank's traceback comes first
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'lock', 'log.csv']  # lock: train.py's flock
     rows = read_log(os.path.join(out, 'log.csv'))
     iters = [int(r['iter']) for r in rows if not r['val_loss']]
@@ -923,7 +923,7 @@ def test_train_refuses_bad_input(work, bad_checkpoints, tmp_path):
         'accumulation': ['--gradient_accumulation_steps=0'], 'max_iters': ['--max_iters=-1'],
         'n_layers': ['--n_layers=0'], 'heads': ['--n_heads=5'], 'vocab': ['--vocab_size=70000'],
         'task': ['--task=ppo'], 'sft_scratch': ['--task=sft'], 'rm_scratch': ['--task=rm'],
-        'rl_group': ['--task=rl', '--group_size=1'], 'dpo_beta': ['--task=dpo', '--beta=0'],
+        'rl_group': ['--task=rl', '--group_size=1'], 'dpo_beta': ['--task=dpo', '--beta=0', '--init_from=x.pt'],
         'rl_not_synth': ['--task=rl', '--dataset=tinystories', '--init_from=x.pt'], 'typo': ['--batch_sise=8'],
         'reward_model_not_rl': ['--reward_model=x.pt'],
         'type': ['--batch_size=abc'], 'config_syntax': [str(config)], 'config_missing': ['nope.py'],
@@ -947,7 +947,7 @@ def test_train_refuses_bad_input(work, bad_checkpoints, tmp_path):
     assert 'run: python preprocess.py' in answers['no_data'] or 'neither' in answers['no_data']
     assert all(s in answers['no_tinystories'] for s in ('download', 'pretokenize', 'synth'))
     assert 'pretokenize' in answers['shards_deleted'] and 'no CUDA' in answers['cuda']
-    assert 'NaN' in answers['ckpt_nan'] and 'NaN' in answers['resume_nan']
+    assert 'NaN' in answers['ckpt_nan'] and 'NaN' in answers['resume_nan'] and 'beta' in answers['dpo_beta']
     assert 'optimizer' in answers['resume_no_optimizer'] and 'optimizer' in answers['resume_other_optimizer']
     print(f"{len(answers)} bad inputs to train.py, one line each:")
     print('\n'.join(f"  {k}: {v}" for k, v in answers.items()))
@@ -1120,6 +1120,14 @@ def test_nan_loss_stops_and_keeps_checkpoint(work):
     assert r.returncode == 1 and re.search(r'at iteration \d+', r.stderr), r.stderr
     assert r.stderr.count('\n') == 1
     assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before
+    # a fresh run that diverges before its first checkpoint leaves the log beside ckpt.pt too
+    log = open(os.path.join(out, 'log.csv'), 'rb').read()
+    r = py('train.py', '--dataset=synth', f'--vocab_size={VOCAB}', *TINY, *CPU, '--batch_size=4',
+           '--learning_rate=1e30', '--warmup_iters=0', '--grad_clip=0', '--max_iters=50',
+           '--eval_interval=10', f'--out_dir={out}', cwd=work, check=False)
+    assert r.returncode == 1 and r.stderr.count('\n') == 1, r.stderr
+    assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before
+    assert open(os.path.join(out, 'log.csv'), 'rb').read() == log
 
 
 def test_unwritable_or_full_out_dir(work, tmp_path):

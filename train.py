@@ -521,6 +521,8 @@ def save_checkpoint():
         reason = getattr(e, 'strerror', None) or str(e).strip().splitlines()[0][:120]
         die(f"cannot write {ckpt_path}: {reason} — free some space or choose another "
             "--out_dir; the previous checkpoint is intact")
+    if log_file is not None and os.path.exists(log_path + '.new'):  # this run's log, from now on
+        os.replace(log_path + '.new', log_path)
     global saved_at
     saved_at = iter_num
     print(f"saved {ckpt_path} at iteration {iter_num}")
@@ -566,12 +568,13 @@ log_file = None
 
 
 def log_row(row):
-    """One row of out_dir/log.csv. The file is opened at the first row, once the run has
-    really started, so a fresh run that fails before it leaves the previous log alone."""
+    """One row of out_dir/log.csv. A resumed run appends to it. A fresh run writes log.csv.new,
+    which replaces log.csv with the run's first checkpoint, so that the log beside ckpt.pt is
+    always that checkpoint's, even when a fresh run fails before it saves."""
     global log_file, log_csv
     if log_file is None:
         fresh = init_from != 'resume' or not os.path.exists(log_path)
-        log_file = open(log_path, 'w' if fresh else 'a', newline='')
+        log_file = open(log_path + '.new' if fresh else log_path, 'w' if fresh else 'a', newline='')
         log_csv = csv.writer(log_file)
         if fresh:
             log_csv.writerow(['iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec'] + log_extra)
