@@ -167,8 +167,9 @@ def read_jsonl(path, field='text'):
                 continue
             yield n, value
     if bad:
-        print(f"warning: {path}: skipped {len(bad)} line(s) that are not UTF-8 JSON or have "
-              f"no text in {field!r} (first: line {bad[0]})", file=sys.stderr)
+        what = f" or have no text in {field!r}" if field else ""
+        print(f"warning: {path}: skipped {len(bad)} line(s) that are not UTF-8 JSON{what} "
+              f"(first: line {bad[0]})", file=sys.stderr)
 
 
 def iter_documents(ds):

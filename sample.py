@@ -236,18 +236,22 @@ if eval:
 elif eval_instruct:
     import synth
     rows = synth.instructions(eval_instruct, heldout=True)
-    ok = passed = 0
+    ok = passed = too_long = 0
     for messages, wanted in rows:
         try:
             conv = Chat()
             answer = conv.reply(messages[0]['content'])
         except ContextFull:  # the request does not even fit: not followed
+            too_long += 1
             continue
         ok += synth.follows(answer, wanted)
         passed += conv.stopped and synth.passes(answer, wanted)
     print(f"instruction following: {ok}/{len(rows)} = {ok / len(rows):.1%}; every constraint "
           f"(pass@1): {passed}/{len(rows)} = {passed / len(rows):.1%} ({checkpoint}, "
           f"temperature {temperature})")
+    if too_long:
+        print(f"note: {too_long} of the requests did not fit the model's context of {max_seq_len} "
+              "tokens (counted as not followed)", file=sys.stderr)
 elif reward:
     if ckpt.get('tokenizer') != reward_ckpt.get('tokenizer'):
         die(f"{checkpoint} and --reward={reward} have different tokenizers")
