@@ -707,5 +707,6 @@ while True:
 
 if log_file is not None:
     log_file.close()
-if ddp:
+if ddp:  # leave together: the other ranks stop at the last iteration while rank 0 still
+    dist.barrier()  # evaluates and saves, and one that tears down its process group then can abort
     dist.destroy_process_group()
