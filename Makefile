@@ -20,7 +20,7 @@ DEMO_TRAIN = $(DEMO_DATA) $(DEMO_MODEL) --device=cpu --compile=False --batch_siz
 TUNE = $(DEMO_DATA) --device=cpu --compile=False --batch_size=16 --gradient_accumulation_steps=1 \
 	--warmup_iters=10 --eval_iters=10 --log_interval=20
 
-RM_TUNE = --learning_rate=1e-3 --min_lr=1e-4 --max_iters=200 --eval_interval=100
+RM_TUNE = --learning_rate=1e-4 --min_lr=1e-5 --max_iters=200 --eval_interval=100
 RL_TUNE = --batch_size=16 --group_size=8 --learning_rate=1e-4 --min_lr=1e-5 --beta=0.05 \
 	--max_iters=40 --eval_interval=20 --eval_iters=50
 

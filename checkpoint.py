@@ -262,8 +262,15 @@ def load_model(path, device='cpu'):
         if not torch.isfinite(t).all():
             nonfinite_weights(path, name)
     args = {k: v for k, v in ckpt['model_args'].items() if k in ModelArgs.__dataclass_fields__}
-    model = (RewardModel if ckpt.get('task') == 'rm' else Transformer)(
-        ModelArgs(**dict(args, hidden_dim=hidden_dim)))
+    args = ModelArgs(**dict(args, hidden_dim=hidden_dim))
+    if ckpt.get('task') == 'rm':  # older reward models read the head alone
+        likelihood = ckpt.get('rm_likelihood', False)
+        if not isinstance(likelihood, bool):
+            die(f"{path}: rm_likelihood is {likelihood!r:.40}, not True or False — the "
+                "checkpoint is damaged")
+        model = RewardModel(args, likelihood)
+    else:
+        model = Transformer(args)
     weights.setdefault('output.weight', weights['tok_embeddings.weight'])
     model.load_state_dict(weights)
     return model.to(device), ckpt

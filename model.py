@@ -295,22 +295,44 @@ class Transformer(nn.Module):
 
 
 class RewardModel(Transformer):
-    """The Transformer with a scalar head instead of next-token logits: the reward of a
-    conversation is reward_head(h), h the final hidden state at its last token. Trained on
-    preference pairs (train.py --task=rm) so that the chosen answer scores higher."""
-    def __init__(self, params):
+    """The Transformer with a scalar head added: the reward of an answer is reward_head(h),
+    h the final hidden state at its last token (the <|im_end|> that closes it), plus, with
+    likelihood=True, the answer's log-likelihood under the model's own next-token head,
+    log p(answer | prompt). Trained on preference pairs (train.py --task=rm) so that the
+    chosen answer scores higher. Why the likelihood: a language model already prefers
+    answers that fit the request (DPO's implicit reward rests on it), and on a small model
+    the head alone learns only what it sees at the last token, e.g. an answer cut off
+    midway, not whether the story's animal is the one asked for (BENCHMARKS.md, 2026-12-06)."""
+    def __init__(self, params, likelihood=True):
         super().__init__(params)
+        self.likelihood = likelihood
         self.reward_head = nn.Linear(params.dim, 1, bias=False)
-        nn.init.zeros_(self.reward_head.weight)  # every answer starts equal
+        nn.init.zeros_(self.reward_head.weight)  # the head starts at 0 for every answer
 
-    def forward(self, tokens, last):
-        """tokens (B, T), last (B,) the position of each row's last token -> rewards (B,)"""
+    def forward(self, tokens, targets):
+        """tokens (B, T); targets (B, T) the answer's tokens where they are predicted, -1
+        elsewhere, as in training (the answer ends with its <|im_end|>) -> rewards (B,)"""
         T = tokens.size(1)
         h = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
             h = layer(h, self.freqs_cos[:T], self.freqs_sin[:T])
-        h = self.norm(h[torch.arange(tokens.size(0)), last])  # (B, dim)
-        return self.reward_head(h).squeeze(-1)
+        h = self.norm(h)
+        last = h[torch.arange(tokens.size(0)), last_tokens(targets)]  # (B, dim)
+        reward = self.reward_head(last).squeeze(-1)
+        if self.likelihood:
+            logp = -F.cross_entropy(self.output(h).flatten(0, 1).float(), targets.flatten(),
+                                    ignore_index=-1, reduction='none')
+            reward = reward + logp.view(targets.shape).sum(1)
+        return reward
+
+
+def last_tokens(targets):
+    """The position of each row's last token, where a reward model reads its score: the
+    <|im_end|> that closes the answer, which sits in the tokens one after the last counted
+    target (or the last counted position, if the row was cut there). (B, T) -> (B,)"""
+    T = targets.size(1)
+    last = T - 1 - (targets != -1).flip(1).int().argmax(1)  # the last counted target
+    return (last + 1).clamp(max=T - 1)
 
 
 class Seen:

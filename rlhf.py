@@ -47,15 +47,6 @@ def dpo_loss(pi, ref, beta, rpo_alpha=0.0, chosen_tokens=None):
 # -----------------------------------------------------------------------------
 # the reward model
 
-def last_tokens(y):
-    """The position of each row's last token, where a reward model reads its score: the
-    <|im_end|> that closes the answer, which sits in x one after the last counted target
-    (or the last counted position, if the row was cut there). y (rows, T) -> (rows,)"""
-    T = y.size(1)
-    last = T - 1 - (y != -1).flip(1).int().argmax(1)  # the last counted target
-    return (last + 1).clamp(max=T - 1)
-
-
 def reward_model_loss(r):
     """Bradley-Terry: P(chosen preferred) = sigmoid(r_chosen - r_rejected); r (2B,) in the
     order of dpo_loss. Returns (-log of that probability averaged, margins (B,))."""

@@ -108,13 +108,15 @@ def show_scores(texts):
     """Each answer to the request start, scored by the reward model, best first."""
     scores = []
     for a in texts:
-        ids = reward_tok.encode_chat([{'role': 'user', 'content': start},
-                                      {'role': 'assistant', 'content': a}])[0]
-        ids = ids[-reward_model.params.max_seq_len:]  # a long request loses its start
-        last = len(ids) - 1 - ids[::-1].index(reward_tok.im_end_id)  # the answer's <|im_end|>
+        ids, mask = reward_tok.encode_chat([{'role': 'user', 'content': start},
+                                            {'role': 'assistant', 'content': a}])
+        n = reward_model.params.max_seq_len  # a long request loses its start
+        ids, mask = ids[-n - 1:], mask[-n - 1:]
+        # the answer's tokens (and its <|im_end|>) as targets, where they are predicted
+        targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
         with torch.inference_mode():
-            x = torch.tensor([ids], device=device)
-            scores.append(reward_model(x, torch.tensor([last], device=device)).item())
+            x, y = torch.tensor([ids[:-1]], device=device), torch.tensor([targets], device=device)
+            scores.append(reward_model(x, y).item())
     for s, a in sorted(zip(scores, texts), key=lambda p: -p[0]):
         print(f"{s:+.3f}  {a}")
 

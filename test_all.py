@@ -651,9 +651,10 @@ def test_zero_advantage_and_beta_leave_weights_and_kl_is_zero_at_reference():
 def test_reward_model_learns_to_order_pairs():
     """A tiny reward model on a toy preference: the chosen answer ends where the prompt's
     first token says (token 10 + it), the rejected one elsewhere. Trained on 256 pairs with the
-    Bradley-Terry loss, it orders 32 held-out pairs as wanted."""
+    Bradley-Terry loss, the head alone (likelihood=False, the textbook reward model) orders
+    32 held-out pairs as wanted."""
     import rlhf
-    from model import RewardModel
+    from model import RewardModel, last_tokens
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
 
@@ -666,19 +667,45 @@ def test_reward_model_learns_to_order_pairs():
         y = torch.full_like(x, -1)
         y[:, -2] = x[:, -1]  # the last counted target: the answer's last token, read at -1
         return x, y
-    rm = RewardModel(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=16))
+    rm = RewardModel(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=16),
+                     likelihood=False)
     opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
     (x, y), (vx, vy) = pairs(256), pairs(32)
-    assert (rlhf.last_tokens(y) == x.size(1) - 1).all()
+    assert (last_tokens(y) == x.size(1) - 1).all()
     for _ in range(100):
-        loss, _ = rlhf.reward_model_loss(rm(x, rlhf.last_tokens(y)))
+        loss, _ = rlhf.reward_model_loss(rm(x, y))
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        _, margin = rlhf.reward_model_loss(rm(vx, rlhf.last_tokens(vy)))
+        _, margin = rlhf.reward_model_loss(rm(vx, vy))
     print(f"toy reward model: held-out accuracy {(margin > 0).float().mean():.2f}, loss {loss.item():.3f}")
     assert (margin > 0).all()
+
+
+def test_reward_model_with_likelihood_adds_the_answers_log_probs():
+    """With likelihood=True (train.py's default) the reward is the head's value at the last
+    token plus the answer's summed log-probabilities, computed here with a plain Transformer
+    holding the same weights and rlhf.token_logps."""
+    import rlhf
+    from model import RewardModel, last_tokens
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=16)
+    rm, lm = RewardModel(args), Transformer(args)
+    torch.nn.init.normal_(rm.reward_head.weight)
+    lm.load_state_dict(rm.state_dict(), strict=False)
+    x = torch.randint(0, 64, (3, 12))
+    y = torch.full_like(x, -1)
+    y[0, 4:9], y[1, 2:11], y[2, 6:] = x[0, 5:10], x[1, 3:12], 7  # row 2 cut at the end
+    with torch.no_grad():
+        h = lm.norm(lm.layers[1](lm.layers[0](lm.tok_embeddings(x), lm.freqs_cos[:12],
+                                              lm.freqs_sin[:12]), lm.freqs_cos[:12], lm.freqs_sin[:12]))
+        head = torch.stack([rm.reward_head(h[r, p]) for r, p in enumerate([9, 11, 11])]).squeeze(-1)
+        assert last_tokens(y).tolist() == [9, 11, 11]
+        by_hand = head + rlhf.token_logps(lm, x, y).sum(1)
+        assert torch.allclose(rm(x, y), by_hand, atol=1e-5)
+        rm.likelihood = False
+        assert torch.allclose(rm(x, y), head, atol=1e-6)
 
 
 @pytest.fixture(scope='session')
@@ -701,10 +728,22 @@ def test_reward_model_stage(rlhf_runs, tmp_path):
     rows = [r for r in read_log(os.path.join(work, 'out_rm', 'log.csv')) if r['val_loss']]
     print(f"reward model held-out: accuracy {rows[0]['rm_acc']} -> {rows[-1]['rm_acc']}, "
           f"margin {rows[0]['rm_margin']} -> {rows[-1]['rm_margin']}")
-    assert float(rows[0]['rm_acc']) == 0.0  # a zero head: every pair tied
-    assert float(rows[-1]['rm_acc']) > 0.6 and float(rows[-1]['val_loss']) < float(rows[0]['val_loss'])
+    # before training the head is 0: the score is the SFT model's log-likelihood of the
+    # answer, so the first eval's accuracy is how often the SFT model prefers the chosen one
+    import rlhf
+    from preprocess import PreferencePairs
+    sft_model, _ = load_model(os.path.join(work, 'out_sft', 'ckpt.pt'))
+    pairs = PreferencePairs(os.path.join(work, 'data', 'synth', f'dpo{VOCAB}', 'val.npz'), 16,
+                            sft_model.params.max_seq_len, 0, 0)
+    with torch.no_grad():
+        prefers = [(lambda s: s[:len(s) // 2] > s[len(s) // 2:])(
+            rlhf.token_logps(sft_model, torch.as_tensor(x), torch.as_tensor(y)).sum(1))
+            for x, y in pairs.in_order()]
+    assert abs(float(rows[0]['rm_acc']) - torch.cat(prefers).float().mean().item()) < 1e-5
+    assert float(rows[-1]['val_loss']) < float(rows[0]['val_loss'])
     rm = os.path.join(work, 'out_rm', 'ckpt.pt')
     assert torch.load(rm, weights_only=True)['task'] == 'rm'
+    assert torch.load(rm, weights_only=True)['rm_likelihood'] is True
     # export refuses it; sample.py --reward ranks what it is given, best first, by its scores
     r = py('export.py', str(tmp_path / 'rm.bin'), f'--checkpoint={rm}', cwd=work, check=False)
     assert r.returncode == 1 and 'reward model' in r.stderr and r.stderr.count('\n') == 1
@@ -724,10 +763,22 @@ def test_reward_model_stage(rlhf_runs, tmp_path):
     text = lines[0].split('  ', 1)[1]
     ids = tok.encode_chat([{'role': 'user', 'content': 'Tell me a story about a fox who wants a kite.'},
                            {'role': 'assistant', 'content': text}])[0]
+    answer = tok.encode(text, dummy_prefix=False) + [tok.im_end_id]
+    start = len(ids) - len(tok.encode("\n")) - len(answer)  # the answer, then "\n"
+    assert ids[start:start + len(answer)] == answer
+    targets = torch.full((1, len(ids) - 1), -1)
+    targets[0, start - 1:start - 1 + len(answer)] = torch.tensor(answer)  # predicted one early
     with torch.no_grad():
-        last = len(ids) - 1 - ids[::-1].index(tok.im_end_id)  # the answer's <|im_end|>
-        by_hand = model(torch.tensor([ids]), torch.tensor([last])).item()
-    assert ids[last + 1:] == tok.encode("\n") and abs(by_hand - scores[0]) < 1e-3
+        by_hand = model(torch.tensor([ids[:-1]]), targets).item()
+    assert abs(by_hand - scores[0]) < 1e-3
+    # a reward model from before the likelihood term (no rm_likelihood) reads the head alone
+    old = torch.load(rm, weights_only=True)
+    del old['rm_likelihood']
+    torch.save(old, tmp_path / 'old_rm.pt')
+    assert load_model(rm)[0].likelihood and not load_model(tmp_path / 'old_rm.pt')[0].likelihood
+    r = py('train.py', '--task=rm', f'--init_from={rm}', '--out_dir=out_no', '--dataset=synth',
+           f'--vocab_size={VOCAB}', '--rm_likelihood=False', *CPU, cwd=work, check=False)
+    assert r.returncode == 1 and '--rm_likelihood=True' in r.stderr and r.stderr.count('\n') == 1
     r = py('train.py', '--task=sft', f'--init_from={rm}', '--out_dir=out_no', '--dataset=synth',
            f'--vocab_size={VOCAB}', *CPU, cwd=work, check=False)
     assert r.returncode == 1 and 'reward model' in r.stderr

@@ -84,12 +84,15 @@ min_lr = 5e-5
 # DPO and RL
 beta = 0.1               # how far the policy may move from the reference model
 rpo_alpha = 1.0          # DPO: weight of the chosen answers' SFT loss (RPO); 0 = plain DPO
+rm_likelihood = True     # reward model: add the answer's log-likelihood to the head's score
+                         # (False: the head alone, the textbook reward model; see model.py)
 # RL (batch_size prompts per micro-step, each answered group_size times)
 group_size = 8
 max_new_tokens = 160     # per answer; one that has not stopped by then gets reward 0
 adv_norm = True          # divide each group's advantages by its standard deviation
 reward_model = ''        # a --task=rm checkpoint whose score is added to the rule's reward
-rm_weight = 0.5          # ... times this
+rm_weight = 0.05         # ... times this (its scores are log-likelihoods plus the head's:
+                         # tens of nats for a story, against the rule's 0 to 1)
 rl_prompts = 2000        # the pool of training prompts (synth's instructions)
 # system
 device = 'cuda' if torch.cuda.is_available() else (
@@ -276,8 +279,12 @@ else:
         die(f"{path} is a reward model: it scores answers, it does not write them — "
             f"--task={task} needs a language model (the sft checkpoint)")
     if task == 'rm' and not isinstance(model, RewardModel):  # put the scalar head on
-        lm, model = model, RewardModel(model.params)
+        lm, model = model, RewardModel(model.params, rm_likelihood)
         model.load_state_dict(lm.state_dict(), strict=False)
+    if task == 'rm' and model.likelihood != rm_likelihood:
+        die(f"{path} is a reward model with rm_likelihood={model.likelihood}: "
+            f"{'resume' if init_from == 'resume' else 'fine-tune'} it with "
+            f"--rm_likelihood={model.likelihood}")
     model_args = dict(ckpt['model_args'], dropout=dropout)
     model.params.dropout = dropout
     if ckpt.get('tokenizer') != tokenizer_bytes:
@@ -364,7 +371,7 @@ def dpo_loss(m, x, y):
 
 def rm_loss(m, x, y):
     """The reward of each answer, read at its closing <|im_end|>; Bradley-Terry loss."""
-    return rlhf.reward_model_loss(m(x, rlhf.last_tokens(y)))
+    return rlhf.reward_model_loss(m(x, y))
 
 
 rl_stats = {}  # what the RL micro-steps since the last log line saw, summed
@@ -391,7 +398,7 @@ def rl_loss(m, prompts, sample_seed):
     rewards = torch.tensor(rewards, device=device)
     if rm_model is not None:
         with torch.no_grad():
-            rewards = rewards + rm_weight * rm_model(x, rlhf.last_tokens(y)).float()
+            rewards = rewards + rm_weight * rm_model(x, y).float()
     adv, kept = rlhf.group_advantages(rewards.view(-1, group_size), adv_norm)
     rows = kept.repeat_interleave(group_size)
     if not rows.any():
@@ -515,6 +522,8 @@ def save_checkpoint():
         ckpt['scaler'] = scaler.state_dict()
     if ref_model is not None:
         ckpt['ref_model'] = ref_model.state_dict()
+    if task == 'rm':
+        ckpt['rm_likelihood'] = raw_model.likelihood
     try:
         write_atomic(ckpt_path, lambda f: torch.save(ckpt, f))
     except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError
