@@ -674,7 +674,7 @@ while True:
 
     t1 = time.time()
     dt, t0 = t1 - t0, t1
-    if master and iter_num % log_interval == 0:
+    if master and (iter_num % log_interval == 0 or iter_num == max_iters - 1):  # and the last step
         tok_s = tokens_per_iter / dt
         mfu_txt = ''
         if peak() and local_iter >= 5:  # let the first steps (compilation) pass
