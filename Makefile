@@ -57,7 +57,7 @@ demo-chat: install run
 		--device=cpu --temperature=0 --eval_instruct=100 2>/dev/null; done
 	@$(PYTHON) -c "import csv; r = [r for r in csv.DictReader(open('out_rm/log.csv')) if r['val_loss']][-1]; \
 		print(f\"reward model: {float(r['rm_acc']):.1%} of the held-out pairs ordered right (out_rm/ckpt.pt)\")"
-	$(PYTHON) export.py out_rl/model.bin --checkpoint=out_rl/ckpt.pt
+	$(PYTHON) export.py out_rl/model.bin --checkpoint=out_rl/ckpt.pt --version=1
 	./run out_rl/model.bin -m chat -t 0 -i "Tell me a story about a fox who wants a kite." </dev/null
 
 test:
