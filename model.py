@@ -299,10 +299,9 @@ class RewardModel(Transformer):
     h the final hidden state at its last token (the <|im_end|> that closes it), plus, with
     likelihood=True, the answer's log-likelihood under the model's own next-token head,
     log p(answer | prompt). Trained on preference pairs (train.py --task=rm) so that the
-    chosen answer scores higher. Why the likelihood: a language model already prefers
-    answers that fit the request (DPO's implicit reward rests on it), and on a small model
-    the head alone learns only what it sees at the last token, e.g. an answer cut off
-    midway, not whether the story's animal is the one asked for (BENCHMARKS.md, 2026-12-06)."""
+    chosen answer scores higher. Why the likelihood: on a small model the head alone learns
+    only what the last token shows (an answer cut off midway), while a language model
+    already prefers answers that fit the request (what DPO's implicit reward rests on)."""
     def __init__(self, params, likelihood=True):
         super().__init__(params)
         self.likelihood = likelihood

@@ -24,11 +24,13 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
 
 from checkpoint import checkpoint_tokenizer, load_model
 from configurator import check, check_device, configure, die
 from model import KVCache, RewardModel, Seen, penalize_repeats, sample_next
+from preprocess import rows_of
 
 # -----------------------------------------------------------------------------
 checkpoint = 'out/ckpt.pt'
@@ -111,12 +113,11 @@ def show_scores(texts):
         ids, mask = reward_tok.encode_chat([{'role': 'user', 'content': start},
                                             {'role': 'assistant', 'content': a}])
         n = reward_model.params.max_seq_len  # a long request loses its start
-        ids, mask = ids[-n - 1:], mask[-n - 1:]
-        # the answer's tokens (and its <|im_end|>) as targets, where they are predicted
-        targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+        ids, mask = np.array(ids[-n - 1:]), np.array(mask[-n - 1:])
+        x, y = rows_of([(ids, mask)], len(ids) - 1)  # the answer as targets, as in training
         with torch.inference_mode():
-            x, y = torch.tensor([ids[:-1]], device=device), torch.tensor([targets], device=device)
-            scores.append(reward_model(x, y).item())
+            scores.append(reward_model(torch.as_tensor(x, device=device),
+                                       torch.as_tensor(y, device=device)).item())
     for s, a in sorted(zip(scores, texts), key=lambda p: -p[0]):
         print(f"{s:+.3f}  {a}")
 
