@@ -1405,9 +1405,21 @@ def test_gguf_export_fields(tiny, tmp_path):
 
 def llama_cpp_model(llama_cpp, path, **kw):
     """A GGUF file loaded in llama.cpp: float32 KV cache (its default is f16), logits of every
-    position kept"""
-    return llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, **kw)
+    position kept, and its plain CPU kernels: on a CPU with AMX (Intel Sapphire Rapids on) a
+    native build repacks q8_0 weights for its AMX kernels, which crash in the first decode
+    (llama.cpp issue 20824; here on our files too). Llama() has no argument for it."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain_kernels():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+    llama_cpp.llama_cpp.llama_model_default_params = plain_kernels
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False,
+                               type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, **kw)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
 
 
 def llama_cpp_greedy(llm, ids, n):
