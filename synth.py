@@ -180,7 +180,8 @@ def _other(rng, choices, not_this):
 def instruction(rng, rejected=False):
     """One (messages, check) pair: a user request and an assistant answer, and
     check = {"must": [words]} that an answer has to contain to count as following it
-    (and for a story, "want": [the wished-for thing], which only RL's reward counts).
+    (and for a story, "want": [the wished-for thing], which only RL's reward counts; for a
+    question, "not": [the other names, and animals or things], which it must not contain).
     With rejected=True the answer is just as fluent but answers a different request
     (another animal, thing or name): the "rejected" side of a preference pair."""
     kind = rng.random()
@@ -211,7 +212,9 @@ def instruction(rng, rejected=False):
             ("What kind of animal is {name}?", "{name} is a {animal}.", "animal"),
         ])
         ask = f"Read this story and answer the question.\n\n{story}\n\nQuestion: {q.format(**f)}"
-        check = {"must": [f[key]]}
+        # naming every character is no answer to "Who helped Tom?": RL found that loophole
+        others = [n for n, _ in NAMES] + {"animal": ANIMALS, "thing": THINGS}.get(key, [])
+        check = {"must": [f[key]], "not": [w for w in others if w not in (f[key], f["name"])]}
         if rejected:  # the same answer with the asked-for fact wrong
             pool = {"name": [n for n, _ in NAMES if n != f["friend"]], "friend": [n for n, _ in NAMES if n != f["name"]],
                     "animal": ANIMALS, "thing": THINGS}[key]
@@ -232,13 +235,18 @@ def complete(answer):
 
 def follows(answer, check):
     """The instruction-following check: does the answer name what was asked about (the
-    hero of a story, the fact a question asks for), and is it complete?"""
-    return complete(answer) and all(has_word(answer, w) for w in check["must"])
+    hero of a story, the fact a question asks for), and nothing a question's answer must
+    not, and is it complete?"""
+    return (complete(answer) and all(has_word(answer, w) for w in check["must"])
+            and not any(has_word(answer, w) for w in check.get("not", [])))
 
 
 def constraints(answer, check):
-    """Every constraint of a request, met or not: each required word, including the wanted
-    thing of a story request, and a complete last sentence."""
+    """Every constraint of a request, met or not: for a story, each required word, including
+    the wanted thing, and a complete last sentence; a question has one, the right answer, so
+    that an answer that leaves the name out scores no better than a wrong name."""
+    if "not" in check:
+        return [follows(answer, check)]
     return [has_word(answer, w) for w in check["must"] + check.get("want", [])] + [complete(answer)]
 
 

@@ -591,9 +591,18 @@ def test_reward_rule_on_hand_written_answers():
     none = "A foxglove grew by the sea and"  # "fox" only inside a word, no kite, unfinished
     assert synth.reward(none, check, stopped=True) == 0.0
     assert synth.reward(every, check, stopped=False) == 0.0  # never stopped: nothing counts
-    question = {"must": ["Mia"]}  # a question about a story has no wish to meet
-    assert synth.reward("Mia helped Tom.", question, stopped=True) == 1.0
-    assert synth.reward("Tom helped Mia", question, stopped=True) == 0.5
+    # a question's answer is right or wrong: the asked-for name, and no other one
+    (ask, answer), question = next((m, c) for m, c in synth.instructions(200) if "helped" in m[1]['content'])
+    helper, hero = answer['content'].split(' helped ')  # "Ned helped Otto."
+    other = next(n for n, _ in synth.NAMES if n not in (helper, hero.rstrip('.')))
+    assert question['must'] == [helper] and other in question['not'] and hero.rstrip('.') not in question['not']
+    assert synth.reward(f"{helper} helped {hero}", question, stopped=True) == 1.0
+    # the two loopholes RL found: name everyone, or no one
+    assert synth.reward(f"{other} helped {hero} Now {helper} was glad.", question, stopped=True) == 0.0
+    assert synth.reward(f"{other} helped {hero}", question, stopped=True) == 0.0
+    assert synth.reward(f"They helped {hero}", question, stopped=True) == 0.0
+    assert synth.constraints(f"{helper} helped {hero}", question) == [True]
+    assert not synth.follows(f"{helper} helped {hero} Now {other} was glad.", question)
     # every synth story request names its wish, and the reference answer meets all
     for messages, c in synth.instructions(200):
         assert synth.passes(messages[1]['content'], c)
