@@ -592,7 +592,8 @@ def test_reward_rule_on_hand_written_answers():
     assert synth.reward(none, check, stopped=True) == 0.0
     assert synth.reward(every, check, stopped=False) == 0.0  # never stopped: nothing counts
     # a question's answer is right or wrong: the asked-for name, and no other one
-    (ask, answer), question = next((m, c) for m, c in synth.instructions(200) if "helped" in m[1]['content'])
+    (_, answer), question = next((m, c) for m, c in synth.instructions(200)
+                                 if "Question: Who helped" in m[0]['content'])
     helper, hero = answer['content'].split(' helped ')  # "Ned helped Otto."
     other = next(n for n, _ in synth.NAMES if n not in (helper, hero.rstrip('.')))
     assert question['must'] == [helper] and other in question['not'] and hero.rstrip('.') not in question['not']
