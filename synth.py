@@ -235,8 +235,8 @@ def complete(answer):
 
 def follows(answer, check):
     """The instruction-following check: does the answer name what was asked about (the
-    hero of a story, the fact a question asks for), and nothing a question's answer must
-    not, and is it complete?"""
+    hero of a story, the fact a question asks for) and nothing its check forbids, and is it
+    complete?"""
     return (complete(answer) and all(has_word(answer, w) for w in check["must"])
             and not any(has_word(answer, w) for w in check.get("not", [])))
 
