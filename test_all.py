@@ -1737,7 +1737,10 @@ def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
     and float32 logits within 1e-5 (-O3) or 1e-4 (-Ofast) of the plain build's largest logit:
     only the order of float operations differs. For int8 such differences move a few
     activations across a rounding boundary to the next int8 step, and that shows in later
-    positions, so there the bound is 1e-2. int8 files with groups of 32 (trained: dim 96, 3
+    positions, so there the bound is 1e-2, and a greedy pick can differ where two logits are
+    that close (on an AVX2 Zen 3, -Ofast int8 took the other of two tokens 0.001 apart at the
+    88th position): the logits are compared up to the first pick that differs, after which the
+    builds read different tokens. int8 files with groups of 32 (trained: dim 96, 3
     groups a row, hidden 256, 8) and of 64 (random: dim 128, 2 groups, hidden 576, 9; heads of
     64, so attention's 4-vector sums) take
     each VNNI path: rows of whole blocks of 8 groups, blocks and a rest, and only a rest, in
@@ -1768,12 +1771,21 @@ def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
                                    env=dict(os.environ, OMP_NUM_THREADS=threads), timeout=300)
                 assert r.returncode == 0, r.stderr
                 outs.append((r.stdout, open(f, 'rb').read()))
+                counts = re.search(rb'prefill: (\d+) tokens.*decode: (\d+)', r.stderr).groups()
             assert all(o == outs[0] for o in outs), (name, path)  # the same text and bit-identical logits
-            first[name] = (outs[0][0], np.frombuffer(outs[0][1], np.float32))
+            n_pre, n_new = map(int, counts)  # the prompt's rows, then one per generated token
+            logits = np.frombuffer(outs[0][1], np.float32).reshape(n_pre + n_new, -1)
+            first[name] = (outs[0][0], logits)
         text, plain = first['plain']
         for name, tol in zip(('native', 'runomp'), tols):
-            assert first[name][0] == text, (name, path)
-            assert np.abs(first[name][1] - plain).max() <= tol * np.abs(plain).max(), (name, path)
+            logits = first[name][1]
+            n = min(len(plain), len(logits))  # from row n_pre - 1 on, each argmax is the next token
+            differ = np.nonzero(plain[n_pre - 1:n].argmax(1) != logits[n_pre - 1:n].argmax(1))[0]
+            upto = n_pre + differ[0] if len(differ) else n  # the rows that read the same tokens
+            bound = tol * np.abs(plain).max()
+            assert np.abs(logits[:upto] - plain[:upto]).max() <= bound, (name, path)
+            # so a pick can differ only where plain's two best logits are within 2 * bound
+            assert first[name][0] == text or len(differ), (name, path)
 
 
 def test_stories260k_published_outputs(runc):
