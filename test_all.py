@@ -1738,8 +1738,7 @@ def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
     only the order of float operations differs. For int8 such differences move a few
     activations across a rounding boundary to the next int8 step, and that shows in later
     positions, so there the bound is 1e-2, and a greedy pick can differ where two logits are
-    that close (on an AVX2 Zen 3, -Ofast int8 took the other of two tokens 0.001 apart at the
-    88th position): the logits are compared up to the first pick that differs, after which the
+    that close: the logits are compared up to the first pick that differs, after which the
     builds read different tokens. int8 files with groups of 32 (trained: dim 96, 3
     groups a row, hidden 256, 8) and of 64 (random: dim 128, 2 groups, hidden 576, 9; heads of
     64, so attention's 4-vector sums) take
