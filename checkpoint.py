@@ -3,7 +3,9 @@ Our files on disk: every file is written whole or not at all, and a checkpoint i
 data, with or without torch, and checked before anything is built from it.
 
 write_atomic() writes to a temporary name beside the file and renames it over the file, so a
-crash at any moment leaves the old file or the new one, never half of one.
+crash at any moment leaves the old file or the new one, never half of one; write_folder() does
+the same for a folder. A temporary's name is this process's alone and is made exclusively, so
+it never replaces a file that is there, and it is removed on every way out.
 
 read_checkpoint() reads what train.py saved (torch.save's zip) without importing torch, for
 export.py: importing torch takes longer than writing a 110M model. torch.save writes a zip:
@@ -19,8 +21,12 @@ shape they imply; load_model() (sample.py, train.py) and export.py both call it.
 
 import codecs
 import collections
+import csv
+import fcntl
+import itertools
 import os
 import pickle
+import shutil
 import struct
 import zipfile
 
@@ -30,12 +36,26 @@ from configurator import die
 
 
 # -----------------------------------------------------------------------------
-# writing
+# writing: whole files and folders, under temporary names that are this process's alone
+
+def new_name(path, make):
+    """A name beside path for a temporary: {path}.tmp{pid}, or {path}.tmp{pid}-1, -2, ... if
+    something of that name is there. make(name) creates the file or folder and fails with
+    FileExistsError where the name is taken, so a temporary never replaces a user's file."""
+    for k in itertools.count():
+        name = f"{path}.tmp{os.getpid()}" + (f"-{k}" if k else "")
+        try:
+            make(name)
+            return name
+        except FileExistsError:
+            pass
+
 
 def write_atomic(path, write, mode='wb'):
-    """Call write(f) on a temporary file beside path, then rename it over path. The
-    temporary name holds this process's id, so two processes never write the same one."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Call write(f) on a new temporary file beside path, then rename it over path; the
+    temporary is removed on every way out."""
+    make = lambda name: os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    tmp = new_name(path, make)
     try:
         with open(tmp, mode) as f:
             write(f)
@@ -43,9 +63,113 @@ def write_atomic(path, write, mode='wb'):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_folder(folder, fill):
+    """Make folder anew: fill(tmp) writes its files into a new temporary folder beside it,
+    which then takes folder's place, and the old folder is removed last. A crash leaves the
+    old folder or the new one, whole, never a mix of the two."""
+    tmp = new_name(folder, os.mkdir)
+    try:
+        fill(tmp)
+        old = None
+        if os.path.lexists(folder):
+            old = new_name(folder + '.old', os.mkdir)  # reserved: renaming onto an empty folder
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old:
+        shutil.rmtree(old)
+
+
+class FolderLock:
+    """An flock on the folder itself (no lock file is made), held while this object lives:
+    scripts that write there take turns, and the kernel drops it when the process ends,
+    however it ends. With wait=False, BlockingIOError if another process holds it."""
+    def __init__(self, folder, wait=True):
+        self.fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BaseException:
+            os.close(self.fd)
+            self.fd = None
+            raise
+
+    def release(self):
+        if getattr(self, 'fd', None) is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = release
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_holder(folder):
+    """The process that holds an flock on folder, where the system says (Linux's /proc/locks,
+    matched by inode: its device numbers differ from stat's on some filesystems); else None."""
+    try:
+        ino = os.stat(folder).st_ino
+        with open('/proc/locks') as f:  # "1: FLOCK ADVISORY WRITE 1234 fd:01:5678 0 EOF"
+            for parts in map(str.split, f):
+                if len(parts) > 5 and parts[1] == 'FLOCK' and parts[5].endswith(f':{ino}'):
+                    return int(parts[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def peek_task(path):
+    """The task of the checkpoint at path, without torch; None where it cannot be read"""
+    try:
+        ckpt = CheckpointReader(path).load()
+        return ckpt.get('task', 'pretrain') if isinstance(ckpt, dict) else None
+    except Exception:  # whatever is there, it is not a checkpoint we can name
+        return None
+
+
+class RunLog:
+    """out_dir/log.csv: the curve of exactly the iterations that out_dir/ckpt.pt holds. The
+    rows travel inside the checkpoint (its 'log'), and log.csv is written from them after
+    each save: it never holds an iteration the checkpoint lacks (one logged by a run that was
+    then killed, or whose save failed), and a resumed run rewrites it from its checkpoint."""
+    def __init__(self, path, columns, resume=None):
+        self.path, self.columns, self.rows = path, columns, []
+        if resume is not None:  # (the checkpoint's rows, its iteration)
+            rows, iter_num = resume
+            if rows is None and os.path.isfile(path):  # a checkpoint of before the rows
+                with open(path, newline='') as f:  # an eval at i comes before the save at i
+                    rows = [r for r in csv.DictReader(f) if r.get('iter', '').isdigit()
+                            and int(r['iter']) < iter_num + bool(r.get('val_loss'))]
+            self.rows = list(rows or [])
+            self.write()
+
+    def add(self, row):
+        self.rows.append({k: str(v) for k, v in zip(self.columns, row)})
+
+    def write(self):
+        def put(f):
+            w = csv.DictWriter(f, self.columns, extrasaction='ignore')
+            w.writeheader()
+            w.writerows(self.rows)
+        write_atomic(self.path, put, mode='w')
+
+
+def same_file(a, b):
+    """a and b are one file (both exist, and one inode: a link or another spelling counts)"""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def unreadable(path, e):
@@ -204,6 +328,8 @@ def check_model(path, ckpt):
     for i in range(a['n_layers']):
         for name, shape in layer_shapes(dim, hidden_dim, n_heads, n_kv_heads, n_experts).items():
             want[f'layers.{i}.{name}.weight'] = shape
+    if ckpt.get('task') == 'rm':  # a reward model: the scalar head on top
+        want['reward_head.weight'] = (1, dim)
     for name, shape in want.items():
         t = weights.get(name)
         if t is None and name != 'output.weight':  # a tied classifier may be left out
@@ -216,8 +342,6 @@ def check_model(path, ckpt):
                 t.numpy()  # a view: checks that the tensor lies inside its storage
         except ValueError as e:
             bad(f"{name}: {e}")
-    if ckpt.get('task') == 'rm':  # a reward model: the scalar head on top
-        want['reward_head.weight'] = (1, dim)
     extra = sorted(set(weights) - set(want))
     if extra:
         bad(f"{extra[0]} is not a weight of a model with these model_args")

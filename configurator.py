@@ -19,6 +19,7 @@ die() is that one line for every script: a user's mistake is reported as
 
 import ast
 import difflib
+import signal
 import sys
 
 CONFIG_TYPES = (int, float, bool, str)
@@ -81,6 +82,47 @@ def parse_value(s):
         return s  # a bare word such as --device=cpu is a string
 
 
+def read_config_file(path, keys):
+    """A config file, nanoGPT style: plain Python assignments -> {name: value}. Anything else
+    (a checkpoint given where --checkpoint= was meant, a line that fails) is one line."""
+    try:
+        raw = open(path, 'rb').read()
+    except OSError as e:
+        die(f"cannot read config file {path}: {e.strerror}")
+    if raw.startswith(b'PK\x03\x04'):  # a zip: torch.save's checkpoints are
+        flag = next((k for k in ('checkpoint', 'init_from') if k in keys), None)
+        die(f"{path} is a checkpoint, not a config file — options are --key=value"
+            + (f": give it as --{flag}={path}" if flag else ""))
+    try:
+        code = compile(raw.decode('utf-8'), path, 'exec')
+    except (SyntaxError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        line = f" (line {e.lineno})" if getattr(e, 'lineno', None) else ""
+        die(f"config file {path}: {getattr(e, 'msg', None) or e}{line} — it holds plain Python "
+            "assignments such as batch_size = 16")
+    scope = {}
+    try:
+        exec(code, {}, scope)
+    except Exception as e:  # a NameError, a ZeroDivisionError, ...: the user's line, not ours
+        tb, line = e.__traceback__, '?'
+        while tb:
+            if tb.tb_frame.f_code.co_filename == path:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        die(f"config file {path}, line {line}: {type(e).__name__}: {e} — it holds plain Python "
+            "assignments such as batch_size = 16")
+    return {k: v for k, v in scope.items() if not k.startswith('_')}
+
+
+def on_interrupt(what):
+    """Ctrl-C ends the script with one line that says what was kept, not a traceback, and
+    exit status 130 (128 + SIGINT); temporaries are still removed (finally blocks run)."""
+    def stop(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
+        print(f"\ninterrupted: {what}", file=sys.stderr)
+        sys.exit(130)
+    signal.signal(signal.SIGINT, stop)
+
+
 def configure(g, argv=None, positional=0):
     """Apply overrides from argv to the globals dict g. Returns (config, positionals):
     config is {key: value} for every knob, positionals the first `positional` non-flag
@@ -110,19 +152,6 @@ def configure(g, argv=None, positional=0):
         elif len(positionals) < positional:
             positionals.append(arg)
         else:
-            # a config file, nanoGPT style: plain Python assignments
-            try:
-                src = open(arg).read()
-            except OSError as e:
-                die(f"cannot read config file {arg}: {e.strerror}")
-            scope = {}
-            try:
-                code = compile(src, arg, 'exec')
-            except (SyntaxError, ValueError) as e:
-                die(f"config file {arg}: {getattr(e, 'msg', e)} (line {getattr(e, 'lineno', '?')})"
-                    " — it holds plain Python assignments such as batch_size = 16")
-            exec(code, {}, scope)
-            for key, value in scope.items():
-                if not key.startswith('_'):
-                    apply(key, value)
+            for key, value in read_config_file(arg, keys).items():
+                apply(key, value)
     return {k: g[k] for k in keys}, positionals

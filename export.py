@@ -16,18 +16,18 @@ temporary name and renamed, so an interrupted export never leaves a half file be
 import itertools
 import json
 import os
-import shutil
 import struct
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 
-from checkpoint import (check_model, checkpoint_tokenizer, nonfinite_weights, read_checkpoint,
-                        write_atomic)
+from checkpoint import (FolderLock, check_model, checkpoint_tokenizer, nonfinite_weights,
+                        read_checkpoint, same_file, write_atomic, write_folder)
 from configurator import configure, die
 from export_gguf import gguf_chunks
-from tokenizer import (CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, export_tokenizer_bin,
-                       jinja_chat_template)
+from tokenizer import (CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, is_tokenizer_bin,
+                       jinja_chat_template, tokenizer_bin)
 
 # -----------------------------------------------------------------------------
 checkpoint = 'out/ckpt.pt'
@@ -271,22 +271,9 @@ def hf_tokenizer_files(p, tok, ckpt):
 
 
 def export_hf(w, p, tok, ckpt, out_dir):
-    """Write out_dir/ (config, weights, tokenizer) into out_dir.tmp/, then swap it in, so
-    a crash leaves the previous export whole."""
-    out_dir = os.path.normpath(out_dir)
-    tmp, old = out_dir + '.tmp', out_dir + '.old'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        write_hf_files(w, p, tok, ckpt, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(out_dir):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write out_dir/ (config, weights, tokenizer) into a temporary folder, then swap it in,
+    so a crash leaves the previous export whole."""
+    write_folder(os.path.normpath(out_dir), lambda tmp: write_hf_files(w, p, tok, ckpt, tmp))
     print(f"wrote {out_dir}/ for transformers' from_pretrained")
 
 
@@ -347,35 +334,81 @@ def precompute_freqs(head_dim, end, theta=10000.0):
 
 # -----------------------------------------------------------------------------
 
-def check_output(path, folder=False):
-    """path may be written: absent, or a regular file (a folder for hf), in a folder that
-    exists or can be made. A device, pipe or folder in its place is never replaced."""
-    kind = 'folder' if folder else 'regular file'
-    if os.path.lexists(path) and not (os.path.isdir(path) if folder else os.path.isfile(path)):
-        die(f"{path} exists and is not a {kind} — give another output path")
-    parent = os.path.dirname(os.path.abspath(path))
+def existing_kind(path):
+    """What the file at path is, by its bytes: 'model' (llama2.c's formats, for run.c),
+    'gguf', 'checkpoint' (a zip, as torch.save writes), 'tokenizer' (run.c's tokenizer.bin),
+    or None (anything else)."""
+    if not os.path.isfile(path):  # (a FIFO would block the read)
+        return None
     try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        die(f"cannot make the folder {parent} for {path}: {e.strerror} — give another output path")
+        with open(path, 'rb') as f:
+            head = f.read(28)
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    if head[:4] in (b'GGUF', b'PK\x03\x04'):
+        return 'gguf' if head[:4] == b'GGUF' else 'checkpoint'
+    if len(head) == 28 and (head[:4] == struct.pack('<I', 0x616b3432)
+                            or size == v0_size(*struct.unpack('<7i', head))):
+        return 'model'
+    return 'tokenizer' if is_tokenizer_bin(path) else None
+
+
+def v0_size(dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len):
+    """The bytes of a version 0 file with this header (run.c's expected_size), or -1"""
+    if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, max_seq_len) < 1 or dim % n_heads:
+        return -1
+    head_dim = dim // n_heads
+    kv_dim, vocab = n_kv_heads * head_dim, abs(vocab_size)
+    layer = 2 * dim + 2 * dim * dim + 2 * kv_dim * dim + 3 * hidden_dim * dim
+    floats = vocab * dim * (1 + (vocab_size < 0)) + n_layers * layer + dim + max_seq_len * head_dim
+    return 28 + 4 * floats
 
 
 HF_FILES = {'config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json',
             'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model'}
+KIND_NAMES = {'checkpoint': 'a training checkpoint', 'tokenizer': "run.c's tokenizer.bin",
+              None: 'not a model export'}
 
 
-def check_not_overwriting(out, tok_path):
-    """An export replaces an earlier export, never the checkpoint or other files."""
-    if os.path.exists(checkpoint) and os.path.exists(out) and os.path.samefile(out, checkpoint):
-        die(f"{out} is the checkpoint itself — give another output path")
-    if version == 'hf' and os.path.isdir(out):
-        other = sorted(set(os.listdir(out)) - HF_FILES)
+def check_outputs(out, tok_path, tok_bin):
+    """An export writes out (and, for run.c, tokenizer.bin beside it), and nothing else: out
+    replaces only an earlier export, never the checkpoint or a file of another kind, and
+    tokenizer.bin is replaced only where no other model beside it reads the old one."""
+    hint = " (did you mean --checkpoint=" + out + "?)" if existing_kind(out) == 'checkpoint' else ""
+    if same_file(out, checkpoint):
+        die(f"{out} is the checkpoint this export reads — give the export another path")
+    if version == 'hf':
+        if os.path.lexists(out) and not os.path.isdir(out):
+            die(f"{out} exists and is not a folder — give another output path")
+        other = sorted(set(os.listdir(out)) - HF_FILES) if os.path.isdir(out) else []
         if other:
             die(f"{out}/ holds files that are not a Hugging Face export ({', '.join(other[:3])}"
                 f"{', ...' if len(other) > 3 else ''}), which would be lost — give a new folder")
-    if version not in ('hf', 'gguf') and os.path.abspath(out) == tok_path:
+        return
+    if os.path.lexists(out) and not os.path.isfile(out):
+        die(f"{out} exists and is not a regular file — give another output path")
+    kind = existing_kind(out) if os.path.lexists(out) else 'model'
+    if kind not in ('model', 'gguf'):
+        die(f"{out} exists and is {KIND_NAMES[kind]}: an export replaces only an earlier export "
+            f"— give another output path{hint}")
+    if version == 'gguf':  # a GGUF file holds its tokenizer
+        return
+    if os.path.abspath(out) == tok_path:
         die(f"{out}: export writes the tokenizer to tokenizer.bin beside the model — give the "
             "model another name")
+    if os.path.lexists(tok_path) and not (os.path.isfile(tok_path)
+                                          and existing_kind(tok_path) == 'tokenizer'):
+        die(f"{tok_path} exists and is not run.c's tokenizer.bin — export into another folder")
+    if os.path.lexists(tok_path) and open(tok_path, 'rb').read() != tok_bin:
+        folder = os.path.dirname(tok_path)
+        models = sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))
+                        and not same_file(os.path.join(folder, f), out)
+                        and existing_kind(os.path.join(folder, f)) == 'model')
+        if models:
+            die(f"{tok_path} is the tokenizer of {os.path.join(folder, models[0])}, and this "
+                "model's is another — export into another folder (run.c reads the "
+                "tokenizer.bin beside a model)")
 
 
 def main():
@@ -394,12 +427,11 @@ def main():
     if dtype != 'f32' and version in ('0', '1', '2'):
         die(f"--dtype={dtype} is for --version=3 and gguf; version {version} is "
             f"{'int8 (--group_size)' if version == '2' else 'float32'}")
-    out = args[0]
-    tok_path = os.path.join(os.path.dirname(os.path.abspath(out)), 'tokenizer.bin')
-    check_output(out, folder=version == 'hf')
-    check_not_overwriting(out, tok_path)
-    if version not in ('hf', 'gguf'):  # a GGUF file holds its tokenizer
-        check_output(tok_path)
+    out = os.path.normpath(args[0])
+    folder = os.path.dirname(os.path.abspath(out))
+    tok_path = os.path.join(folder, 'tokenizer.bin')
+    if same_file(out, checkpoint):  # before reading it: the most natural slip of all
+        die(f"{out} is the checkpoint this export reads — give the export another path")
     ckpt = read_checkpoint(checkpoint)
     if ckpt.get('task') == 'rm':
         die(f"{checkpoint} is a reward model (task rm): it scores answers, it does not write "
@@ -415,26 +447,59 @@ def main():
         die(f"--version=3 is for a mixture of experts, and {checkpoint} is dense — use "
             "--version=1 (float32) or 2 (int8)")
     tok = checkpoint_tokenizer(checkpoint, ckpt)
+    tok_bin = tokenizer_bin(tok)
+    made = None  # the folders this export made, removed again if it writes nothing
+    if not os.path.isdir(folder):
+        made = folder
+        while not os.path.isdir(os.path.dirname(made)):
+            made = os.path.dirname(made)
+        try:
+            os.makedirs(folder, exist_ok=True)  # (another export may make it at the same time)
+        except OSError as e:
+            die(f"cannot make the folder {folder} for {out}: {e.strerror} — give another "
+                "output path")
+    written = []
     try:
-        if version == 'hf':
-            export_hf(w, p, tok, ckpt, out)
-        elif version == 'gguf':
-            write_chunks(out, gguf_chunks(w, p, tok, ckpt, dtype))
-            print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB, {dtype})")
-        else:
-            tuned = 1 if ckpt.get('task', 'pretrain') == 'pretrain' else 2  # header byte 41
-            if version == '0':
-                export_v0(w, p, out)
-            elif version == '3':  # float32 as version 1, int8 as version 2
-                (export_v2 if dtype == 'q8_0' else export_v1)(w, p, out, tuned, version=3)
+        with FolderLock(folder):  # two exports into one folder take turns
+            check_outputs(out, tok_path, tok_bin)
+            if version == 'hf':
+                export_hf(w, p, tok, ckpt, out)
+            elif version == 'gguf':
+                write_chunks(out, gguf_chunks(w, p, tok, ckpt, dtype))
+                print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB, {dtype})")
             else:
-                (export_v1 if version == '1' else export_v2)(w, p, out, tuned)
-            export_tokenizer_bin(tok, tok_path)
-            print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB) and {tok_path}")
+                tuned = 1 if ckpt.get('task', 'pretrain') == 'pretrain' else 2  # header byte 41
+                if version == '0':
+                    export_v0(w, p, out)
+                elif version == '3':  # float32 as version 1, int8 as version 2
+                    (export_v2 if dtype == 'q8_0' else export_v1)(w, p, out, tuned, version=3)
+                else:
+                    (export_v1 if version == '1' else export_v2)(w, p, out, tuned)
+                written.append(out)
+                write_atomic(tok_path, lambda f: f.write(tok_bin))
+                print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB) and {tok_path}")
     except OSError as e:  # a full disk, a read-only folder: the temporaries are gone
         die(f"cannot write {e.filename or out}: {e.strerror} — free some space or choose "
-            "another output path; nothing was replaced")
+            "another output path; " + (f"only {out} was replaced" if written else
+                                       "nothing was replaced"))
+    except KeyboardInterrupt:
+        print("\ninterrupted: " + (f"{out} was written, {tok_path} was not" if written else
+                                   "nothing was replaced"), file=sys.stderr)
+        sys.exit(130)
+    finally:
+        while made and not os.path.exists(out):  # refused or failed: no empty folders left
+            try:
+                os.rmdir(folder)  # only while empty
+            except OSError:
+                break
+            if folder == made:
+                break
+            folder = os.path.dirname(folder)
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # before anything was written (main answers it after)
+        print("\ninterrupted: nothing was replaced", file=sys.stderr)
+        sys.exit(130)

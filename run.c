@@ -1340,6 +1340,12 @@ static int file_exists(const char *path) {
     return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
+static int same_file(const char *a, const char *b) { // one inode, however it is spelled
+    struct stat sa, sb;
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev
+           && sa.st_ino == sb.st_ino;
+}
+
 // tokenizer.bin next to the model, else in the current directory
 static char *default_tokenizer(const char *model_path) {
     const char *slash = strrchr(model_path, '/');
@@ -1411,6 +1417,11 @@ int main(int argc, char **argv) {
         free(ids.ids);
     } else {
         FILE *logits_file = NULL;
+        const char *inputs[] = {model_path, tokenizer_path ? tokenizer_path : default_path};
+        for (int i = 0; logits_path && i < 2; i++) // -L names an output, never what is read
+            if (same_file(logits_path, inputs[i]))
+                die("-L %s is %s, which this command reads — give the logits another file",
+                    logits_path, inputs[i]);
         if (logits_path && !(logits_file = fopen(logits_path, "wb")))
             die("%s: cannot write: %s", logits_path, strerror(errno));
         int n_ctx = is_chat ? max_seq_len : steps; // the kv cache holds only the usable positions

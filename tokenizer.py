@@ -1,7 +1,7 @@
 """
 The tokenizer: SentencePiece BPE with byte fallback, for English and Chinese.
 
-    python tokenizer.py -t data/tok4096.model    # writes data/tok4096.bin for run.c
+    python tokenizer.py -t data/tinystories/tok4096.model  # writes tok4096.bin beside it, for run.c
 
 Training is done by `python preprocess.py train_vocab --vocab_size=N`, which calls
 train_tokenizer() below on a sample of the corpus. The ids are laid out like Llama 2's:
@@ -13,6 +13,7 @@ The chat template lives here too (encode_chat), because it is a tokenizer matter
 chat tokens are reserved from the start, so fine-tuning never needs a new tokenizer.
 """
 
+import io
 import os
 import re
 import struct
@@ -32,9 +33,9 @@ GENERATION_PROMPT = IM_START + "assistant\n"
 # -----------------------------------------------------------------------------
 # training
 
-def train_tokenizer(sentences, vocab_size, model_path, character_coverage=0.9995,
-                    input_sentence_size=200_000):
-    """Train a BPE model on an iterator of strings (documents) and write model_path.
+def train_tokenizer(sentences, vocab_size, character_coverage=0.9995, input_sentence_size=200_000):
+    """Train a BPE model on an iterator of strings (documents); returns the model's bytes
+    (the same bytes for the same documents and settings).
 
     input_sentence_size makes SentencePiece keep a random sample of that many documents
     (reservoir sampling) instead of all of them: the seed tutorials saw 135 GB peaks
@@ -42,27 +43,25 @@ def train_tokenizer(sentences, vocab_size, model_path, character_coverage=0.9995
     if vocab_size < 300:
         raise ValueError(f"vocab_size={vocab_size} is too small: 261 ids are taken by "
                          "special and byte tokens; use at least 300 (512 or more is typical)")
-    os.makedirs(os.path.dirname(model_path) or '.', exist_ok=True)
-
-    def train(f):
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=f,
-            model_type='bpe', vocab_size=vocab_size,
-            # these follow Llama 2's tokenizer: text round-trips byte for byte
-            normalization_rule_name='identity',  # no NFKC: fullwidth '，' stays '，'
-            remove_extra_whitespaces=False,       # runs of spaces survive
-            add_dummy_prefix=True,                # "Hello" and " Hello" share a token
-            allow_whitespace_only_pieces=True,
-            byte_fallback=True,                   # unseen characters become <0xNN> bytes
-            split_digits=True,                    # numbers are spelled digit by digit
-            character_coverage=character_coverage,  # <1.0 drops only the rarest Han chars
-            max_sentencepiece_length=16,
-            max_sentence_length=16384,            # bytes; longer documents are skipped
-            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-            user_defined_symbols=[IM_START, IM_END],  # always one id, even inside text
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=os.cpu_count() or 1, minloglevel=2)
-    write_atomic(model_path, train)
+    f = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=f,
+        model_type='bpe', vocab_size=vocab_size,
+        # these follow Llama 2's tokenizer: text round-trips byte for byte
+        normalization_rule_name='identity',  # no NFKC: fullwidth '，' stays '，'
+        remove_extra_whitespaces=False,       # runs of spaces survive
+        add_dummy_prefix=True,                # "Hello" and " Hello" share a token
+        allow_whitespace_only_pieces=True,
+        byte_fallback=True,                   # unseen characters become <0xNN> bytes
+        split_digits=True,                    # numbers are spelled digit by digit
+        character_coverage=character_coverage,  # <1.0 drops only the rarest Han chars
+        max_sentencepiece_length=16,
+        max_sentence_length=16384,            # bytes; longer documents are skipped
+        input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+        user_defined_symbols=[IM_START, IM_END],  # always one id, even inside text
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+    return f.getvalue()
 
 
 # -----------------------------------------------------------------------------
@@ -192,8 +191,8 @@ def jinja_chat_template(chat):
 # -----------------------------------------------------------------------------
 # export to llama2.c's tokenizer.bin
 
-def export_tokenizer_bin(tok, path):
-    """llama2.c's format: uint32 max_token_length, then per token: float32 score,
+def tokenizer_bin(tok):
+    """llama2.c's format, as bytes: uint32 max_token_length, then per token: float32 score,
     int32 byte length, the UTF-8 bytes (with SentencePiece's '▁' turned back into ' ')."""
     pieces, scores = [], []
     for i in range(tok.n_words):
@@ -207,13 +206,32 @@ def export_tokenizer_bin(tok, path):
     out = bytearray(struct.pack('I', max(len(p) for p in pieces)))
     for p, s in zip(pieces, scores):
         out += struct.pack('fI', s, len(p)) + p
-    write_atomic(path, lambda f: f.write(out))
+    return bytes(out)
+
+
+def is_tokenizer_bin(path, limit=1 << 26):
+    """The file at path is in tokenizer.bin's format: every entry whole, up to the last byte."""
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) > limit:
+            return False
+        data = open(path, 'rb').read()
+    except OSError:
+        return False
+    if len(data) < 4:
+        return False
+    longest, at, n = struct.unpack_from('I', data)[0], 4, 0
+    while at + 8 <= len(data):
+        length = struct.unpack_from('I', data, at + 4)[0]
+        if length > longest:
+            return False
+        at, n = at + 8 + length, n + 1
+    return at == len(data) and n > 0
 
 
 if __name__ == '__main__':
     if len(sys.argv) != 3 or sys.argv[1] not in ('-t', '--tokenizer-model'):
-        print("usage: python tokenizer.py -t data/tok4096.model   (writes data/tok4096.bin)",
-              file=sys.stderr)
+        print("usage: python tokenizer.py -t data/synth/tok1024.model   (writes tok1024.bin beside "
+              "it)", file=sys.stderr)
         sys.exit(2)
     model_path = sys.argv[2]
     try:
@@ -222,5 +240,14 @@ if __name__ == '__main__':
         print(f"error: {model_path}: {e}", file=sys.stderr)
         sys.exit(1)
     bin_path = os.path.splitext(model_path)[0] + '.bin'
-    export_tokenizer_bin(tok, bin_path)
+    # the output is named after the input: it never replaces the input, nor a file that is
+    # not an earlier tokenizer.bin (a model exported as data/tok4096.bin, say)
+    if os.path.abspath(bin_path) == os.path.abspath(model_path) or (
+            os.path.lexists(bin_path) and not is_tokenizer_bin(bin_path)):
+        print(f"error: {bin_path} exists and is not a tokenizer.bin written from a tokenizer "
+              f"— move it, or copy {model_path} to a name of its own and convert that",
+              file=sys.stderr)
+        sys.exit(1)
+    blob = tokenizer_bin(tok)
+    write_atomic(bin_path, lambda f: f.write(blob))
     print(f"wrote {bin_path} ({tok.n_words} tokens)")
