@@ -32,6 +32,7 @@ import time
 from importlib.metadata import version as package_version
 
 from configurator import configure
+from preprocess import dataset_name
 
 # -----------------------------------------------------------------------------
 only = 'decode,prefill,sample,export,train,pretok,memory,gpu'  # the items to run
@@ -513,7 +514,7 @@ def random_tokens(vocab):
     folder's tokenizer.model is empty (train.py only copies it into checkpoints)."""
     import numpy as np
     data, peer_dir = f'{BENCH}/gpu/data', f'{BENCH}/gpu/peer'
-    folder = f'{data}/random/tok{vocab}'
+    folder = f'{data}/{dataset_name(data + "/random")}/tok{vocab}'  # train.py --dataset={data}/random
     if not os.path.exists(f'{folder}/meta.json'):
         rng = np.random.default_rng(0)
         for name in ('val.bin', 'train_000.bin'):
@@ -553,7 +554,7 @@ def bench_gpu():
         same = [f'--{k}={v}' for k, v in cfg.items()] + [
             '--gradient_accumulation_steps=1', f'--device={gpu_device}', '--compile=True', '--dtype=bfloat16',
             '--eval_iters=1', '--eval_interval=1000000', '--log_interval=1']
-        ours = [PY, f'{REPO}/train.py', *same, '--dataset=random', f'--data_dir={data}',
+        ours = [PY, f'{REPO}/train.py', *same, f'--dataset={data}/random', f'--data_dir={data}',
                 f'--out_dir={BENCH}/gpu/ours', f'--max_iters={gpu_iters}']
         peer = [PY, f'{PEER}/train.py', *same, '--vocab_source=custom', '--out_dir=out', f'--max_iters={gpu_iters - 1}']
         a, b = ab(lambda: gpu_run(ours, cfg), PEER and (lambda: gpu_run(peer, cfg, peer_dir)), 1)
@@ -581,7 +582,8 @@ def bench_pretok():
     vocab, data, peer_dir = 4096, f'{BENCH}/pretok/data', f'{BENCH}/pretok/peer'
     ours = [PY, f'{REPO}/preprocess.py', 'pretokenize', f'--dataset={corpus}', f'--vocab_size={vocab}', f'--data_dir={data}']
     peer = [PY, f'{PEER}/tinystories.py', 'pretokenize', f'--vocab_size={vocab}']
-    if not os.path.exists(f'{data}/tok{vocab}.model'):  # the tokenizer, outside the timing
+    tok = os.path.join(data, dataset_name(corpus), f'tok{vocab}.model')  # train_vocab's
+    if not os.path.exists(tok):  # the tokenizer, outside the timing
         run(ours[:2] + ['train_vocab'] + ours[3:])
     if PEER and not os.path.exists(f'{peer_dir}/data/tok{vocab}.model'):
         # the same stories as llama2.c's input, TinyStories json shards, one per core so
@@ -592,7 +594,7 @@ def bench_pretok():
         for k in range(n):
             write_atomic(f'{peer_dir}/data/TinyStories_all_data/data{k:02d}.json',
                          json.dumps([{'story': s} for s in stories[k::n]]).encode())
-        shutil.copyfile(f'{data}/tok{vocab}.model', f'{peer_dir}/data/tok{vocab}.model')
+        shutil.copyfile(tok, f'{peer_dir}/data/tok{vocab}.model')
     mb = os.path.getsize(corpus) / 1e6
     a, b = ab(lambda: mb / run(ours)[2], PEER and (lambda: mb / run(peer, cwd=peer_dir)[2]))
     report('pretok', f'{mb:.1f} MB of text, vocab {vocab}, {os.cpu_count()} cores', 'MB/s', a, b,

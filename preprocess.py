@@ -27,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import sys
 import tarfile
 import time
@@ -34,8 +35,8 @@ import zipfile
 
 import numpy as np
 
-from checkpoint import write_atomic
-from configurator import configure, die
+from checkpoint import write_atomic, write_folder
+from configurator import configure, die, on_interrupt
 from tokenizer import Tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -53,6 +54,8 @@ shard_docs = 100_000     # documents per train shard
 character_coverage = 0.9995  # tokenizer: share of characters kept (the rest -> bytes)
 input_sentence_size = 200_000  # tokenizer: documents sampled for training, bounds memory
 num_workers = 0          # pretokenize processes; 0 = all cores
+tokenizer = ''           # pretokenize, sft, dpo: encode with this tokenizer, a .model file or a
+                         # checkpoint (its own); default: the one train_vocab made for --dataset
 
 
 # -----------------------------------------------------------------------------
@@ -132,8 +135,22 @@ def download():
 # reading documents from any corpus
 
 def dataset_name(ds):
-    return ds if ds in ('tinystories', 'synth') else re.sub(
-        r'\W+', '_', os.path.splitext(os.path.basename(ds.rstrip('/')))[0])
+    """The folder under data_dir for what is prepared from ds: tinystories and synth by name,
+    any other corpus by its file name and a hash of its whole path, so that two inputs never
+    share one (mine/synth.jsonl is not synth, 'my data.jsonl' is not 'my-data.jsonl')."""
+    if ds in ('tinystories', 'synth'):
+        return ds
+    path = os.path.realpath(ds)
+    stem = re.sub(r'\W+', '_', os.path.splitext(os.path.basename(path))[0]).strip('_') or 'data'
+    return f"{stem}-{hashlib.sha256(os.fsencode(path)).hexdigest()[:8]}"
+
+
+def dataset_source(ds, kind='tok'):
+    """What a prepared folder records it was made from: the name (with the synth sets' seed
+    and size), or the whole path"""
+    if ds == 'synth' and kind in ('sft', 'dpo'):
+        return f"synth {kind} sets (--seed={seed}, --num_chats={num_chats})"
+    return ds if ds in ('tinystories', 'synth') else os.path.realpath(ds)
 
 
 def read_txt(path):
@@ -207,16 +224,19 @@ def iter_documents(ds):
 
 def recipe(ds, vocab, data, kind='tok'):
     """Every preprocess.py command still needed before train.py can read
-    {data}/{ds}/{kind}{vocab}, in one line, with the offline way where the corpus is missing."""
+    {data}/{name}/{kind}{vocab}, in one line, with the offline way where the corpus is missing."""
     flags = f" --dataset={ds} --vocab_size={vocab}" + (f" --data_dir={data}" if data != 'data' else '')
     steps = []
     corpus = {'tinystories': os.path.join(data, 'TinyStories_all_data'),
               'synth': os.path.join(data, 'synth', 'stories.txt')}.get(ds, ds)
     if not os.path.exists(corpus):
         steps.append({'tinystories': 'download', 'synth': 'synth'}.get(ds, '') or None)
-    if not os.path.exists(os.path.join(data, f'tok{vocab}.model')):
+    tokenizer_given = kind in ('sft', 'dpo') and ds not in ('tinystories', 'synth')
+    if not tokenizer_given and not os.path.exists(tokenizer_path(ds, vocab, data)):
         steps.append('train_vocab' + flags)
-    steps.append({'tok': 'pretokenize'}.get(kind, kind) + flags)
+    steps.append({'tok': 'pretokenize'}.get(kind, kind) + flags
+                 + (" --tokenizer=out/ckpt.pt (the model you will fine-tune)" if tokenizer_given
+                    else ""))
     if None in steps:
         return (f"{ds} is neither tinystories, synth, nor an existing .txt/.jsonl file or folder "
                 "— give one, e.g. --dataset=synth after python preprocess.py synth")
@@ -227,33 +247,101 @@ def recipe(ds, vocab, data, kind='tok'):
     return how
 
 
-def tokenizer_path():
-    return os.path.join(data_dir, f'tok{vocab_size}.model')
+def tokenizer_path(ds=None, vocab=None, data=None):
+    """train_vocab's tokenizer of a corpus: data/{name}/tok{vocab}.model, beside its shards"""
+    name, vocab = dataset_name(ds or dataset), vocab or vocab_size
+    return os.path.join(data or data_dir, name, f'tok{vocab}.model')
 
 
 def shard_dir(ds=None, kind='tok'):
     return os.path.join(data_dir, dataset_name(ds or dataset), f'{kind}{vocab_size}')
 
 
+def load_tokenizer(kind='tok'):
+    """The tokenizer to encode with: --tokenizer (a .model file, or a checkpoint's own), else
+    train_vocab's for --dataset. Returns (Tokenizer, where it came from)."""
+    path = tokenizer or tokenizer_path()
+    if not os.path.isfile(path):
+        if tokenizer:
+            die(f"--tokenizer={tokenizer}: no such file — give a tokenizer's .model file, or "
+                "the checkpoint of the model you will train (it holds its tokenizer)")
+        die(f"{path} not found — " + recipe(dataset, vocab_size, data_dir, kind))
+    blob = open(path, 'rb').read()
+    if blob.startswith(b'PK\x03\x04'):  # a checkpoint: the tokenizer it was trained with
+        from checkpoint import read_checkpoint
+        blob = read_checkpoint(path).get('tokenizer')
+        if not isinstance(blob, bytes):
+            die(f"--tokenizer={path} holds no tokenizer — it was not written by our train.py")
+    try:
+        tok = Tokenizer(blob)
+    except RuntimeError as e:
+        die(f"{path} is not a SentencePiece model ({str(e).strip()[:80]}) — give a .model file "
+            "that train_vocab wrote, or a checkpoint")
+    if tok.n_words != vocab_size:
+        die(f"{path} has {tok.n_words} tokens, not --vocab_size={vocab_size} — give "
+            f"--vocab_size={tok.n_words}")
+    return tok, path
+
+
 def write_array(path, arr):
     write_atomic(path, arr.tofile)
 
 
-def copy_atomic(src, dst):
-    write_atomic(dst, lambda f: f.write(open(src, 'rb').read()))
+def write_generated(path, text):
+    """Write text that this script generates (the synth sets) to path, unless another text is
+    there: a corpus of another --seed, or a file the user edited, is never replaced."""
+    data = text.encode('utf-8')
+    if os.path.lexists(path):
+        if os.path.isfile(path) and open(path, 'rb').read() == data:
+            return
+        die(f"{path} exists and differs from what this command writes (another --seed or "
+            "size, or edited by hand), and data may have been prepared from it — move it away "
+            "to write it anew, or give another --data_dir")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomic(path, lambda f: f.write(data))
+
+
+PREPARED = re.compile(r'meta\.json|tokenizer\.model|(train_\d+|val)\.bin|(train|val)\.npz')
+
+
+def write_prepared(out, fill, tok, kind='tok'):
+    """Write the prepared folder out whole (checkpoint.write_folder): fill(folder) writes the
+    data. An earlier folder is replaced only if it holds the same input prepared with the
+    same tokenizer (a model trained on it needs that tokenizer), and nothing else."""
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            die(f"{out} exists and is not a folder — give another --data_dir")
+        other = sorted(f for f in os.listdir(out) if not PREPARED.fullmatch(f))
+        if other:
+            die(f"{out}/ holds files that are not prepared data ({', '.join(other[:3])}) — move "
+                "them away, or give another --data_dir")
+        old_tok = os.path.join(out, 'tokenizer.model')
+        if os.path.exists(old_tok) and open(old_tok, 'rb').read() != tok.model_bytes:
+            die(f"{out}/ was prepared with another tokenizer, which models trained on it need — "
+                "delete the folder to prepare it anew, or give another --data_dir")
+        try:
+            source = json.load(open(os.path.join(out, 'meta.json'))).get('source')
+        except (OSError, ValueError, AttributeError):
+            source = None
+        if source not in (None, dataset_source(dataset, kind)):
+            die(f"{out}/ holds data prepared from {source}, not {dataset_source(dataset, kind)} "
+                "— delete the folder to prepare it anew, or give another --data_dir")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    write_folder(out, fill)
 
 
 def synth():
     import synth as grammar
     out = os.path.join(data_dir, 'synth', 'stories.txt')
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     docs = grammar.stories(num_stories, seed=seed, zh_fraction=zh_fraction)
-    write_atomic(out, lambda f: f.write(''.join(d + '\n<|endoftext|>\n' for d in docs)),
-                 mode='w')
+    write_generated(out, ''.join(d + '\n<|endoftext|>\n' for d in docs))
     print(f"wrote {len(docs)} stories ({os.path.getsize(out) / 1e6:.1f} MB) to {out}")
 
 
 def train_vocab():
+    """data/{name}/tok{vocab_size}.model for the corpus --dataset. Training again on the same
+    corpus with the same settings gives the same bytes; a different tokenizer never replaces
+    one that data may have been prepared with."""
     def pieces():  # SentencePiece skips documents over 16 KB: feed long ones in parts
         for doc in iter_documents(dataset):
             while len(doc) > 4000:
@@ -262,12 +350,18 @@ def train_vocab():
                 doc = doc[cut:]
             yield doc
     try:
-        train_tokenizer(pieces(), vocab_size, tokenizer_path(), character_coverage,
-                        input_sentence_size)
+        model = train_tokenizer(pieces(), vocab_size, character_coverage, input_sentence_size)
     except (RuntimeError, ValueError) as e:
         die(f"training a {vocab_size}-token tokenizer on {dataset} failed: {str(e).strip()}"
             " — try another --vocab_size")
-    print(f"wrote {tokenizer_path()}")
+    path = tokenizer_path()
+    if os.path.lexists(path) and open(path, 'rb').read() != model:
+        die(f"{path} exists and differs from the tokenizer trained now (other settings, or the "
+            "corpus changed); data prepared with it and models trained on it need it — delete "
+            "it to replace it, or use another --vocab_size")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomic(path, lambda f: f.write(model))
+    print(f"wrote {path}")
 
 
 _tok = None
@@ -275,6 +369,7 @@ _tok = None
 
 def _init_worker(model_bytes):
     global _tok
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to answer
     _tok = Tokenizer(model_bytes)
 
 
@@ -299,44 +394,34 @@ def batched(items, n):
 
 
 def pretokenize():
-    if not os.path.exists(tokenizer_path()):
-        die(f"{tokenizer_path()} not found — " + recipe(dataset, vocab_size, data_dir))
-    tok = Tokenizer(tokenizer_path())
-    dtype = np.uint16 if tok.n_words <= 1 << 16 else np.uint32
     documents = iter_documents(dataset)
     first = next(documents, None)  # an unknown dataset is refused before any folder is made
     if first is None:
         die(f"{dataset}: the corpus has no documents")
+    tok, _ = load_tokenizer()
+    dtype = np.uint16 if tok.n_words <= 1 << 16 else np.uint32
     out = shard_dir()
-    os.makedirs(out, exist_ok=True)
-    # New shards are written under temporary names and replace the old ones only at the end,
-    # so a corpus that fails halfway (a line that is not UTF-8) leaves the old shards as they were.
-    written = {}  # final path -> temporary path
+    t0, docs, tokens = time.time(), {'train': 0, 'val': 0}, {'train': 0, 'val': 0}
 
-    def write(name, arr):
-        path = os.path.join(out, name)
-        written[path] = f"{path}.new{os.getpid()}"
-        write_array(written[path], arr)
+    def fill(folder):  # the new folder takes the old one's place only when it is whole
+        shard, train, val = 0, [], []
 
-    t0, shard, train, val = time.time(), 0, [], []
-    docs = {'train': 0, 'val': 0}
-    tokens = {'train': 0, 'val': 0}
+        def flush():  # write the pending training documents as the next shard
+            nonlocal shard, train
+            if train:
+                arr = np.concatenate(train).astype(dtype)
+                write_array(os.path.join(folder, f'train_{shard:03d}.bin'), arr)
+                tokens['train'] += len(arr)
+                shard, train = shard + 1, []
 
-    def flush():  # write the pending training documents as the next shard
-        nonlocal shard, train
-        if train:
-            arr = np.concatenate(train).astype(dtype)
-            write(f'train_{shard:03d}.bin', arr)
-            tokens['train'] += len(arr)
-            shard, train = shard + 1, []
-
-    # documents[::val_every] are the validation set. Batches of 500 documents are encoded
-    # in parallel and come back in order, so the shards never depend on the core count. The
-    # documents are read here, in this process, so that an error in the corpus stops it here.
-    workers = num_workers or os.cpu_count() or 1
-    tagged = ((i % val_every == 0, d) for i, d in enumerate(itertools.chain([first], documents)))
-    batches = batched(tagged, 500)
-    try:
+        # documents[::val_every] are the validation set. Batches of 500 documents are encoded
+        # in parallel and come back in order, so the shards never depend on the core count.
+        # The documents are read here, in this process, so that an error in the corpus stops
+        # it here.
+        workers = num_workers or os.cpu_count() or 1
+        docs_all = itertools.chain([first], documents)
+        tagged = ((i % val_every == 0, d) for i, d in enumerate(docs_all))
+        batches = batched(tagged, 500)
         with mp.Pool(workers, initializer=_init_worker, initargs=(tok.model_bytes,)) as pool:
             while group := list(itertools.islice(batches, 2 * workers)):
                 for t_ids, v_ids, n_t, n_v in pool.map(_encode_batch, group):
@@ -348,23 +433,16 @@ def pretokenize():
                         flush()
         flush()
         val = np.concatenate(val).astype(dtype)
-        write('val.bin', val)
+        write_array(os.path.join(folder, 'val.bin'), val)
         tokens['val'] = len(val)
-    except BaseException:
-        for tmp in written.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
-    for old in glob.glob(os.path.join(out, '*.bin')) + glob.glob(os.path.join(out, 'meta.json')):
-        if old not in written:
-            os.remove(old)
-    for path, tmp in written.items():
-        os.replace(tmp, path)
-    copy_atomic(tokenizer_path(), os.path.join(out, 'tokenizer.model'))
-    meta = dict(dataset=dataset, vocab_size=tok.n_words, dtype=np.dtype(dtype).name,
-                bos_id=tok.bos_id, val_every=val_every, documents=docs, tokens=tokens,
-                tokenizer_sha256=hashlib.sha256(tok.model_bytes).hexdigest())
-    write_atomic(os.path.join(out, 'meta.json'), lambda f: json.dump(meta, f, indent=1), mode='w')
+        write_atomic(os.path.join(folder, 'tokenizer.model'), lambda f: f.write(tok.model_bytes))
+        meta = dict(dataset=dataset, source=dataset_source(dataset), vocab_size=tok.n_words,
+                    dtype=np.dtype(dtype).name, bos_id=tok.bos_id, val_every=val_every,
+                    documents=docs, tokens=tokens,
+                    tokenizer_sha256=hashlib.sha256(tok.model_bytes).hexdigest())
+        write_atomic(os.path.join(folder, 'meta.json'), lambda f: json.dump(meta, f, indent=1),
+                     mode='w')
+    write_prepared(out, fill, tok)
     dt = time.time() - t0
     print(f"{docs['train']} + {docs['val']} documents -> {tokens['train']} train + "
           f"{tokens['val']} val tokens in {out} ({dt:.1f}s)")
@@ -430,17 +508,15 @@ def chat_data(kind):
     they go through the same reader as yours."""
     if dataset == 'synth':
         import synth as grammar
-        os.makedirs(os.path.join(data_dir, 'synth'), exist_ok=True)
         files = []
         for split, n, held in (('train', num_chats, False), ('val', max(num_chats // 20, 50), True)):
             fn = os.path.join(data_dir, 'synth', f'{kind}_{split}.jsonl')
-            with open(fn, 'w', encoding='utf-8') as f:
-                if kind == 'sft':
-                    rows = [{'messages': m} for m, _ in grammar.instructions(n, seed, held)]
-                else:
-                    rows = [{k: p[k] for k in ('prompt', 'chosen', 'rejected')}
-                            for p in grammar.preferences(n, seed, held)]
-                f.write(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
+            if kind == 'sft':
+                rows = [{'messages': m} for m, _ in grammar.instructions(n, seed, held)]
+            else:
+                rows = [{k: p[k] for k in ('prompt', 'chosen', 'rejected')}
+                        for p in grammar.preferences(n, seed, held)]
+            write_generated(fn, ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
             files.append(fn)
         convert = to_messages if kind == 'sft' else to_preference
         return read_rows(files[0], convert), read_rows(files[1], convert)
@@ -452,9 +528,7 @@ def chat_data(kind):
 
 def chats(kind):
     """preprocess.py sft|dpo: write data/{name}/{kind}{N}/train.npz and val.npz"""
-    if not os.path.exists(tokenizer_path()):
-        die(f"{tokenizer_path()} not found — " + recipe(dataset, vocab_size, data_dir, kind))
-    tok = Tokenizer(tokenizer_path())
+    tok, _ = load_tokenizer(kind)
     splits = chat_data(kind)
     what = 'conversations' if kind == 'sft' else 'pairs'
     for split, rows in zip(('train', 'val'), splits):
@@ -462,21 +536,28 @@ def chats(kind):
             die(f"{dataset}: no usable {what} for the {split} set (every {val_every}th row is "
                 f"held out for validation) — give at least 2 well-formed rows")
     out = shard_dir(kind=kind)
-    os.makedirs(out, exist_ok=True)
-    for split, rows in zip(('train', 'val'), splits):
-        if kind == 'sft':
-            seqs = [tok.encode_chat(m) for m in rows]
-        else:  # a pair becomes two sequences: prompt + chosen, prompt + rejected
-            seqs = []
-            for prompt, chosen, rejected in rows:
-                p_ids, p_mask = tok.encode_chat(prompt)
-                for answer in (chosen, rejected):
-                    a_ids, a_mask = tok.encode_message('assistant', answer)
-                    seqs.append((p_ids + a_ids, [0] * len(p_ids) + a_mask))
-        save_sequences(os.path.join(out, f'{split}.npz'), seqs)
-        print(f"{split}: {len(rows)} {what}, "
-              f"{sum(len(i) for i, _ in seqs)} tokens -> {out}/{split}.npz")
-    copy_atomic(tokenizer_path(), os.path.join(out, 'tokenizer.model'))
+
+    def fill(folder):
+        for split, rows in zip(('train', 'val'), splits):
+            if kind == 'sft':
+                seqs = [tok.encode_chat(m) for m in rows]
+            else:  # a pair becomes two sequences: prompt + chosen, prompt + rejected
+                seqs = []
+                for prompt, chosen, rejected in rows:
+                    p_ids, p_mask = tok.encode_chat(prompt)
+                    for answer in (chosen, rejected):
+                        a_ids, a_mask = tok.encode_message('assistant', answer)
+                        seqs.append((p_ids + a_ids, [0] * len(p_ids) + a_mask))
+            save_sequences(os.path.join(folder, f'{split}.npz'), seqs)
+            print(f"{split}: {len(rows)} {what}, "
+                  f"{sum(len(i) for i, _ in seqs)} tokens -> {out}/{split}.npz")
+        write_atomic(os.path.join(folder, 'tokenizer.model'), lambda f: f.write(tok.model_bytes))
+        meta = dict(dataset=dataset, source=dataset_source(dataset, kind), vocab_size=tok.n_words,
+                    rows={'train': len(splits[0]), 'val': len(splits[1])},
+                    tokenizer_sha256=hashlib.sha256(tok.model_bytes).hexdigest())
+        write_atomic(os.path.join(folder, 'meta.json'), lambda f: json.dump(meta, f, indent=1),
+                     mode='w')
+    write_prepared(out, fill, tok, kind)
 
 
 # -----------------------------------------------------------------------------
@@ -568,12 +649,34 @@ def rows_of(seqs, length):
     return tok, tgt
 
 
+def cannot_teach(path, n, total, what, T):
+    """Rows with no target within the first T + 1 tokens could only add a loss of 0, a perfect
+    score for nothing learned: refused when that is all of them, else left out with a warning."""
+    if n == total:
+        die(f"{path}: none of its {total} {what} has an answer token within the first {T + 1} "
+            "tokens, so there is nothing to learn — use a larger --max_seq_len (up to the "
+            "model's) or shorter conversations")
+    if n:
+        print(f"warning: {path}: {n} of its {total} {what} have no answer token within the "
+              f"first {T + 1} tokens and are left out — use a larger --max_seq_len or shorter "
+              "conversations", file=sys.stderr)
+
+
+def teaches(seq, T):
+    """(ids, mask) has a target in its first T + 1 tokens (position 0 is never one)"""
+    return bool(seq[1][1:T + 1].any())
+
+
 class ChatRows(Batches):
     """SFT: conversations packed whole, in file order, into rows of max_seq_len + 1."""
     def __init__(self, path, *args, **kw):
         super().__init__(*args, **kw)
+        seqs = load_sequences(path)
+        kept = [s for s in seqs if teaches(s, self.T)]
+        cannot_teach(path, len(seqs) - len(kept), len(seqs), 'conversations', self.T)
+        seqs = kept
         rows, cur, cut = [], [], 0
-        for ids, mask in load_sequences(path):
+        for ids, mask in seqs:
             cut += len(ids) > self.T + 1
             if cur and sum(len(i) for i, _ in cur) + len(ids) > self.T + 1:
                 rows.append(cur)
@@ -591,12 +694,16 @@ class ChatRows(Batches):
 
 
 class PreferencePairs(Batches):
-    """DPO: B pairs -> x, y (2B, T): rows 0..B-1 the chosen answers, B..2B-1 the rejected."""
+    """DPO: B pairs -> x, y (2B, T): rows 0..B-1 the chosen answers, B..2B-1 the rejected.
+    A pair is kept when both answers have tokens inside the context."""
     def __init__(self, path, *args, **kw):
         super().__init__(*args, **kw)
         seqs = load_sequences(path)
-        self.x, self.y = rows_of(seqs, self.T)
-        self.n = len(seqs) // 2
+        pairs = [(seqs[i], seqs[i + 1]) for i in range(0, len(seqs) - 1, 2)
+                 if teaches(seqs[i], self.T) and teaches(seqs[i + 1], self.T)]
+        cannot_teach(path, len(seqs) // 2 - len(pairs), len(seqs) // 2, 'pairs', self.T)
+        self.x, self.y = rows_of([s for pair in pairs for s in pair], self.T)
+        self.n = len(pairs)
 
     def pairs(self, i):
         return (np.concatenate([self.x[2 * i], self.x[2 * i + 1]]),
@@ -616,6 +723,7 @@ if __name__ == '__main__':
     stages = dict(download=download, synth=synth, train_vocab=train_vocab,
                   pretokenize=pretokenize, sft=lambda: chats('sft'), dpo=lambda: chats('dpo'))
     config, args = configure(globals(), positional=1)
+    on_interrupt("a stage writes its files whole or not at all: the ones there are as they were")
     if not args or args[0] not in stages:
         die(f"usage: python preprocess.py STAGE [--key=value ...]; STAGE is one of "
             f"{', '.join(stages)}")

@@ -23,12 +23,13 @@ byte: nats over every token / the text's UTF-8 bytes / ln 2, which compares acro
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
 
 from checkpoint import checkpoint_tokenizer, load_model
-from configurator import check, check_device, configure, die
+from configurator import check, check_device, configure, die, on_interrupt
 from model import KVCache, RewardModel, Seen, penalize_repeats, sample_next
 from preprocess import rows_of
 
@@ -89,10 +90,17 @@ def utf8(flag, text):
     return text
 
 
-if sum(map(bool, (chat, eval, eval_instruct))) > 1:
-    die("--chat, --eval and --eval_instruct are different modes — give one of them")
+modes = [f for f, on in (('--chat', chat), ('--eval', eval), ('--eval_instruct', eval_instruct),
+                         ('--reward', reward)) if on]
+if len(modes) > 1:
+    die(f"{' and '.join(modes)} are different modes — give one of them")
 if answers and not reward:
     die("--answers are scored by a reward model — give it with --reward=out_rm/ckpt.pt")
+if system and not chat:
+    die("--system is the system prompt of a chat — give it with --chat")
+if start and (eval or eval_instruct):
+    die(f"{modes[0]} reads its own text, not --start — give one or the other")
+on_interrupt("stopped")
 answers_flag = answers
 start = utf8('--start', read_text('start', start))
 answers = utf8('--answers', read_text('answers', answers))
@@ -109,10 +117,13 @@ if reward:
 def show_scores(texts):
     """Each answer to the request start, scored by the reward model, best first."""
     scores = []
-    for a in texts:
+    for k, a in enumerate(texts):
         ids, mask = reward_tok.encode_chat([{'role': 'user', 'content': start},
                                             {'role': 'assistant', 'content': a}])
         n = reward_model.params.max_seq_len  # a long request loses its start
+        if len(ids) > n + 1:
+            print(f"note: answer {k + 1} with its request is {len(ids)} tokens; the reward model "
+                  f"reads only the last {n + 1}", file=sys.stderr)
         ids, mask = np.array(ids[-n - 1:]), np.array(mask[-n - 1:])
         x, y = rows_of([(ids, mask)], len(ids) - 1)  # the answer as targets, as in training
         with torch.inference_mode():
@@ -204,6 +215,21 @@ def read_user():
 
 
 
+class Progress:
+    """A line on stderr every few seconds while a long evaluation runs: done, left, time left"""
+    def __init__(self, total, what):
+        self.total, self.what = total, what
+        self.t0 = self.last = time.time()
+
+    def show(self, done, extra=''):
+        now = time.time()
+        if now - self.last >= 5 and done:
+            left = (now - self.t0) / done * (self.total - done)
+            print(f"{done}/{self.total} {self.what}, about {left:.0f} s left"
+                  + (f"; {extra}" if extra else ""), file=sys.stderr, flush=True)
+            self.last = now
+
+
 def eval_text(path):
     """Loss, perplexity and bits per byte of the model on the documents of a text file, read
     as training reads them: BOS + document, one after another, cut into windows of
@@ -218,9 +244,10 @@ def eval_text(path):
     ids = [i for d in docs for i in tok.encode(d, bos=True)]
     T, nbytes = max_seq_len, sum(len(d.encode('utf-8')) for d in docs)
     starts = list(range(0, len(ids) - 1, T))
-    nats = 0.0
+    nats, progress = 0.0, Progress(len(starts), 'windows')
     with torch.inference_mode():
         for b in range(0, len(starts), batch_size):
+            progress.show(b)
             rows = [ids[s:s + T + 1] for s in starts[b:b + batch_size]]
             width = max(len(r) for r in rows)  # the last window is shorter: pad, not counted
             x = torch.tensor([r[:-1] + [0] * (width - len(r)) for r in rows], device=device)
@@ -240,7 +267,9 @@ elif eval_instruct:
     import synth
     rows = synth.instructions(eval_instruct, heldout=True)
     ok = passed = too_long = 0
-    for messages, wanted in rows:
+    progress = Progress(len(rows), 'requests')
+    for i, (messages, wanted) in enumerate(rows):
+        progress.show(i, f"{ok / max(i, 1):.1%} followed so far")
         try:
             conv = Chat()
             answer = conv.reply(messages[0]['content'])

@@ -16,9 +16,8 @@ Continue a run: --init_from=resume. Fine-tune: --task=sft --init_from=out/ckpt.p
 be given as an argument too (nanoGPT style). Ctrl-C saves a checkpoint and stops.
 """
 
+import atexit
 import copy
-import csv
-import fcntl
 import math
 import os
 import signal
@@ -32,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import rlhf
 import synth
-from checkpoint import load_model, write_atomic
+from checkpoint import (FolderLock, RunLog, load_model, lock_holder, peek_task, same_file,
+                        write_atomic)
 from configurator import check, check_device, configure, die
 from model import ModelArgs, RewardModel, Transformer
 from preprocess import Batches, ChatRows, PreferencePairs, PretokWindows, dataset_name, recipe
@@ -40,7 +40,7 @@ from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT, Tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O
-out_dir = 'out'
+out_dir = ''             # '' = out when pretraining, out_{task} (out_sft, ...) when fine-tuning
 eval_interval = 500      # evaluate and save a checkpoint every this many iterations
 log_interval = 10
 eval_iters = 50          # batches per loss estimate
@@ -142,6 +142,19 @@ if task == 'rl' and dataset != 'synth':
     die("--task=rl rewards answers by checking them against synth's instructions: "
         "use --dataset=synth (the prompts come from synth.py)")
 lr_decay_iters = lr_decay_iters or max_iters
+# where this run writes: never the folder of the checkpoint it starts from, unless it resumes
+fine_tuning_from = init_from if init_from not in ('scratch', 'resume') else None
+named_out_dir = bool(out_dir)
+out_dir = config['out_dir'] = out_dir or ('out_' + task if fine_tuning_from or task != 'pretrain'
+                                          else 'out')
+if fine_tuning_from and same_file(os.path.dirname(os.path.abspath(init_from)), out_dir):
+    die(f"--out_dir={out_dir}{'' if named_out_dir else ' (the default)'} is the folder of "
+        f"--init_from={init_from}: this run would write over the checkpoint it starts from "
+        "and its log — give another --out_dir (or --init_from=resume to continue that run)")
+if init_from != 'resume' and peek_task(os.path.join(out_dir, 'ckpt.pt')) not in (None, task):
+    die(f"--out_dir={out_dir} holds a {peek_task(os.path.join(out_dir, 'ckpt.pt'))} checkpoint, "
+        f"which this {task} run would replace — give another --out_dir (or delete "
+        f"{os.path.join(out_dir, 'ckpt.pt')} first)")
 if dtype == 'auto':
     dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') \
         if device.startswith('cuda') else 'float32'
@@ -163,27 +176,6 @@ else:
 master = rank == 0  # only rank 0 writes files and logs
 
 
-def lock_out_dir():
-    """One run per out_dir: rank 0 holds an flock on out_dir/lock, which the kernel drops
-    when the process ends, however it ends, so a lock is never stale."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, 'lock'), 'a+')
-    except OSError as e:
-        die(f"cannot write to --out_dir={out_dir}: {e.strerror}")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        die(f"--out_dir={out_dir} is in use by another training run (process "
-            f"{f.read().strip() or '?'}) — wait for it, stop it, or choose another --out_dir")
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f  # kept open: closing it would release the lock
-
-
-out_dir_lock = lock_out_dir() if master else None
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * max_seq_len
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -263,7 +255,7 @@ def to_device(x, y):
 # -----------------------------------------------------------------------------
 # model, optimizer, and where we start from
 
-iter_num, best_val_loss, ckpt, ref_model = 0, 1e9, None, None
+iter_num, best_val_loss, ckpt, ref_model, resume_log = 0, 1e9, None, None, None
 if init_from == 'scratch':
     model_args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                       vocab_size=vocab_size, multiple_of=multiple_of, max_seq_len=max_seq_len,
@@ -300,6 +292,9 @@ else:
             die(f"{path} is a {ckpt.get('task', 'pretrain')} run; resume it with "
                 f"--task={ckpt.get('task', 'pretrain')}")
         iter_num, best_val_loss = ckpt['iter_num'], float(ckpt.get('best_val_loss', 1e9))
+        resume_log = ckpt.get('log')  # the rows of log.csv up to the checkpoint
+        if not (isinstance(resume_log, list) and all(isinstance(r, dict) for r in resume_log)):
+            resume_log = None  # (older checkpoints: log.csv is cut to the checkpoint instead)
     if task in ('dpo', 'rl'):  # the reference is the model DPO or RL started from, frozen
         ref_model = copy.deepcopy(model)
         if init_from == 'resume':
@@ -524,14 +519,14 @@ def save_checkpoint():
         ckpt['ref_model'] = ref_model.state_dict()
     if task == 'rm':
         ckpt['rm_likelihood'] = raw_model.likelihood
+    ckpt['log'] = list(log.rows)  # the curve so far, from which log.csv is written
     try:
         write_atomic(ckpt_path, lambda f: torch.save(ckpt, f))
     except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError
         reason = getattr(e, 'strerror', None) or str(e).strip().splitlines()[0][:120]
         die(f"cannot write {ckpt_path}: {reason} — free some space or choose another "
-            "--out_dir; the previous checkpoint is intact")
-    if log_file is not None and os.path.exists(log_path + '.new'):  # this run's log, from now on
-        os.replace(log_path + '.new', log_path)
+            "--out_dir; the previous checkpoint and its log are intact")
+    log.write()
     global saved_at
     saved_at = iter_num
     print(f"saved {ckpt_path} at iteration {iter_num}")
@@ -564,6 +559,27 @@ def peak():
 # -----------------------------------------------------------------------------
 # the training loop
 
+def lock_out_dir():
+    """One run per out_dir: rank 0 holds an flock on the folder until it ends, however it
+    ends. A folder this run made is removed again if it ends without writing anything."""
+    made = not os.path.isdir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = FolderLock(out_dir, wait=False)
+    except BlockingIOError:
+        holder = lock_holder(out_dir)
+        die(f"--out_dir={out_dir} is in use by another training run"
+            + (f" (process {holder})" if holder else "")
+            + " — wait for it, stop it, or choose another --out_dir")
+    except OSError as e:
+        die(f"cannot write to --out_dir={out_dir}: {e.strerror}")
+    if made:
+        atexit.register(lambda: os.path.isdir(out_dir) and not os.listdir(out_dir)
+                        and os.rmdir(out_dir))
+    return lock  # held until the process ends
+
+
+out_dir_lock = lock_out_dir() if master else None
 log_path = os.path.join(out_dir, 'log.csv')
 # columns beside the losses: what evals measure, and (RL) what the steps saw
 eval_extra = {'dpo': ['pref_acc', 'logp_margin', 'reward_margin'], 'rm': ['rm_acc', 'rm_margin'],
@@ -573,22 +589,8 @@ if moe:  # a mixture of experts: its load-balancing loss, and at evals its busie
     eval_extra = eval_extra + ['max_load'] * (task in ('pretrain', 'sft'))
     step_extra = step_extra + ['aux_loss']
 log_extra = eval_extra + step_extra
-log_file = None
-
-
-def log_row(row):
-    """One row of out_dir/log.csv. A resumed run appends to it. A fresh run writes log.csv.new,
-    which replaces log.csv with the run's first checkpoint, so that the log beside ckpt.pt is
-    always that checkpoint's, even when a fresh run fails before it saves."""
-    global log_file, log_csv
-    if log_file is None:
-        fresh = init_from != 'resume' or not os.path.exists(log_path)
-        log_file = open(log_path + '.new' if fresh else log_path, 'w' if fresh else 'a', newline='')
-        log_csv = csv.writer(log_file)
-        if fresh:
-            log_csv.writerow(['iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec'] + log_extra)
-    log_csv.writerow(row)
-    log_file.flush()
+log = RunLog(log_path, ['iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec'] + log_extra,
+             resume=(resume_log, iter_num) if init_from == 'resume' else None) if master else None
 
 
 if master:
@@ -635,7 +637,7 @@ while True:
         losses = evaluate()
         print(f"iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
         train_loss = f"{losses['train']:.6f}" if 'train' in losses else ''
-        log_row([iter_num, train_loss, f"{losses['val']:.6f}", f"{lr:.3e}", '']
+        log.add([iter_num, train_loss, f"{losses['val']:.6f}", f"{lr:.3e}", '']
                 + [f"{losses[k]:.6f}" if k in losses else '' for k in log_extra])
         if wandb_log:
             wandb.log({'iter': iter_num, **{f'eval/{k}': v for k, v in losses.items()}}, step=iter_num)
@@ -697,7 +699,7 @@ while True:
                   f"{dt * 1000:.1f} ms | {tok_s:,.0f} tok/s{mfu_txt}", flush=True)
         if moe:
             step['aux_loss'] = aux_sum.item()
-        log_row([iter_num, f"{lossf:.6f}", '', f"{lr:.3e}", '' if task == 'rl' else f"{tok_s:.0f}"]
+        log.add([iter_num, f"{lossf:.6f}", '', f"{lr:.3e}", '' if task == 'rl' else f"{tok_s:.0f}"]
                 + [f"{step[k]:.6f}" if k in step else '' for k in log_extra])
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': lossf, 'lr': lr, 'tok_s': tok_s}, step=iter_num)
@@ -714,8 +716,6 @@ while True:
             save_checkpoint()
         break
 
-if log_file is not None:
-    log_file.close()
 if ddp:  # leave together: the other ranks stop at the last iteration while rank 0 still
     dist.barrier()  # evaluates and saves, and one that tears down its process group then can abort
     dist.destroy_process_group()
