@@ -12,6 +12,7 @@ import csv
 import glob
 from dataclasses import asdict
 import gzip
+import hashlib
 import http.server
 import importlib
 import io
@@ -36,6 +37,7 @@ FIXTURES = os.environ.get('FIXTURES', os.path.join(ROOT, '..', 'shared', 'fixtur
 sys.path.insert(0, ROOT)
 
 from checkpoint import load_model  # noqa: E402
+from preprocess import dataset_name  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from tokenizer import Tokenizer, render_chat  # noqa: E402
 
@@ -105,7 +107,7 @@ ROUNDTRIP = ["Once upon a time, there was a little cat.", "从前有一只小兔
 
 
 def test_tokenizer_roundtrip_and_chat_tokens(work):
-    tok = Tokenizer(os.path.join(work, 'data', f'tok{VOCAB}.model'))
+    tok = Tokenizer(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'))
     for s in ROUNDTRIP:
         assert tok.decode(tok.encode(s)) == s, s
         assert tok.decode(tok.encode(s, bos=True, eos=True)) == s, s
@@ -124,7 +126,7 @@ def test_tokenizer_roundtrip_and_chat_tokens(work):
 
 
 def test_chat_template_mask(work):
-    tok = Tokenizer(os.path.join(work, 'data', f'tok{VOCAB}.model'))
+    tok = Tokenizer(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'))
     msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello there!"}, {"role": "user", "content": "Again"},
             {"role": "assistant", "content": "你好"}]
@@ -149,7 +151,7 @@ def test_chat_template_mask(work):
 
 def test_pretokenize_and_loader(work):
     from preprocess import PretokWindows
-    tok = Tokenizer(os.path.join(work, 'data', f'tok{VOCAB}.model'))
+    tok = Tokenizer(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'))
     folder = os.path.join(work, 'data', 'synth', f'tok{VOCAB}')
     meta = json.load(open(os.path.join(folder, 'meta.json')))
     assert meta['dtype'] == 'uint16' and meta['vocab_size'] == VOCAB
@@ -191,8 +193,9 @@ def test_corpus_formats(tmp_path):
            '--character_coverage=1.0', cwd=tmp_path)
     assert 'skipped 2 line(s)' in r.stderr and 'line 2' in r.stderr
     py('preprocess.py', 'pretokenize', '--dataset=c', '--vocab_size=300', '--val_every=2', cwd=tmp_path)
-    tok = Tokenizer(str(tmp_path / 'data' / 'tok300.model'))
-    folder = tmp_path / 'data' / 'c' / 'tok300'
+    name = dataset_name(str(tmp_path / 'c'))  # the folder's name and a hash of its path
+    tok = Tokenizer(str(tmp_path / 'data' / name / 'tok300.model'))
+    folder = tmp_path / 'data' / name / 'tok300'
     docs = []
     for f in ('val.bin', 'train_000.bin'):
         ids = np.fromfile(folder / f, dtype=np.uint16)
@@ -216,10 +219,10 @@ def test_corpus_formats(tmp_path):
     for stage, ds, words in (('pretokenize', 'c', 'not UTF-8'), ('pretokenize', 'nope', 'neither'),
                              ('sft', str(one), 'no usable conversations')):
         r = py('preprocess.py', stage, f'--dataset={ds}', '--vocab_size=300', cwd=tmp_path, check=False,
-               timeout=120)
+               timeout=120, *[f'--tokenizer=data/{name}/tok300.model'] * (stage == 'sft'))
         assert r.returncode == 1 and r.stderr.count('\n') == 1 and words in r.stderr, (stage, ds, r.stderr)
     assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == shards
-    assert not (tmp_path / 'data' / 'nope').exists()
+    assert not glob.glob(str(tmp_path / 'data' / 'nope*'))
 
 
 # -----------------------------------------------------------------------------
@@ -494,7 +497,7 @@ def test_real_tinystories_sample(tmp_path):
     py('train.py', f'--dataset={src}', f'--vocab_size={VOCAB}', *TINY, *CPU, '--batch_size=16',
        '--gradient_accumulation_steps=1', '--learning_rate=3e-3', '--min_lr=3e-4', '--warmup_iters=20',
        '--max_iters=120', '--eval_interval=120', '--eval_iters=10', f'--out_dir={out}', cwd=tmp_path)
-    val = np.fromfile(tmp_path / 'data' / 'tinystories_train_2MiB' / f'tok{VOCAB}' / 'val.bin', dtype=np.uint16)
+    val = np.fromfile(tmp_path / 'data' / dataset_name(src) / f'tok{VOCAB}' / 'val.bin', dtype=np.uint16)
     h1 = unigram_entropy(val, VOCAB)
     last = float([r for r in read_log(out / 'log.csv') if r['val_loss']][-1]['val_loss'])
     print(f"real TinyStories 2 MiB: val loss {last:.3f} after 120 steps; unigram entropy {h1:.3f}")
@@ -507,8 +510,8 @@ def test_real_tinystories_sample(tmp_path):
 def test_sft_loss_mask(work):
     """The targets are exactly the assistant spans, and masked positions get no gradient."""
     from preprocess import ChatRows, rows_of
-    py('preprocess.py', 'sft', '--dataset=synth', f'--vocab_size={VOCAB}', '--num_chats=200', cwd=work)
-    tok = Tokenizer(os.path.join(work, 'data', f'tok{VOCAB}.model'))
+    py('preprocess.py', 'sft', '--dataset=synth', f'--vocab_size={VOCAB}', cwd=work)
+    tok = Tokenizer(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'))
     rows = [json.loads(l) for l in open(os.path.join(work, 'data', 'synth', 'sft_train.jsonl'))]
     ds = ChatRows(os.path.join(work, 'data', 'synth', f'sft{VOCAB}', 'train.npz'), 4, 256)
     x, y = torch.from_numpy(ds.x[0]), torch.from_numpy(ds.y[0])
@@ -898,7 +901,7 @@ def bad_checkpoints(work, tmp_path_factory):
     checkpoint with the VOCAB tokenizer and one thing wrong."""
     import zipfile
     d = tmp_path_factory.mktemp('bad_ckpts')
-    tok = open(os.path.join(work, 'data', f'tok{VOCAB}.model'), 'rb').read()
+    tok = open(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'), 'rb').read()
     torch.manual_seed(0)
     m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64))
     opt = torch.optim.AdamW(m.parameters())
@@ -931,7 +934,7 @@ def bad_checkpoints(work, tmp_path_factory):
         'inf': variant(**{'model.norm.weight': torch.full((32,), float('inf'))}),
         'zero_stride': variant(**{'model.norm.weight': torch.ones(1).expand(32)}),
         'tok_garbage': variant(tokenizer=b'not a sentencepiece model'),
-        'tok_other_vocab': variant(tokenizer=open(os.path.join(work, 'data', 'tok2048.model'), 'rb').read()),
+        'tok_other_vocab': variant(tokenizer=open(os.path.join(work, 'data', 'synth', 'tok2048.model'), 'rb').read()),
         'no_optimizer': variant(optimizer=None, iter_num=None),
         'other_optimizer': variant(optimizer=torch.optim.AdamW(other.parameters()).state_dict()),
     }
@@ -1203,6 +1206,7 @@ def test_unwritable_or_full_out_dir(work, tmp_path):
     out = os.path.join(work, 'out_full')
     train(work, out, '--max_iters=2', '--eval_interval=2')
     before = open(os.path.join(out, 'ckpt.pt'), 'rb').read()
+    log = open(os.path.join(out, 'log.csv'), 'rb').read()
 
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
@@ -1211,8 +1215,9 @@ def test_unwritable_or_full_out_dir(work, tmp_path):
                         f'--vocab_size={VOCAB}', *CPU, '--batch_size=4', '--gradient_accumulation_steps=1',
                         '--max_iters=4', '--eval_interval=2', '--eval_iters=1', f'--out_dir={out}',
                         '--init_from=resume'], cwd=work, capture_output=True, text=True, preexec_fn=small_files)
-    assert r.returncode == 1 and 'previous checkpoint is intact' in r.stderr, r.stderr
+    assert r.returncode == 1 and 'previous checkpoint and its log are intact' in r.stderr, r.stderr
     assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before
+    assert open(os.path.join(out, 'log.csv'), 'rb').read() == log  # no row the checkpoint lacks
     assert not glob.glob(os.path.join(out, 'ckpt.pt.tmp*'))
 
 
@@ -1220,12 +1225,343 @@ def test_short_shard_is_a_clear_error(work, tmp_path):
     short = tmp_path / 'short.txt'
     short.write_text("A tiny story.\n<|endoftext|>\nAnother one.\n<|endoftext|>\n")
     py('preprocess.py', 'pretokenize', f'--dataset={short}', f'--vocab_size={VOCAB}',
-       f'--data_dir={work}/data', cwd=tmp_path)
+       f'--tokenizer={work}/data/synth/tok{VOCAB}.model', f'--data_dir={work}/data', cwd=tmp_path)
     r = py('train.py', f'--dataset={short}', f'--vocab_size={VOCAB}', *TINY, *CPU, '--max_iters=1',
            f'--data_dir={work}/data', f'--out_dir={tmp_path}/out', cwd=tmp_path, check=False)
     assert r.returncode == 1 and r.stderr.count('\n') == 1
     assert 'val.bin' in r.stderr or 'train_000.bin' in r.stderr
     assert 'max_seq_len' in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# a learner's files are never lost: each script writes only the outputs it was given, and a
+# refusal (exit 1, one line) leaves every file that was there byte-identical, and no new one
+
+def snapshot(root):
+    """{path: sha256 of its bytes} of every file under root, and every folder (as None)"""
+    files = {}
+    for d, dirs, names in os.walk(root):
+        files.update({os.path.join(d, n): None for n in dirs})
+        for n in names:
+            p = os.path.join(d, n)
+            files[p] = hashlib.sha256(open(p, 'rb').read()).hexdigest() if os.path.isfile(p) else 'special'
+    return files
+
+
+def one_error_line(r):
+    err = r.stderr if isinstance(r.stderr, str) else r.stderr.decode(errors='replace')
+    lines = err.splitlines()
+    return r.returncode == 1 and len(lines) == 1 and lines[0].startswith('error: '), err[-2000:]
+
+
+def other_tokenizer_model(work, path):
+    """A small random model with the 2048-token tokenizer: another model's tokenizer.bin"""
+    tok2048 = open(os.path.join(work, 'data', 'synth', 'tok2048.model'), 'rb').read()
+    return random_checkpoint(str(path), tok2048, 2048, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, seq=64)
+
+
+def test_outputs_are_never_inputs(tiny, runc, tmp_path):
+    """An output path that is somebody's input: the checkpoint given as the output (the slip
+    of `python export.py out_sft/ckpt.pt`), a log, a tokenizer, a user's file, a run's folder,
+    the tokenizer.bin another model beside it reads, run.c's -L on its own model or tokenizer,
+    tokenizer.py over a model. And what stays allowed: a second model with the same tokenizer
+    beside the first, and a model replacing the only one in its folder, tokenizer and all."""
+    work, ckpt = tiny
+    shutil.copytree(os.path.dirname(ckpt), tmp_path / 'run')  # a run: its ckpt.pt and log.csv
+    ck = str(tmp_path / 'run' / 'ckpt.pt')
+    exp = tmp_path / 'exp'
+    export(work, ck, exp / 'model.bin')
+    other = other_tokenizer_model(work, tmp_path / 'other.pt')
+    (tmp_path / 'notes.txt').write_text('my notes\n')
+    shutil.copy(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'), exp / 'model.model')
+    before = snapshot(tmp_path)
+    cases = {
+        'a checkpoint as the output': [ck, f'--checkpoint={other}'],
+        'the checkpoint it reads': [ck, f'--checkpoint={ck}'],
+        'the checkpoint it reads, spelled otherwise': [str(tmp_path / 'exp' / '..' / 'run' / 'ckpt.pt'),
+                                                       f'--checkpoint={ck}'],
+        'a log': [str(tmp_path / 'run' / 'log.csv'), f'--checkpoint={ck}'],
+        'a tokenizer.bin': [str(exp / 'tokenizer.bin'), f'--checkpoint={ck}'],
+        "a user's file": [str(tmp_path / 'notes.txt'), f'--checkpoint={ck}'],
+        'a gguf over a checkpoint': [ck, f'--checkpoint={other}', '--version=gguf'],
+        "another model's tokenizer.bin": [str(exp / 'other.bin'), f'--checkpoint={other}'],
+        "hf over a run's folder": [str(tmp_path / 'run'), f'--checkpoint={ck}', '--version=hf'],
+    }
+    answers = refused('export.py', cases, work)
+    assert f'did you mean --checkpoint={ck}' in answers['a checkpoint as the output']
+    assert 'tokenizer of' in answers["another model's tokenizer.bin"]
+    model, tok = str(exp / 'model.bin'), str(exp / 'tokenizer.bin')
+    for args in ([model, '-n', '4', '-L', model], [model, '-n', '4', '-L', tok],
+                 [model, '-z', tok, '-n', '4', '-L', str(tmp_path / 'exp' / '.' / 'tokenizer.bin')]):
+        ok, err = one_error_line(run_c(runc, *args, check=False))
+        assert ok and 'reads' in err, (args, err)
+    ok, err = one_error_line(py('tokenizer.py', '-t', str(exp / 'model.model'), cwd=work, check=False))
+    assert ok, err
+    assert snapshot(tmp_path) == before
+    print('\n'.join(f"  {k}: {v}" for k, v in answers.items()))
+    # allowed: the same tokenizer beside, or the only model in its folder replaced whole
+    export(work, ck, exp / 'again.bin')
+    solo = tmp_path / 'solo'
+    export(work, ck, solo / 'model.bin')
+    export(work, other, solo / 'model.bin')
+    from tokenizer import tokenizer_bin
+    assert (solo / 'tokenizer.bin').read_bytes() == tokenizer_bin(Tokenizer(
+        torch.load(other, weights_only=True)['tokenizer']))
+    run_c(runc, str(solo / 'model.bin'), '-n', '4')
+
+
+def test_runs_never_write_where_they_start(tuned, tmp_path):
+    """Fine-tuning without --out_dir, or with the starting checkpoint's own folder (however
+    it is spelled), would write over that checkpoint and its log: refused. So is a fresh run
+    into a folder that holds another task's checkpoint. Without --out_dir a fine-tuning run
+    writes to out_{task}, and its start stays as it was."""
+    work, sft, _ = tuned
+    shutil.copytree(os.path.dirname(sft), tmp_path / 'out_sft')
+    shutil.copytree(os.path.join(work, 'out_tiny'), tmp_path / 'out')
+    before = snapshot(tmp_path)
+    data = [f'--data_dir={work}/data', '--dataset=synth', f'--vocab_size={VOCAB}', *CPU, '--max_iters=1',
+            '--eval_iters=1', '--batch_size=2']
+    cases = {
+        'sft into the folder it starts from': ['--task=sft', '--init_from=out/ckpt.pt', '--out_dir=out'],
+        'sft again without --out_dir': ['--task=sft', '--init_from=out_sft/ckpt.pt'],
+        'dpo, the folder spelled otherwise': ['--task=dpo', '--init_from=out_sft/ckpt.pt',
+                                              f'--out_dir={tmp_path}/out/../out_sft/'],
+        'rm into its start': ['--task=rm', f'--init_from={tmp_path}/out_sft/ckpt.pt', '--out_dir=./out_sft'],
+        "pretraining over an sft run": ['--out_dir=out_sft', *TINY],
+        "dpo over a pretrained run": ['--task=dpo', '--init_from=out_sft/ckpt.pt', '--out_dir=out'],
+    }
+    answers = refused('train.py', {k: data + v for k, v in cases.items()}, tmp_path)
+    assert snapshot(tmp_path) == before
+    print('\n'.join(f"  {k}: {v}" for k, v in answers.items()))
+    r = py('train.py', *data, '--task=sft', '--init_from=out/ckpt.pt', '--log_interval=1', cwd=tmp_path)
+    assert 'saved out_sft/ckpt.pt' in r.stdout  # beside the pretrained run, never over it
+    assert torch.load(tmp_path / 'out_sft' / 'ckpt.pt', weights_only=True)['iter_num'] == 1
+    assert {p: h for p, h in snapshot(tmp_path).items() if '/out/' in p} == \
+        {p: h for p, h in before.items() if '/out/' in p}
+
+
+def test_prepared_data_never_shared(work, tmp_path):
+    """Prepared data is keyed so that two inputs never share a folder: a user's synth.jsonl is
+    not the embedded synth set, 'my data ü' is not 'my-data ü', a new corpus's tokenizer goes
+    beside that corpus. A later prepare that would replace data made from another input, with
+    another tokenizer, or a file the user edited, refuses in one line."""
+    data = tmp_path / 'data'
+    shutil.copytree(os.path.join(work, 'data', 'synth'), data / 'synth',
+                    ignore=lambda p, names: [n for n in names if n.startswith(('sft', 'dpo'))])
+    tok = str(data / 'synth' / f'tok{VOCAB}.model')
+    flags = [f'--data_dir={data}', f'--vocab_size={VOCAB}']
+    chat = lambda q, a: json.dumps({'messages': [{'role': 'user', 'content': q},
+                                                 {'role': 'assistant', 'content': a}]}) + '\n'
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'synth.jsonl').write_text(chat('Who are you?', 'A tiny model.') * 30)
+    (tmp_path / 'my data ü.jsonl').write_text(chat('Hi', 'Hello.') * 30)
+    (tmp_path / 'my-data ü.jsonl').write_text(chat('Bye', 'Goodbye.') * 30)
+    py('preprocess.py', 'sft', '--dataset=synth', *flags, '--num_chats=300', cwd=tmp_path)
+    embedded = snapshot(data / 'synth')
+    folders = {}
+    for name in ('mine/synth.jsonl', 'my data ü.jsonl', 'my-data ü.jsonl'):
+        py('preprocess.py', 'sft', f'--dataset={name}', *flags, f'--tokenizer={tok}', cwd=tmp_path)
+        folders[name] = data / dataset_name(str(tmp_path / name)) / f'sft{VOCAB}'
+        meta = json.load(open(folders[name] / 'meta.json'))
+        assert meta['source'] == os.path.realpath(tmp_path / name)
+    assert len(set(folders.values())) == 3 and snapshot(data / 'synth') == embedded
+    # train.py reads the folder of the dataset it is given: 'my data ü' trains on its own rows
+    from preprocess import load_sequences
+    ids = load_sequences(str(folders['my data ü.jsonl'] / 'train.npz'))[0][0]
+    assert 'Hello.' in Tokenizer(tok).decode(ids) and 'Goodbye' not in Tokenizer(tok).decode(ids)
+    # a tokenizer of another corpus goes beside it, never over synth's
+    import synth
+    corpus = tmp_path / 'corpus.txt'
+    corpus.write_text('\n<|endoftext|>\n'.join(synth.stories(2000, seed=5)))
+    py('preprocess.py', 'train_vocab', f'--dataset={corpus}', *flags, cwd=tmp_path)
+    assert os.path.exists(data / dataset_name(str(corpus)) / f'tok{VOCAB}.model')
+    assert snapshot(data / 'synth') == embedded
+    # refusals: each would replace data made from another input or with another tokenizer
+    (data / 'synth' / f'tok{VOCAB}' / 'my_notes.txt').write_text('mine')
+    edited = data / 'synth' / 'dpo_train.jsonl'
+    edited.write_text(chat('Hi', 'Hello.'))  # a user's own rows where the synth set goes
+    before = snapshot(tmp_path)
+    cases = {
+        'synth with another seed': ['synth', '--seed=1'],
+        'the synth sft set of another size': ['sft', '--dataset=synth', '--num_chats=200'],
+        'a synth file the user edited': ['dpo', '--dataset=synth'],
+        'a tokenizer trained otherwise on the same corpus': ['train_vocab', '--dataset=synth',
+                                                             '--character_coverage=0.99'],
+        'prepared again with another tokenizer': [
+            'sft', '--dataset=mine/synth.jsonl', f'--tokenizer={data / dataset_name(str(corpus))}/tok{VOCAB}.model'],
+        "a folder holding a user's file": ['pretokenize', '--dataset=synth'],
+        'no tokenizer for a chat file': ['sft', f'--dataset={tmp_path}/my data ü.jsonl'],
+    }
+    answers = refused('preprocess.py', {k: v + flags for k, v in cases.items()}, tmp_path)
+    assert snapshot(tmp_path) == before
+    assert '--tokenizer=' in answers['no tokenizer for a chat file']
+    print('\n'.join(f"  {k}: {v}" for k, v in answers.items()))
+
+
+def test_temporaries_are_never_a_users_file(tiny, tmp_path):
+    """Temporaries are made exclusively under a name with the process id: a user's file or
+    folder of that name, or of the names used before (X.tmp, X.old), is never touched. Two
+    exports into one folder at once take turns, over several rounds: the folder ends up
+    whole, one model's or the other's, with no temporary left; an export killed midway
+    leaves the previous export whole and does not stop the next one."""
+    from checkpoint import write_atomic, write_folder
+    work, ckpt = tiny
+    mine = {tmp_path / f'f.tmp{os.getpid()}': b'a', tmp_path / f'dir.tmp{os.getpid()}': b'b',
+            tmp_path / 'hf.tmp' / 'x': b'c', tmp_path / 'hf.old' / 'x': b'd', tmp_path / 'hf.tmp999999' / 'x': b'e'}
+    for p, b in mine.items():  # a user's files and folders, under the names temporaries had
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b)
+    write_atomic(str(tmp_path / 'f'), lambda f: f.write(b'new'))
+    write_folder(str(tmp_path / 'dir'), lambda d: open(os.path.join(d, 'x'), 'w').write('x'))
+    other = other_tokenizer_model(work, tmp_path / 'other.pt')
+    for _ in range(2):
+        export(work, ckpt, tmp_path / 'hf', '--version=hf')
+    assert all(p.read_bytes() == b for p, b in mine.items()) and (tmp_path / 'f').read_bytes() == b'new'
+    # two exports into one folder at once: each result is one model's whole
+    for rnd in range(3):
+        procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'export.py'), str(tmp_path / 'hf'),
+                                   f'--checkpoint={c}', '--version=hf'], cwd=work, stderr=subprocess.PIPE)
+                 for c in ((ckpt, other) if rnd % 2 else (other, ckpt))]
+        assert all(p.wait(timeout=300) == 0 for p in procs)
+        config = json.load(open(tmp_path / 'hf' / 'config.json'))
+        vocab = len(json.load(open(tmp_path / 'hf' / 'tokenizer.json'))['model']['vocab'])
+        rows = safetensors_header(tmp_path / 'hf' / 'model.safetensors')['model.embed_tokens.weight']['shape'][0]
+        assert config['vocab_size'] == vocab == rows, rnd
+        procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'export.py'), str(tmp_path / 'bins' / name),
+                                   f'--checkpoint={c}'], cwd=work, stderr=subprocess.PIPE)
+                 for name, c in (('a.bin', ckpt), ('b.bin', other))]
+        codes = [p.wait(timeout=300) for p in procs]
+        # the second to take the folder refuses (the first model beside reads tokenizer.bin)
+        assert sorted(codes) == [0, 1], codes
+        kept = 'a.bin' if codes[0] == 0 else 'b.bin'
+        n = np.frombuffer((tmp_path / 'bins' / kept).read_bytes()[20:24], np.int32)[0]
+        assert Tokenizer(torch.load(ckpt if kept == 'a.bin' else other, weights_only=True)['tokenizer']).n_words == abs(n)
+        shutil.rmtree(tmp_path / 'bins')
+    users = {p.relative_to(tmp_path).parts[0] for p in mine}
+    assert not [f for f in os.listdir(tmp_path) if '.tmp' in f and f not in users]
+    assert (tmp_path / 'dir' / 'x').read_text() == 'x'
+
+
+def safetensors_header(path):
+    blob = open(path, 'rb').read()
+    n = struct.unpack('<Q', blob[:8])[0]
+    return json.loads(blob[8:8 + n])
+
+
+def test_data_that_cannot_teach_is_refused(tiny, tmp_path):
+    """SFT whose every answer lies past max_seq_len would print a perfect loss of 0 and save
+    it; DPO and the reward model on over-long prompts would sit at 0.6931 with accuracy 0:
+    refused before training, naming how many rows and what to do. Where only some rows
+    cannot teach, they are left out with a warning that counts them."""
+    work, ckpt = tiny
+    tok = f'--tokenizer={work}/data/synth/tok{VOCAB}.model'
+    long = 'a fox and a cat sang by the river. ' * 40  # ~400 tokens: past a context of 256
+    chat = lambda q: json.dumps({'messages': [{'role': 'user', 'content': q},
+                                              {'role': 'assistant', 'content': 'Yes.'}]}) + '\n'
+    pref = lambda q: json.dumps({'prompt': q, 'chosen': 'Yes.', 'rejected': 'No.'}) + '\n'
+    (tmp_path / 'long_chats.jsonl').write_text(chat(long) * 20)
+    (tmp_path / 'long_prefs.jsonl').write_text(pref(long) * 20)
+    (tmp_path / 'some_long.jsonl').write_text(chat('Hi?') * 190 + chat(long) * 10)  # val: rows 0, 100
+    flags = [f'--data_dir={tmp_path}/data', f'--vocab_size={VOCAB}']
+    for kind, name in (('sft', 'long_chats'), ('dpo', 'long_prefs'), ('sft', 'some_long')):
+        py('preprocess.py', kind, f'--dataset={name}.jsonl', *flags, tok, cwd=tmp_path)
+    shutil.copytree(os.path.dirname(ckpt), tmp_path / 'out')
+    before = snapshot(tmp_path)
+    run = [*flags, *CPU, '--init_from=out/ckpt.pt', '--max_iters=2', '--eval_iters=1', '--batch_size=2']
+    cases = {'sft, every answer past the context': ['--task=sft', '--dataset=long_chats.jsonl'],
+             'dpo, every prompt past the context': ['--task=dpo', '--dataset=long_prefs.jsonl'],
+             'rm, every prompt past the context': ['--task=rm', '--dataset=long_prefs.jsonl']}
+    answers = refused('train.py', {k: run + v for k, v in cases.items()}, tmp_path)
+    assert snapshot(tmp_path) == before
+    assert all('max_seq_len' in a and 'none of its 19' in a for a in answers.values()), answers
+    print('\n'.join(f"  {k}: {v}" for k, v in answers.items()))
+    r = py('train.py', *run, '--task=sft', '--dataset=some_long.jsonl', cwd=tmp_path)
+    assert re.search(r'warning: .*: 10 of its 198 conversations have no answer token', r.stderr), r.stderr
+
+
+def test_log_matches_its_checkpoint(work):
+    """log.csv holds exactly the iterations its checkpoint holds. Killed (SIGKILL) at random
+    moments over several rounds, a run never leaves a row the checkpoint lacks, and resumed
+    each time it ends with the uninterrupted run's log, row for row."""
+    import random
+    import signal
+    import time
+    common = ['--max_iters=40', '--lr_decay_iters=40', '--eval_interval=5', '--warmup_iters=5',
+              '--batch_size=4', '--eval_iters=1']
+    train(work, 'out_log_straight', *common)
+    out = os.path.join(work, 'out_log_kill')
+    shutil.rmtree(out, ignore_errors=True)
+    args = [sys.executable, os.path.join(ROOT, 'train.py'), '--dataset=synth', f'--vocab_size={VOCAB}', *TINY,
+            *CPU, '--gradient_accumulation_steps=1', '--learning_rate=3e-3', '--min_lr=3e-4', '--log_interval=1',
+            f'--out_dir={out}', *common]
+    rng = random.Random(0)
+    for trial in range(4):
+        resume = ['--init_from=resume'] if os.path.exists(os.path.join(out, 'ckpt.pt')) else []
+        p = subprocess.Popen(args + resume, cwd=work, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        saves = 0
+        while saves < 1 + trial % 2:
+            line = p.stdout.readline()
+            assert line, 'the run ended before it was killed'
+            saves += line.startswith('saved ')
+        time.sleep(rng.random() * 0.3)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+        logged = read_log(os.path.join(out, 'log.csv'))
+        assert logged == ck['log'][:len(logged)], trial  # never a row past the checkpoint
+    r = subprocess.run(args + ['--init_from=resume'], cwd=work, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = read_log(os.path.join(work, 'out_log_straight', 'log.csv'))
+    b = read_log(os.path.join(out, 'log.csv'))
+    key = lambda rows: [(r['iter'], bool(r['val_loss']), r['lr']) for r in rows]
+    assert key(a) == key(b), (key(a), key(b))
+    assert np.allclose([float(r['train_loss'] or 0) for r in a], [float(r['train_loss'] or 0) for r in b],
+                       rtol=1e-4, atol=1e-5)
+
+
+def test_slips_get_one_line(tiny, tmp_path):
+    """The tracebacks a careless user met, now one line each: a checkpoint given where a
+    config file goes, a config line that fails, a reward model without its head, modes that
+    cannot go together, Ctrl-C during an export (which keeps the previous export whole)."""
+    import signal
+    work, ckpt = tiny
+    (tmp_path / 'name.py').write_text('batch_size = 8\nlearning_rate = lr_max / 10\n')
+    (tmp_path / 'zero.py').write_text('batch_size = 8 // 0\n')
+    (tmp_path / 'bytes.py').write_bytes(b'\xff\xfe\x00 binary')
+    c = torch.load(ckpt, weights_only=True)
+    torch.save(dict(c, task='rm'), tmp_path / 'rm_no_head.pt')
+    data = ['--dataset=synth', f'--vocab_size={VOCAB}', *TINY, *CPU, '--max_iters=1', f'--out_dir={tmp_path}/o']
+    train_cases = {'checkpoint as a config file': data + [ckpt], 'NameError': data + [str(tmp_path / 'name.py')],
+                   'ZeroDivisionError': data + [str(tmp_path / 'zero.py')],
+                   'binary config': data + [str(tmp_path / 'bytes.py')]}
+    m = [f'--checkpoint={ckpt}', '--device=cpu']
+    rm = f'--reward={tmp_path}/rm_no_head.pt'
+    sample_cases = {'checkpoint as a config file': [ckpt], 'reward and chat': m + [rm, '--chat', '--start=Hi'],
+                    'reward and eval': m + [rm, f'--eval={tmp_path}/name.py'],
+                    'reward and eval_instruct': m + [rm, '--eval_instruct=3'],
+                    'system without chat': m + ['--system=Be kind.', '--start=Hi'],
+                    'start with eval_instruct': m + ['--eval_instruct=3', '--start=Hi'],
+                    'a reward model without its head': [rm, '--start=Hi', '--answers=Yes'],
+                    'eval and chat': m + ['--chat', '--eval=x.txt']}
+    answers = {**refused('train.py', train_cases, work), **{
+        'sample: ' + k: v for k, v in refused('sample.py', sample_cases, work).items()}}
+    assert '--init_from=' in answers['checkpoint as a config file']
+    assert '--checkpoint=' in answers['sample: checkpoint as a config file']
+    assert 'line 2' in answers['NameError'] and 'reward_head' in answers['sample: a reward model without its head']
+    print('\n'.join(f"  {k}: {v}" for k, v in answers.items()))
+    # Ctrl-C in the middle of an export: one line, exit 130, the earlier export whole
+    big = random_checkpoint(str(tmp_path / 'big.pt'), c['tokenizer'], VOCAB, dim=512, n_layers=8, n_heads=8)
+    export(work, big, tmp_path / 'x' / 'model.bin')
+    before = snapshot(tmp_path / 'x')
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'export.py'), str(tmp_path / 'x' / 'model.bin'),
+                          f'--checkpoint={big}', '--version=2'], cwd=work, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    while p.poll() is None and not glob.glob(str(tmp_path / 'x' / 'model.bin.tmp*')):
+        pass
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and err.strip().startswith('interrupted: ') and len(err.strip().splitlines()) == 1, err
+    assert snapshot(tmp_path / 'x') == before
 
 
 # -----------------------------------------------------------------------------
@@ -1548,7 +1884,7 @@ def test_export_reads_checkpoints_without_torch(work, tmp_path):
     sd['layers.0.attention.wq.weight'] = sd['layers.0.attention.wq.weight'].t().contiguous().t()
     sd['layers.1.feed_forward.w2.weight'] = sd['layers.1.feed_forward.w2.weight'].bfloat16()
     sd['layers.0.ffn_norm.weight'] = sd['layers.0.ffn_norm.weight'].half() + 0.5
-    tok = open(os.path.join(work, 'data', f'tok{VOCAB}.model'), 'rb').read()
+    tok = open(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'), 'rb').read()
     ckpt, out = str(tmp_path / 'c.pt'), str(tmp_path / 'm.bin')
     torch.save({'model': sd, 'optimizer': opt.state_dict(), 'model_args': asdict(m.params),
                 'tokenizer': tok}, ckpt)
@@ -1585,7 +1921,7 @@ PROMPTS = ["Once upon a time", "", "从前，有一只小猫"]
 
 def test_run_c_generates_what_sample_py_generates(exported, runc):
     work = exported['work']
-    tok = Tokenizer(os.path.join(work, 'data', f'tok{VOCAB}.model'))
+    tok = Tokenizer(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'))
     lengths = []
     for name in ('trained', 'random'):
         ckpt, model_bin = exported[name]
@@ -1611,7 +1947,7 @@ def test_repetition_penalty_by_hand_and_same_in_c_and_python(exported, runc):
     assert penalize_repeats(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0, 0.0]]
     assert penalize_repeats(logits, seen, 1.0) is logits
     work, (ckpt, model_bin) = exported['work'], exported['trained']
-    tok = Tokenizer(os.path.join(work, 'data', f'tok{VOCAB}.model'))
+    tok = Tokenizer(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'))
     texts = {}
     for prompt in ("Once upon a time", "从前，有一只小猫"):
         n_prompt = len(tok.encode(prompt, bos=True))
@@ -1642,7 +1978,7 @@ def test_bits_per_byte(exported, tiny, tmp_path):
     import json
     from preprocess import read_txt
     work = exported['work']
-    tok = Tokenizer(os.path.join(work, 'data', f'tok{VOCAB}.model'))
+    tok = Tokenizer(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'))
     table = tok.token_bytes()
     for s in ROUNDTRIP[:11]:
         assert sum(table[i] for i in tok.encode(s, bos=True, eos=True)) == len(s.encode()) + (s != ''), s
@@ -1678,7 +2014,7 @@ def test_bits_per_byte(exported, tiny, tmp_path):
 
 def test_run_c_logits_match_pytorch(exported, runc):
     work = exported['work']
-    tok = Tokenizer(os.path.join(work, 'data', f'tok{VOCAB}.model'))
+    tok = Tokenizer(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'))
     text = open(os.path.join(work, 'data', 'synth', 'stories.txt'), encoding='utf-8').read()[:600]
     ids = tok.encode(text, bos=True)[:150]
     prompt = tok.decode(ids)
@@ -1710,7 +2046,7 @@ ENCODE_TEXTS = ["Once upon a time, there was a little cat.", "从前有一只小
 
 
 def test_run_c_encoder_matches_sentencepiece(work, runc, tmp_path):
-    cases = [(os.path.join(work, 'data', f'tok{v}.model'), ENCODE_TEXTS) for v in (VOCAB, 2048)]
+    cases = [(os.path.join(work, 'data', 'synth', f'tok{v}.model'), ENCODE_TEXTS) for v in (VOCAB, 2048)]
     fixture = os.path.join(FIXTURES, 'tok512.model')
     if os.path.exists(fixture):  # trained with remove_extra_whitespaces: no runs of spaces there
         cases.append((fixture, [s for s in ENCODE_TEXTS if '  ' not in s and not s.startswith(' ')]))
@@ -2059,7 +2395,7 @@ def test_int8_close_to_float32(exported, runc):
     ckpt, model_bin = exported['trained']
     work = exported['work']
     q80 = export(work, ckpt, exported['dir'] / 'trained' / 'model_q80.bin', '--version=2')
-    tok = Tokenizer(os.path.join(work, 'data', f'tok{VOCAB}.model'))
+    tok = Tokenizer(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'))
     val = np.fromfile(os.path.join(work, 'data', 'synth', f'tok{VOCAB}', 'val.bin'), dtype=np.uint16)
     docs = [d for d in np.split(val, np.flatnonzero(val == tok.bos_id)[1:]) if 20 < len(d) <= 256][:12]
     agree, n, loss = 0, 0, {'f32': 0.0, 'q80': 0.0}
@@ -2089,7 +2425,7 @@ def test_chat_context_full_same_in_c_and_python(work, runc, tmp_path):
     """A reply runs to the end of the context and the chat ends quietly; a message that does
     not fit is a stop the user must act on: exit 1 and one line, the same in run.c and
     sample.py, with the same text before it."""
-    tok = open(os.path.join(work, 'data', f'tok{VOCAB}.model'), 'rb').read()
+    tok = open(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'), 'rb').read()
     ckpt = random_checkpoint(str(tmp_path / 'c.pt'), tok, VOCAB, dim=32, seq=64)
     model_bin = export(work, ckpt, tmp_path / 'm.bin')
     for first, rest, code in (('Hi', '', 0), ('Hi', 'more\n', 1), ('word ' * 80, '', 1)):
