@@ -4,7 +4,10 @@
 #   make test    the test suite
 #   make run     build ./run (then: ./run out/model.bin)
 PYTHON ?= python3
-CC ?= gcc
+# gcc unless CC is given (make's own default, cc, would win over CC ?= gcc)
+ifeq ($(origin CC),default)
+CC = gcc
+endif
 TORCH ?= torch==2.13.0
 VOCAB ?= 1024
 

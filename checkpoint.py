@@ -353,22 +353,6 @@ def nonfinite_weights(path, name):
         "earlier checkpoint, or train again with a lower --learning_rate")
 
 
-def checkpoint_tokenizer(path, ckpt):
-    """The checkpoint's own tokenizer, which must fit its vocabulary."""
-    from tokenizer import Tokenizer  # tokenizer.py imports this file for write_atomic
-    blob = ckpt.get('tokenizer')
-    if not isinstance(blob, (bytes, bytearray)):
-        die(f"{path} holds no tokenizer — it was not written by our train.py")
-    try:
-        tok = Tokenizer(blob)
-    except Exception as e:  # SentencePiece raises RuntimeError on a foreign blob
-        die(f"{path}: its tokenizer is not a SentencePiece model ({str(e).strip()[:80]})")
-    if tok.n_words != ckpt['model_args']['vocab_size']:
-        die(f"{path}: its tokenizer has {tok.n_words} tokens but the model "
-            f"{ckpt['model_args']['vocab_size']} — the checkpoint was put together wrongly")
-    return tok
-
-
 def load_model(path, device='cpu'):
     """The model and the checkpoint dict, read with torch.load(weights_only=True) after the
     torch-free reader has bounded every size and check_model every shape."""

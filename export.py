@@ -22,12 +22,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from checkpoint import (FolderLock, check_model, checkpoint_tokenizer, nonfinite_weights,
-                        read_checkpoint, same_file, write_atomic, write_folder)
+from checkpoint import (FolderLock, check_model, nonfinite_weights, read_checkpoint, same_file,
+                        write_atomic, write_folder)
 from configurator import configure, die
 from export_gguf import gguf_chunks
-from tokenizer import (CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, is_tokenizer_bin,
-                       jinja_chat_template, tokenizer_bin)
+from tokenizer import (CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, checkpoint_tokenizer,
+                       is_tokenizer_bin, jinja_chat_template, tokenizer_bin)
 
 # -----------------------------------------------------------------------------
 checkpoint = 'out/ckpt.pt'

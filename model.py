@@ -3,9 +3,10 @@ A Llama 2 decoder, as in llama2.c: RMSNorm, rotary position embeddings (RoPE),
 grouped-query attention, a SwiGLU feed-forward, tied input/output embeddings, and a
 key/value cache so generation costs one token's work per step.
 
-The model reads first as the reference (what training runs); generation's fast path, the
-KV cache with its own layout of the weights and decode(), is apart in the last sections
-and computes the same. The parameter names are llama2.c's (tok_embeddings,
+The model reads first as the reference: one forward pass, which training runs and which a
+KV cache passes through when generating. Generation's fast path on the CPU, FastDecoder
+(the same steps on the weights laid out for one token at a time), is apart in the last
+section and computes the same. The parameter names are llama2.c's (tok_embeddings,
 layers.N.attention.wq, ...), so its tools and ours read the same checkpoints. This file
 imports nothing of ours.
 """
@@ -79,8 +80,9 @@ def apply_rotary_emb(x, cos2, sin2):
 
 
 class Attention(nn.Module):
-    def __init__(self, args):
+    def __init__(self, args, layer_id):
         super().__init__()
+        self.layer_id = layer_id  # which of the cache's layers holds this one's keys and values
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
         self.head_dim = args.dim // args.n_heads
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
@@ -90,7 +92,7 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(args.dropout)
         self.dropout = args.dropout
 
-    def forward(self, x, freqs_cos, freqs_sin):
+    def forward(self, x, freqs_cos, freqs_sin, cache=None):
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         # QKV: each position's query, key and value vector in every head
@@ -100,15 +102,26 @@ class Attention(nn.Module):
         # RoPE: rotate queries and keys by their positions, so that q.k depends on their distance
         q = apply_rotary_emb(q, freqs_cos, freqs_sin)
         k = apply_rotary_emb(k, freqs_cos, freqs_sin)
-        # heads as batch: (B, n_heads, T, head_dim), and k, v (B, n_kv_heads, T, head_dim)
+        if cache is not None:  # generating: the keys and values of the earlier positions too
+            k, v = cache.update(self.layer_id, k, v)  # (B, S, n_kv_heads, head_dim), S >= T
+        # heads as batch: (B, n_heads, T, head_dim), and k, v (B, n_kv_heads, S, head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         # causal self-attention, flash attention on CUDA; enable_gqa lets n_heads/n_kv_heads
         # query heads share a key/value head without materialising repeated copies
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, k.size(2), x.device),
+                                           is_causal=k.size(2) == T, enable_gqa=H != KV,
                                            dropout_p=self.dropout if self.training else 0.0)
         # concat the heads: (B, n_heads, T, head_dim) -> (B, T, n_heads * head_dim)
         y = y.transpose(1, 2).contiguous().view(B, T, H * D)
         return self.resid_dropout(self.wo(y))  # (B, T, dim)
+
+
+def causal_mask(T, S, device):
+    """T new positions after S - T cached ones: row i sees positions 0 .. S - T + i. None
+    where no mask is needed: no cached positions (is_causal says it), or one new token."""
+    if S == T or T == 1:
+        return None
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
 
 
 class FeedForward(nn.Module):
@@ -155,15 +168,15 @@ class MoEFeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args):
+    def __init__(self, args, layer_id):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer_id)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args)
 
-    def forward(self, x, freqs_cos, freqs_sin):
-        h = x + self.attention(self.attention_norm(x), freqs_cos, freqs_sin)
+    def forward(self, x, freqs_cos, freqs_sin, cache=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cos, freqs_sin, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -176,7 +189,7 @@ class Transformer(nn.Module):
         self.params = params
         self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
         self.dropout = nn.Dropout(params.dropout)
-        self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(params, i) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
         # tied weights: the classifier reuses the embedding table (fewer parameters,
@@ -196,20 +209,26 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def trunk(self, tokens, cache=None):
+        """tokens (B, T) -> the final hidden states (B, T, dim), normalised: what the output
+        head reads (and the reward model's head). With a cache (a KVCache, for generation)
+        the tokens continue the sequence the cache holds, at positions cache.pos.."""
+        T, pos = tokens.size(1), cache.pos if cache is not None else 0
+        if pos + T > (cache.max_len if cache is not None else self.params.max_seq_len):
+            raise ValueError(f"positions {pos}..{pos + T - 1} exceed the context "
+                             f"(max_seq_len {self.params.max_seq_len}, or the cache's length)")
+        h = self.dropout(self.tok_embeddings(tokens))
+        cos, sin = self.freqs_cos[pos:pos + T], self.freqs_sin[pos:pos + T]
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(h)
+
     def forward(self, tokens, targets=None, cache=None):
         """tokens (B, T). With targets (B, T): all logits and the mean cross-entropy over
-        targets that are not -1. Without: logits of the last position only, (B, 1, V).
-        With a cache (a KVCache, for generation): the tokens continue the sequence the
-        cache holds, through decode() in the last section, which computes the same."""
-        if cache is not None:
-            return decode(self, tokens, cache), None
-        T = tokens.size(1)
-        if T > self.params.max_seq_len:
-            raise ValueError(f"{T} positions exceed max_seq_len {self.params.max_seq_len}")
-        h = self.dropout(self.tok_embeddings(tokens))
-        for layer in self.layers:
-            h = layer(h, self.freqs_cos[:T], self.freqs_sin[:T])
-        h = self.norm(h)
+        targets that are not -1. Without: logits of the last position only, (B, 1, V)."""
+        h = self.trunk(tokens, cache)
         if targets is None:
             return self.output(h[:, -1:, :]), None  # a view: [-1] as a list would copy
         logits = self.output(h)
@@ -264,21 +283,23 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=0.0,
-                 stop_id=None, generator=None, repetition_penalty=1.0, exempt=()):
+                 stop_id=None, generator=None, repetition_penalty=1.0, exempt=(), fast=True):
         """Continue idx (B, T) by up to max_new_tokens tokens (fewer if the context fills
         up), with the KV cache: the prompt is processed in one pass, then one token per
         step. temperature 0 is greedy. stop_id: an id or a set of ids; generation ends
         when every row has produced one (rows that stopped are padded with it).
         repetition_penalty != 1 makes each token of the context so far less likely, but
-        for the ids in exempt (see penalize_repeats)."""
+        for the ids in exempt (see penalize_repeats). fast=False steps through forward()
+        itself instead of FastDecoder, which computes the same."""
         B, T = idx.shape
         stops = {stop_id} if isinstance(stop_id, int) else set(stop_id or ())
         seen = Seen(B, self.params.vocab_size, exempt, idx)
         # the last new token is never run through the model, so it may sit at max_seq_len
         max_new_tokens = min(max_new_tokens, self.params.max_seq_len - T + 1)
         cache = KVCache(self, B, T + max_new_tokens - 1)
+        decode = FastDecoder(self, cache) if fast else lambda tokens: self(tokens, cache=cache)[0]
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        logits, _ = self(idx, cache=cache)
+        logits = decode(idx)
         for step in range(max_new_tokens):
             last = penalize_repeats(logits[:, -1, :], seen.mask, repetition_penalty)
             nxt = sample_next(last, temperature, top_k, top_p, generator)
@@ -290,7 +311,7 @@ class Transformer(nn.Module):
             idx = torch.cat([idx, nxt[:, None]], dim=1)
             if stops and bool(done.all()) or step == max_new_tokens - 1:
                 break
-            logits, _ = self(nxt[:, None], cache=cache)
+            logits = decode(nxt[:, None])
         return idx
 
 
@@ -311,18 +332,20 @@ class RewardModel(Transformer):
     def forward(self, tokens, targets):
         """tokens (B, T); targets (B, T) the answer's tokens where they are predicted, -1
         elsewhere, as in training (the answer ends with its <|im_end|>) -> rewards (B,)"""
-        T = tokens.size(1)
-        h = self.dropout(self.tok_embeddings(tokens))
-        for layer in self.layers:
-            h = layer(h, self.freqs_cos[:T], self.freqs_sin[:T])
-        h = self.norm(h)
+        h = self.trunk(tokens)
         last = h[torch.arange(tokens.size(0)), last_tokens(targets)]  # (B, dim)
         reward = self.reward_head(last).squeeze(-1)
         if self.likelihood:
-            logp = -F.cross_entropy(self.output(h).flatten(0, 1).float(), targets.flatten(),
-                                    ignore_index=-1, reduction='none')
-            reward = reward + logp.view(targets.shape).sum(1)
+            reward = reward + token_logprobs(self.output(h), targets).sum(1)
         return reward
+
+
+def token_logprobs(logits, targets):
+    """log p(targets[t]) under logits[t] at every position: (B, T), 0 where targets is -1
+    (not counted)"""
+    logp = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1,
+                            reduction='none')
+    return logp.view(targets.shape)
 
 
 def last_tokens(targets):
@@ -381,27 +404,46 @@ def sample_next(logits, temperature, top_k=0, top_p=0.0, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# fast decoding: the KV cache and the weights generation multiplies by
+# the KV cache
 
 class KVCache:
-    """What generation keeps between steps, for one model and batch size: each layer's keys
-    and values so far, (B, max_len, n_kv_heads, head_dim), the position the next token
-    takes, and copies of the weights that decode() multiplies by. Nothing is stored on the
-    model: drop the cache and all of it is freed. The copies are detached, so a cache is for
-    inference only; the model trains as if it never existed."""
+    """What generation keeps between steps: each layer's keys and values of the positions
+    so far, (B, max_len, n_kv_heads, head_dim), and pos, the position the next token takes.
+    model(tokens, cache=cache) adds the tokens' keys and values and attends over all of
+    them. Nothing is stored on the model: drop the cache and its memory is freed."""
 
     def __init__(self, model, batch_size, max_len=None):
-        p = model.params
+        p, w = model.params, model.output.weight
         self.max_len = min(max_len or p.max_seq_len, p.max_seq_len)
         self.pos = 0
-        w = model.output.weight
         shape = (batch_size, self.max_len, p.n_kv_heads, p.dim // p.n_heads)
         self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in model.layers]
         self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in model.layers]
-        # Decoding multiplies one row by each matrix, which CPU BLAS gives to about one
-        # thread, and it reads a cold matrix faster as (in, out) and wide. So the matrices
-        # read by the same input sit side by side (q|k|v, w1|w3), transposed, cut into one
-        # block of columns per thread for matmul_blocks: 117 -> 154 tok/s (15M, 2 threads).
+
+    def update(self, layer, k, v):
+        """Keep k, v (B, T, n_kv_heads, head_dim) of positions pos..pos+T-1 in layer's slots;
+        returns the keys and values of every position so far, (B, pos + T, ...). The
+        model moves pos on once all its layers have run."""
+        B, S = k.size(0), self.pos + k.size(1)
+        self.k[layer][:B, self.pos:S], self.v[layer][:B, self.pos:S] = k, v
+        return self.k[layer][:B, :S], self.v[layer][:B, :S]
+
+
+# -----------------------------------------------------------------------------
+# fast decoding on the CPU: the same steps, on the weights laid out for one token at a time
+
+class FastDecoder:
+    """FastDecoder(model, cache)(tokens) computes model(tokens, cache=cache)[0], faster on
+    the CPU. A decoding step multiplies one row by each matrix, which CPU BLAS gives to about
+    one thread, and it reads a cold matrix faster as (in, out) and wide. So the matrices read
+    by the same input sit side by side (q|k|v, w1|w3), transposed, cut into one block of
+    columns per thread for matmul_blocks. The copies are detached and made when the decoder
+    is: it is for inference, on the weights of that moment; the model trains as if it never
+    existed."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        w = model.output.weight
         threads = torch.get_num_threads() if w.device.type == 'cpu' else 1
 
         def fused(*linears):  # (out, in) weights -> column blocks of (in, sum of outs)
@@ -409,10 +451,40 @@ class KVCache:
         attn, ffn = [l.attention for l in model.layers], [l.feed_forward for l in model.layers]
         self.wqkv = [fused(a.wq, a.wk, a.wv) for a in attn]
         self.wo = [fused(a.wo) for a in attn]
-        moe = p.n_experts > 0  # a mixture of experts decodes through its own module
-        self.w13 = [None if moe else fused(f.w1, f.w3) for f in ffn]
-        self.w2 = [None if moe else fused(f.w2) for f in ffn]
+        self.moe = model.params.n_experts > 0  # a mixture's feed-forward runs as the model's
+        self.w13 = [] if self.moe else [fused(f.w1, f.w3) for f in ffn]
+        self.w2 = [] if self.moe else [fused(f.w2) for f in ffn]
         self.output = fused(model.output)
+
+    def __call__(self, tokens):
+        """tokens (B, T) at positions cache.pos.. -> logits of the last one (B, 1, V): the
+        steps of Transformer.forward, with q and k rotated in one call"""
+        model, cache = self.model, self.cache
+        B, T = tokens.shape
+        p, pos = model.params, cache.pos
+        H, KV, D = p.n_heads, p.n_kv_heads, p.dim // p.n_heads
+        if pos + T > cache.max_len:
+            raise ValueError(f"positions {pos}..{pos + T - 1} exceed the cache's {cache.max_len} "
+                             f"(max_seq_len {p.max_seq_len})")
+        cos, sin = model.freqs_cos[pos:pos + T], model.freqs_sin[pos:pos + T]
+        mask = causal_mask(T, pos + T, tokens.device)
+        h = model.tok_embeddings(tokens)
+        for i, layer in enumerate(model.layers):
+            x = layer.attention_norm(h)
+            qk, v = matmul_blocks(x, self.wqkv[i]).split([(H + KV) * D, KV * D], dim=-1)
+            q, k = apply_rotary_emb(qk.view(B, T, H + KV, D), cos, sin).split([H, KV], dim=2)
+            k, v = cache.update(i, k, v.view(B, T, KV, D))  # (B, S, n_kv_heads, head_dim)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not pos and T > 1,
+                                               enable_gqa=H != KV)  # (B, n_heads, T, head_dim)
+            h = h + matmul_blocks(y.transpose(1, 2).reshape(B, T, H * D), self.wo[i])
+            if self.moe:
+                h = h + layer.feed_forward(layer.ffn_norm(h))
+            else:
+                gate, value = matmul_blocks(layer.ffn_norm(h), self.w13[i]).chunk(2, dim=-1)
+                h = h + matmul_blocks(F.silu(gate) * value, self.w2[i])
+        cache.pos += T
+        return matmul_blocks(model.norm(h[:, -1:, :]), self.output)
 
 
 def column_blocks(w, n):
@@ -428,39 +500,3 @@ def matmul_blocks(x, w):
     B, T, _ = x.shape
     y = torch.bmm(x.reshape(1, B * T, -1).expand(w.size(0), -1, -1), w)  # (n, B*T, out/n)
     return y.transpose(0, 1).reshape(B, T, -1)
-
-
-def decode(model, tokens, cache):
-    """model(tokens, cache=cache): tokens (B, T) at positions cache.pos.. -> logits of the
-    last one (B, 1, V). The steps of Transformer.forward, with the cache's weights, q and k
-    rotated in one call, and the keys and values of earlier positions from the cache."""
-    B, T = tokens.shape
-    p, pos = model.params, cache.pos
-    H, KV, D = p.n_heads, p.n_kv_heads, p.dim // p.n_heads
-    if pos + T > cache.max_len:
-        raise ValueError(f"positions {pos}..{pos + T - 1} exceed the cache's {cache.max_len} "
-                         f"(max_seq_len {p.max_seq_len})")
-    cos, sin = model.freqs_cos[pos:pos + T], model.freqs_sin[pos:pos + T]
-    S = pos + T  # positions attended to
-    # a block after cached positions sees them all and, causally, itself: row i sees 0..pos+i
-    mask = None
-    if pos and T > 1:
-        mask = torch.ones(T, S, dtype=torch.bool, device=tokens.device).tril(pos)
-    h = model.tok_embeddings(tokens)
-    for i, layer in enumerate(model.layers):
-        x = layer.attention_norm(h)
-        qk, v = matmul_blocks(x, cache.wqkv[i]).split([(H + KV) * D, KV * D], dim=-1)
-        q, k = apply_rotary_emb(qk.view(B, T, H + KV, D), cos, sin).split([H, KV], dim=2)
-        cache.k[i][:B, pos:S], cache.v[i][:B, pos:S] = k, v.view(B, T, KV, D)
-        k, v = cache.k[i][:B, :S], cache.v[i][:B, :S]  # (B, S, n_kv_heads, head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not pos and T > 1,
-                                           enable_gqa=H != KV)  # (B, n_heads, T, head_dim)
-        h = h + matmul_blocks(y.transpose(1, 2).reshape(B, T, H * D), cache.wo[i])
-        if cache.w13[i] is None:  # a mixture of experts
-            h = h + layer.feed_forward(layer.ffn_norm(h))
-            continue
-        gate, value = matmul_blocks(layer.ffn_norm(h), cache.w13[i]).chunk(2, dim=-1)
-        h = h + matmul_blocks(F.silu(gate) * value, cache.w2[i])
-    cache.pos = S
-    return matmul_blocks(model.norm(h[:, -1:, :]), cache.output)

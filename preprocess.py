@@ -35,7 +35,7 @@ import zipfile
 
 import numpy as np
 
-from checkpoint import write_atomic, write_folder
+from checkpoint import read_checkpoint, write_atomic, write_folder
 from configurator import configure, die, on_interrupt
 from tokenizer import Tokenizer, train_tokenizer
 
@@ -268,7 +268,6 @@ def load_tokenizer(kind='tok'):
         die(f"{path} not found — " + recipe(dataset, vocab_size, data_dir, kind))
     blob = open(path, 'rb').read()
     if blob.startswith(b'PK\x03\x04'):  # a checkpoint: the tokenizer it was trained with
-        from checkpoint import read_checkpoint
         blob = read_checkpoint(path).get('tokenizer')
         if not isinstance(blob, bytes):
             die(f"--tokenizer={path} holds no tokenizer — it was not written by our train.py")

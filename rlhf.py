@@ -15,13 +15,12 @@ them, and test_all.py checks each against a computation by hand.
 import torch
 import torch.nn.functional as F
 
+from model import token_logprobs
+
 
 def token_logps(model, x, y):
     """log p(y[t] | x[..t]) at every position: (rows, T), 0 where y is -1 (not counted)"""
-    logits, _ = model(x, y)
-    logp = -F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
-                            reduction='none')
-    return logp.view(y.shape)
+    return token_logprobs(model(x, y)[0], y)
 
 
 # -----------------------------------------------------------------------------

@@ -28,10 +28,11 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import checkpoint_tokenizer, load_model
+from checkpoint import load_model
 from configurator import check, check_device, configure, die, on_interrupt
-from model import KVCache, RewardModel, Seen, penalize_repeats, sample_next
+from model import FastDecoder, KVCache, RewardModel, Seen, penalize_repeats, sample_next
 from preprocess import rows_of
+from tokenizer import checkpoint_tokenizer
 
 # -----------------------------------------------------------------------------
 checkpoint = 'out/ckpt.pt'
@@ -172,6 +173,7 @@ class Chat:
     """A conversation kept in its own KV cache: each turn only feeds its new tokens."""
     def __init__(self):
         self.cache, self.pending = KVCache(model, 1, max_seq_len), [tok.bos_id]
+        self.step = FastDecoder(model, self.cache)
         self.seen = Seen(1, model.params.vocab_size, tok.special_ids())  # the whole conversation
         if system:
             self.pending += tok.encode_message('system', system)[0]
@@ -180,7 +182,7 @@ class Chat:
         x = torch.tensor([ids], dtype=torch.long, device=device)
         self.seen.add(x)
         with torch.inference_mode():
-            logits, _ = model(x, cache=self.cache)
+            logits = self.step(x)
         return logits[:, -1, :]
 
     def reply(self, user):

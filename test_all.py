@@ -230,30 +230,35 @@ def test_corpus_formats(tmp_path):
 
 @pytest.mark.parametrize('threads', [1, 2, 3])
 def test_kv_cache_generation_equals_full_forward(threads, monkeypatch):
-    """Generation (KV cache; q|k|v and w1|w3 fused into one matmul each, transposed weights
-    in a block of columns per thread: 3 threads divide neither the vocabulary (256) nor
-    q|k|v (128), which fall back to 2 blocks, while w1|w3 (384) takes 3) gives the tokens
-    and logits of the plain full forward."""
+    """Generation with the KV cache gives the tokens and logits of the plain full forward,
+    through forward() itself and through FastDecoder (q|k|v and w1|w3 fused into one matmul
+    each, transposed weights in a block of columns per thread: 3 threads divide neither the
+    vocabulary (256) nor q|k|v (128), which fall back to 2 blocks, while w1|w3 (384) takes 3)."""
+    from model import FastDecoder, KVCache
     monkeypatch.setattr(torch, 'get_num_threads', lambda: threads)
     torch.manual_seed(0)
     m = Transformer(ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=256,
                               max_seq_len=96)).eval()
     prompt = torch.randint(3, 256, (2, 9))
-    fast = m.generate(prompt, 60, temperature=0)
     slow = prompt
     with torch.no_grad():
         for _ in range(60):  # no cache: the whole sequence every step
             logits, _ = m(slow, torch.zeros_like(slow))
             slow = torch.cat([slow, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(fast, slow)
+    for fast in (False, True):
+        assert torch.equal(m.generate(prompt, 60, temperature=0, fast=fast), slow), fast
     # incremental logits equal the full forward's at every position, also in blocks
     x = torch.randint(0, 256, (1, 40))
     full, _ = m(x, torch.zeros_like(x))
-    from model import KVCache
-    cache = KVCache(m, 1, 40)
-    parts = [m(x[:, a:b], cache=cache)[0][:, -1] for a, b in ((0, 10), (10, 11), (11, 25), (25, 40))]
-    for (a, b), p in zip(((0, 10), (10, 11), (11, 25), (25, 40)), parts):
-        assert torch.allclose(p, full[:, b - 1], atol=1e-5)
+    blocks = ((0, 10), (10, 11), (11, 25), (25, 40))
+    with torch.no_grad():
+        cache, fast_cache = KVCache(m, 1, 40), KVCache(m, 1, 40)
+        step = FastDecoder(m, fast_cache)
+        for a, b in blocks:
+            plain, fast = m(x[:, a:b], cache=cache)[0][:, -1], step(x[:, a:b])[:, -1]
+            assert torch.allclose(plain, full[:, b - 1], atol=1e-5)
+            assert torch.allclose(fast, full[:, b - 1], atol=1e-5)
+        assert cache.pos == fast_cache.pos == 40
 
 
 def test_generation_leaves_training_unchanged():

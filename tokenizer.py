@@ -22,6 +22,7 @@ import sys
 import sentencepiece as spm
 
 from checkpoint import write_atomic
+from configurator import die
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # One chat template (ChatML), used by SFT data, sample.py --chat, run.c -m chat and the
@@ -171,6 +172,21 @@ class Tokenizer:
 
     def generation_prompt(self):
         return [self.im_start_id] + self.encode("assistant\n")
+
+
+def checkpoint_tokenizer(path, ckpt):
+    """The checkpoint's own tokenizer, which must fit its vocabulary."""
+    blob = ckpt.get('tokenizer')
+    if not isinstance(blob, (bytes, bytearray)):
+        die(f"{path} holds no tokenizer — it was not written by our train.py")
+    try:
+        tok = Tokenizer(blob)
+    except Exception as e:  # SentencePiece raises RuntimeError on a foreign blob
+        die(f"{path}: its tokenizer is not a SentencePiece model ({str(e).strip()[:80]})")
+    if tok.n_words != ckpt['model_args']['vocab_size']:
+        die(f"{path}: its tokenizer has {tok.n_words} tokens but the model "
+            f"{ckpt['model_args']['vocab_size']} — the checkpoint was put together wrongly")
+    return tok
 
 
 def render_chat(messages, add_generation_prompt=False):
