@@ -18,6 +18,7 @@ be given as an argument too (nanoGPT style). Ctrl-C saves a checkpoint and stops
 
 import atexit
 import copy
+import importlib
 import math
 import os
 import signal
@@ -51,6 +52,11 @@ task = 'pretrain'        # pretrain | sft | dpo | rm (reward model) | rl
 wandb_log = False        # log to Weights & Biases (pip install wandb)
 wandb_project = 'llama-from-scratch'
 wandb_run_name = 'run'
+swanlab_log = False      # log to SwanLab (pip install swanlab): what wandb gets
+swanlab_project = 'llama-from-scratch'
+swanlab_run_name = 'run'
+swanlab_mode = 'online'  # online (swanlab login first) | offline: kept in out_dir/swanlog for
+                         # swanlab sync | local: swanlab watch shows it (swanlab[dashboard])
 # data: data/{dataset}/tok{vocab_size}/ (sft{N}/, dpo{N}/ for fine-tuning), see preprocess.py
 data_dir = 'data'
 dataset = 'tinystories'
@@ -127,6 +133,7 @@ check(globals(), {
     'max_new_tokens': at_least_1, 'rl_prompts': at_least_1,
     'dtype': (lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'),
               "auto, float32, bfloat16 or float16"),
+    'swanlab_mode': (lambda v: v in ('online', 'offline', 'local'), "online, offline or local"),
 })
 check_device(device)
 if dtype == 'float16' and not device.startswith('cuda'):
@@ -593,6 +600,17 @@ log = RunLog(log_path, ['iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec'
              resume=(resume_log, iter_num) if init_from == 'resume' else None) if master else None
 
 
+def tracker(name):
+    """wandb or swanlab, imported only when asked for: neither is needed to train."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        die(f"--{name}_log=True needs the {name} package: pip install {name}")
+
+
+trackers = []  # wandb, swanlab: what they get is what log.csv gets (track() below)
+
+
 if master:
     per_iter = (f"{tokens_per_iter:,} tokens per iteration" if task != 'rl' else
                 f"{tokens_per_iter // max_seq_len:,} prompts x {group_size} answers per iteration")
@@ -609,8 +627,26 @@ if master:
         print(f"note: {' '.join(ignored)} ignored: {path} brings its own shape ("
               + ", ".join(f"{k}={model_args.get(k)}" for k in SHAPE) + ")", file=sys.stderr)
     if wandb_log:
-        import wandb
+        wandb = tracker('wandb')
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+        trackers.append(wandb)
+    if swanlab_log:
+        swanlab = tracker('swanlab')
+        try:  # online mode with no login and no terminal to ask for one fails here
+            swanlab.init(project=swanlab_project, name=swanlab_run_name, config=config,
+                         mode=swanlab_mode, log_dir=os.path.join(out_dir, 'swanlog'))
+        except Exception as e:
+            why = str(e).strip().splitlines()[0][:200].rstrip('.')
+            die(f"SwanLab did not start: {why} — run `swanlab login`, or keep the run on disk "
+                "with --swanlab_mode=offline")
+        trackers.append(swanlab)
+
+
+def track(metrics):
+    """The same numbers to every tracker that is on, at this iteration."""
+    for t in trackers:
+        t.log({'iter': iter_num, **metrics}, step=iter_num)
+
 
 stop = False  # Ctrl-C: finish the step, save, exit
 
@@ -639,8 +675,7 @@ while True:
         train_loss = f"{losses['train']:.6f}" if 'train' in losses else ''
         log.add([iter_num, train_loss, f"{losses['val']:.6f}", f"{lr:.3e}", '']
                 + [f"{losses[k]:.6f}" if k in losses else '' for k in log_extra])
-        if wandb_log:
-            wandb.log({'iter': iter_num, **{f'eval/{k}': v for k, v in losses.items()}}, step=iter_num)
+        track({f'eval/{k}': v for k, v in losses.items()})
         if not all(math.isfinite(v) for v in losses.values()):
             die(f"evaluation loss is not finite at iteration {iter_num} — stopped; "
                 f"{kept()}; lower --learning_rate")
@@ -701,8 +736,8 @@ while True:
             step['aux_loss'] = aux_sum.item()
         log.add([iter_num, f"{lossf:.6f}", '', f"{lr:.3e}", '' if task == 'rl' else f"{tok_s:.0f}"]
                 + [f"{step[k]:.6f}" if k in step else '' for k in log_extra])
-        if wandb_log:
-            wandb.log({'iter': iter_num, 'train/loss': lossf, 'lr': lr, 'tok_s': tok_s}, step=iter_num)
+        track({'train/loss': lossf, 'lr': lr, **{f'train/{k}': v for k, v in step.items()},
+               **({'tok_s': tok_s} if task != 'rl' else {})})
     iter_num += 1
     local_iter += 1
 
