@@ -8,9 +8,11 @@ Real data from outside the project is found through FIXTURES (default ../shared/
 tests that need it are reported as skipped where it is absent.
 """
 
+import contextlib
 import csv
 import glob
 from dataclasses import asdict
+import decimal
 import gzip
 import hashlib
 import http.server
@@ -27,6 +29,8 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -837,6 +841,72 @@ def test_rl_resume_continues_identically(rlhf_runs):
     assert any(not torch.equal(fa['model'][k], fa['ref_model'][k]) for k in fa['model'])  # it learned
 
 
+def swanlab_run(out_dir):
+    """The run SwanLab kept in out_dir/swanlog (offline mode), read with SwanLab's own reader
+    of its run file (pinned with swanlab in .ci/run): its start record, and {key: {step: value}}
+    of every scalar logged, less SwanLab's own (__swanlab__.cpu.pct, ...)."""
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+    path, = glob.glob(os.path.join(out_dir, 'swanlog', 'run-*', 'run-*.swanlab'))
+    reader, start, scalars = DataStoreReader(), None, {}
+    reader.open(path)
+    for blob in reader:
+        rec = Record()
+        rec.ParseFromString(blob)
+        if rec.WhichOneof('record_type') == 'start':
+            start = rec.start
+        if rec.WhichOneof('record_type') == 'scalar' and not rec.scalar.key.startswith('__'):
+            scalars.setdefault(rec.scalar.key, {})[rec.scalar.step] = rec.scalar.value.number
+    reader.close()
+    return start, scalars
+
+
+LOG_COLUMNS = ('iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec')  # every task's
+
+
+def tracked(rows):
+    """What a tracker must be sent, from log.csv's rows: {key: {iter: the logged text}}. An
+    eval row's numbers go under eval/, a step's loss and extras under train/."""
+    want = {}
+    for r in rows:
+        kind = 'eval/' if r['val_loss'] else 'train/'
+        names = {'val_loss': 'eval/val', 'train_loss': 'eval/train'} if r['val_loss'] else \
+            {'train_loss': 'train/loss', 'lr': 'lr', 'tokens_per_sec': 'tok_s'}
+        names.update({k: kind + k for k in r if k not in LOG_COLUMNS})  # the task's extras
+        for column, key in [('iter', 'iter'), *names.items()]:
+            if r[column]:
+                want.setdefault(key, {})[int(r['iter'])] = r[column]
+    return want
+
+
+def test_swanlab_logs_what_log_csv_holds(tuned, tmp_path):
+    """--swanlab_log=True in offline mode (no network): a pretraining run of a mixture of
+    experts (val bits per byte, expert load, aux loss) and a few RL steps (rewards, KL; no
+    tokens/s) send SwanLab every number of their log.csv, at its iteration, and nothing else,
+    under the project and run name given."""
+    consumer('swanlab')
+    work, sft, _ = tuned
+    swan = ['--swanlab_log=True', '--swanlab_mode=offline', '--swanlab_project=tiny']
+    runs = {'pretrain': ['--n_experts=4', '--n_experts_per_tok=1', '--batch_size=4',
+                         '--max_seq_len=64', '--max_iters=4', '--eval_interval=2',
+                         '--eval_iters=2'],
+            'rl': [*RL, f'--init_from={sft}', '--max_new_tokens=24', '--eval_iters=2',
+                   '--max_iters=2', '--eval_interval=2']}
+    for task, args in runs.items():
+        out = str(tmp_path / task)
+        train(work, out, *args, *swan, f'--swanlab_run_name={task}-run')
+        start, got = swanlab_run(out)
+        want = tracked(read_log(os.path.join(out, 'log.csv')))
+        assert (start.project, start.name) == ('tiny', f'{task}-run')
+        assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in want.items()}
+        for key, steps in want.items():
+            for step, text in steps.items():  # equal to the digits log.csv printed
+                last_digit = 10.0 ** decimal.Decimal(text).as_tuple().exponent
+                assert abs(got[key][step] - float(text)) <= 0.51 * last_digit, (task, key, step)
+        print(f"swanlab, {task}: {sum(map(len, want.values()))} values of {len(want)} keys, "
+              "as in log.csv")
+
+
 # -----------------------------------------------------------------------------
 # hostile input and crashes (Python side)
 
@@ -994,7 +1064,7 @@ def test_train_refuses_bad_input(work, bad_checkpoints, tmp_path):
         'task': ['--task=ppo'], 'sft_scratch': ['--task=sft'], 'rm_scratch': ['--task=rm'],
         'rl_group': ['--task=rl', '--group_size=1'], 'dpo_beta': ['--task=dpo', '--beta=0', '--init_from=x.pt'],
         'rl_not_synth': ['--task=rl', '--dataset=tinystories', '--init_from=x.pt'], 'typo': ['--batch_sise=8'],
-        'reward_model_not_rl': ['--reward_model=x.pt'],
+        'reward_model_not_rl': ['--reward_model=x.pt'], 'swanlab_mode': ['--swanlab_mode=cloud'],
         'type': ['--batch_size=abc'], 'config_syntax': [str(config)], 'config_missing': ['nope.py'],
         'no_data': ['--dataset=nothing_here'], 'no_tinystories': ['--dataset=tinystories'],
         'shards_deleted': [damaged('deleted', lambda s: os.remove(s / 'train_000.bin'))],
@@ -1870,6 +1940,101 @@ def test_llama_cpp_chat_equals_run_c(tuned, runc, tmp_path):
                 msgs.append({'role': 'assistant', 'content': replies[-1]})
             want = ''.join(f"Assistant: {a}\nUser: " for a in replies) + "\n"
             assert c.stdout.decode() == want, (first, system)
+
+
+@contextlib.contextmanager
+def llama_cpp_server(gguf, log, timeout=90):
+    """llama-cpp-python's OpenAI-compatible server on a free port of 127.0.0.1, as README
+    starts it (no --chat_format: the template comes from the GGUF; --n_ctx 0: the model's
+    context) with a float32 KV cache, as run.c's, and one thread: two threads on a shared,
+    busy 2-core machine wait on each other at every op (a reply took up to a minute, not
+    0.2 s). Yields its /v1 URL and stops it on the way out, whatever happened."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    f32 = '0'  # GGML_TYPE_F32
+    server = subprocess.Popen([sys.executable, '-m', 'llama_cpp.server', '--model', gguf,
+                               '--host', '127.0.0.1', '--port', str(port), '--n_ctx', '0',
+                               '--n_threads', '1', '--n_threads_batch', '1',
+                               '--type_k', f32, '--type_v', f32],
+                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f'http://127.0.0.1:{port}/v1'
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert server.poll() is None, f"the server exited ({server.returncode})"
+            assert time.monotonic() < deadline, f"the server did not answer in {timeout} s"
+            try:
+                with urllib.request.urlopen(url + '/models', timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.25)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_openai_server_chat_equals_run_c(tuned, runc, tmp_path):
+    """The fine-tuned model's GGUF behind llama-cpp-python's OpenAI-compatible server, asked
+    through the openai client at temperature 0, in English and Chinese with a system message:
+    the reply, whole or streamed, is ./run -m chat -t 0's, ending with finish_reason 'stop';
+    max_tokens=8 gives run.c's first 8 tokens (-n 8) and 'length'; a stop string ends the
+    reply just before it. The server applied the template it read from the file."""
+    consumer('llama_cpp')
+    openai = consumer('openai')
+    consumer('llama_cpp.server.app')  # the server's packages: fastapi, uvicorn, sse-starlette
+    work, sft, _ = tuned
+    gguf = export(work, sft, tmp_path / 'sft.gguf', '--version=gguf')  # f32: no repacked kernels
+    model_bin = export(work, sft, tmp_path / 'model.bin')
+    chats = [("You tell short stories.", "Tell me a story about a fox who wants a kite."),
+             ("你会讲短故事。", "给我讲一个关于小兔子想要风筝的故事。")]
+
+    def run_c_reply(system, user, *n):
+        out = run_c(runc, model_bin, '-m', 'chat', '-t', '0', '-y', system, '-i', user, *n)
+        text = out.stdout.decode()
+        assert text.startswith("Assistant: ") and text.endswith("\nUser: \n"), text
+        return text[len("Assistant: "):-len("\nUser: \n")]
+
+    log = open(tmp_path / 'server.log', 'w+')
+    with llama_cpp_server(gguf, log) as url:
+        client = openai.OpenAI(base_url=url, api_key='none', timeout=60, max_retries=0)
+
+        def ask(messages, stream, **kw):
+            # repeat_penalty: llama-cpp-python's server penalizes repeats (1.1) by default,
+            # even at temperature 0; run.c -t 0 does not
+            r = client.chat.completions.create(model='sft', messages=messages, temperature=0,
+                                               stream=stream, extra_body={'repeat_penalty': 1},
+                                               **kw)
+            if not stream:
+                return r.choices[0].message.content, r.choices[0].finish_reason, r.usage
+            chunks = [c.choices[0] for c in r if c.choices]
+            finish = [c.finish_reason for c in chunks if c.finish_reason]
+            assert len(finish) == 1 and chunks[-1].finish_reason, finish  # once, at the end
+            return ''.join(c.delta.content or '' for c in chunks), finish[0], None
+
+        for system, user in chats:
+            messages = [{'role': 'system', 'content': system}, {'role': 'user', 'content': user}]
+            want, first8 = run_c_reply(system, user), run_c_reply(system, user, '-n', '8')
+            cut = want.index(want[len(want) // 2:][:3])  # a stop string from the middle
+            stop = want[cut:cut + 3]
+            assert len(first8) < len(want) and 0 < cut, (want, first8)
+            for stream in (False, True):
+                text, finish, usage = ask(messages, stream)
+                assert (text, finish) == (want, 'stop'), (user, stream)
+                text, finish, usage = ask(messages, stream, max_tokens=8)
+                assert (text, finish) == (first8, 'length'), (user, stream)
+                assert want.startswith(text)
+                assert stream or usage.completion_tokens == 8
+                text, finish, _ = ask(messages, stream, stop=[stop])
+                assert (text, finish) == (want[:cut], 'stop'), (user, stream, stop)
+            print(f"server, {user!r}: {want!r}")
+    log.seek(0)
+    assert "Using gguf chat template: {{ bos_token }}" in log.read()
 
 
 def test_export_reads_checkpoints_without_torch(work, tmp_path):
