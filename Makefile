@@ -19,20 +19,25 @@ DEMO_TRAIN = $(DEMO_DATA) $(DEMO_MODEL) --device=cpu --compile=False --batch_siz
 	--max_iters=600 --eval_interval=200 --eval_iters=20 --log_interval=20
 
 # fine-tuning the demo model: SFT on the embedded instructions, then DPO and a reward model on
-# preferences, and RL against the instructions' checks (RM_TUNE, RL_TUNE: their own settings)
+# preferences, and RL against the instructions' checks (RM_TUNE, RL_TUNE: their own settings);
+# then each model answers EVAL_N held-out requests, and SFT BEST_N of them BEST_OF times
 TUNE = $(DEMO_DATA) --device=cpu --compile=False --batch_size=16 --gradient_accumulation_steps=1 \
 	--warmup_iters=10 --eval_iters=10 --log_interval=20
 
 RM_TUNE = --learning_rate=1e-4 --min_lr=1e-5 --max_iters=200 --eval_interval=100
-RL_TUNE = --batch_size=16 --group_size=8 --learning_rate=1e-4 --min_lr=1e-5 --beta=0.05 \
-	--max_iters=40 --eval_interval=20 --eval_iters=50
+RL_TUNE = --device=cpu --batch_size=16 --group_size=8 --learning_rate=1e-4 --beta=0.05 \
+	--max_iters=40 --eval_interval=20 --eval_iters=100
+EVAL_N ?= 500
+EVAL_PRE ?= 100
+BEST_N ?= 200
+BEST_OF ?= 8
 
 .PHONY: install demo demo-chat test testc bench fuzz fuzz-replay clean run runfast runomp rundebug \
 	runasan runarm
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH)
-	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q -r requirements.txt matplotlib  # (matplotlib: report.py's picture)
 
 demo: install
 	$(PYTHON) preprocess.py synth
@@ -53,13 +58,16 @@ demo-chat: install run
 		--learning_rate=1e-4 --min_lr=1e-5 --beta=0.1 --max_iters=150 --eval_interval=50
 	$(PYTHON) train.py --task=rm --init_from=out_sft/ckpt.pt --out_dir=out_rm $(TUNE) \
 		$(RM_TUNE)
-	$(PYTHON) train.py --task=rl --init_from=out_sft/ckpt.pt --out_dir=out_rl $(TUNE) \
-		$(RL_TUNE)
-	@echo "held-out: 100 synth instructions at temperature 0, and the reward model's pairs"
+	$(PYTHON) train_rl.py --init_from=out_sft/ckpt.pt --out_dir=out_rl $(RL_TUNE)
+	@echo "held-out: $(EVAL_N) synth requests at temperature 0 (the pretrained model, which never"
+	@echo "stops, $(EVAL_PRE)), and $(BEST_N) of them $(BEST_OF) times at temperature 1"
 	@for m in out out_sft out_dpo out_rl; do $(PYTHON) sample.py --checkpoint=$$m/ckpt.pt \
-		--device=cpu --temperature=0 --eval_instruct=100 2>/dev/null; done
-	@$(PYTHON) -c "import csv; r = [r for r in csv.DictReader(open('out_rm/log.csv')) if r['val_loss']][-1]; \
-		print(f\"reward model: {float(r['rm_acc']):.1%} of the held-out pairs ordered right (out_rm/ckpt.pt)\")"
+		--device=cpu --max_new_tokens=160 --eval_out=$$m/eval.json \
+		--eval_instruct=$$(test $$m = out && echo $(EVAL_PRE) || echo $(EVAL_N)) >/dev/null \
+		|| exit 1; done
+	@$(PYTHON) sample.py --checkpoint=out_sft/ckpt.pt --device=cpu --max_new_tokens=160 \
+		--eval_instruct=$(BEST_N) --best_of=$(BEST_OF) --eval_out=out_sft/best_of.json >/dev/null
+	$(PYTHON) report.py --png=demo_chat.png
 	$(PYTHON) export.py out_rl/model.bin --checkpoint=out_rl/ckpt.pt --version=1
 	./run out_rl/model.bin -m chat -t 0 -i "Tell me a story about a fox who wants a kite." </dev/null
 

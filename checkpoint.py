@@ -19,10 +19,12 @@ check_model() holds every checkpoint to its model_args: sane numbers, and each w
 shape they imply; load_model() (sample.py, train.py) and export.py both call it.
 """
 
+import atexit
 import codecs
 import collections
 import csv
 import fcntl
+import importlib
 import itertools
 import os
 import pickle
@@ -162,6 +164,97 @@ class RunLog:
             w.writeheader()
             w.writerows(self.rows)
         write_atomic(self.path, put, mode='w')
+
+
+# -----------------------------------------------------------------------------
+# a training run's folder: train.py and train_rl.py share these
+
+def run_out_dir(out_dir, task, init_from, default):
+    """Where a run writes: --out_dir, or the default; never the folder of the checkpoint it
+    starts from (unless it resumes there), nor over another task's checkpoint."""
+    ckpt = os.path.join(out_dir or default, 'ckpt.pt')
+    if init_from not in ('scratch', 'resume') and same_file(os.path.dirname(os.path.abspath(
+            init_from)), out_dir or default):
+        die(f"--out_dir={out_dir or default}{'' if out_dir else ' (the default)'} is the folder "
+            f"of --init_from={init_from}: this run would write over the checkpoint it starts "
+            "from and its log — give another --out_dir (or --init_from=resume to continue "
+            "that run)")
+    if init_from != 'resume' and peek_task(ckpt) not in (None, task):
+        die(f"--out_dir={out_dir or default} holds a {peek_task(ckpt)} checkpoint, which this "
+            f"{task} run would replace — give another --out_dir (or delete {ckpt} first)")
+    return out_dir or default
+
+
+def claim_out_dir(out_dir):
+    """One run per out_dir: the returned lock is held until the process ends, however it
+    ends. A folder made here is removed again if the run ends without writing anything."""
+    made = not os.path.isdir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = FolderLock(out_dir, wait=False)
+    except BlockingIOError:
+        holder = lock_holder(out_dir)
+        die(f"--out_dir={out_dir} is in use by another training run"
+            + (f" (process {holder})" if holder else "")
+            + " — wait for it, stop it, or choose another --out_dir")
+    except OSError as e:
+        die(f"cannot write to --out_dir={out_dir}: {e.strerror}")
+    if made:
+        atexit.register(lambda: os.path.isdir(out_dir) and not os.listdir(out_dir)
+                        and os.rmdir(out_dir))
+    return lock
+
+
+def save_run(path, ckpt, log):
+    """Write the checkpoint whole (write_atomic), with the log's rows in it, then log.csv
+    from them; a save that fails is one line, and leaves the previous checkpoint and log."""
+    import torch
+    ckpt['log'] = list(log.rows)
+    try:
+        write_atomic(path, lambda f: torch.save(ckpt, f))
+    except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError
+        reason = getattr(e, 'strerror', None) or str(e).strip().splitlines()[0][:120]
+        die(f"cannot write {path}: {reason} — free some space or choose another --out_dir; "
+            "the previous checkpoint and its log are intact")
+    log.write()
+
+
+def resumed_log(ckpt):
+    """The log rows a checkpoint carries (None for a checkpoint of before they did)"""
+    rows = ckpt.get('log')
+    return rows if isinstance(rows, list) and all(isinstance(r, dict) for r in rows) else None
+
+
+class Trackers:
+    """Weights & Biases and SwanLab, each only if asked for (--wandb_log, --swanlab_log in
+    config) and imported only then: neither is needed to train. log() sends every tracker
+    that is on the same numbers at the same iteration, what log.csv gets."""
+    def __init__(self, config, out_dir):
+        self.on = []
+        for name in ('wandb', 'swanlab'):
+            if not config.get(f'{name}_log'):
+                continue
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                die(f"--{name}_log=True needs the {name} package: pip install {name}")
+            kw = dict(project=config[f'{name}_project'], name=config[f'{name}_run_name'],
+                      config=config)
+            if name == 'swanlab':  # SwanLab's files go with the run's
+                kw.update(mode=config['swanlab_mode'], log_dir=os.path.join(out_dir, 'swanlog'))
+            try:  # online mode with no login and no terminal to ask for one fails here
+                module.init(**kw)
+            except Exception as e:
+                why = str(e).strip().splitlines()[0][:200].rstrip('.') if str(e).strip() else \
+                    type(e).__name__
+                die(f"{name} did not start: {why} — run `{name} login`"
+                    + (", or keep the run on disk with --swanlab_mode=offline"
+                       if name == 'swanlab' else ""))
+            self.on.append(module)
+
+    def log(self, metrics, step):
+        for t in self.on:
+            t.log({'iter': step, **metrics}, step=step)
 
 
 def same_file(a, b):

@@ -1,16 +1,18 @@
 """
-What comes after SFT, as plain functions of tensors: train.py's --task=dpo, rm and rl run
-them, and test_all.py checks each against a computation by hand.
+What comes after SFT, as plain functions of tensors: train.py's --task=dpo and rm and
+train_rl.py run them, and test_all.py checks each against a computation by hand.
 
 - DPO (--task=dpo): from preference pairs, raise the policy's log-probability of the chosen
   answer over the rejected one, measured against the frozen model it started from.
 - A reward model (--task=rm): a Transformer with a scalar head, trained on the same pairs
   so that r(chosen) > r(rejected) (the Bradley-Terry model of preferences).
-- RL with verifiable rewards (--task=rl, GRPO-style): sample a group of answers to each
-  prompt, score each with a rule that checks it against the request, and push up the
-  answers that scored above their group's mean, while a KL penalty keeps the policy near
-  the reference.
+- RL with verifiable rewards (train_rl.py, GRPO with PPO's clipped updates): sample a group
+  of answers to each prompt, score each with a rule that checks it against the request, and
+  push up the answers that scored above their group's mean, while a KL penalty keeps the
+  policy near the reference.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -55,18 +57,20 @@ def reward_model_loss(r):
 
 
 # -----------------------------------------------------------------------------
-# RL with verifiable rewards (GRPO, Shao et al. 2024)
+# RL with verifiable rewards (GRPO, Shao et al. 2024, with PPO's clipped updates)
 
 @torch.no_grad()
-def sample_group(model, prompt, group_size, max_new_tokens, stop_id, temperature=1.0,
+def sample_group(model, prompt, group_size, max_new_tokens, stop_ids, temperature=1.0,
                  generator=None):
     """group_size answers to one prompt (ids), sampled with the KV cache (at temperature 1:
-    the policy's own distribution). Returns [(answer ids, stopped)]: the ids end with
-    stop_id when the answer stopped."""
+    the policy's own distribution; 0: greedy). Returns [(answer ids, stopped)]: the ids end
+    with the stop id when the answer stopped (at <|im_end|>, or BOS/EOS if given)."""
+    stops = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
     idx = torch.tensor([prompt] * group_size, device=model.output.weight.device)
-    out = model.generate(idx, max_new_tokens, temperature, stop_id=stop_id,
+    out = model.generate(idx, max_new_tokens, temperature, stop_id=stops,
                          generator=generator)[:, len(prompt):].tolist()
-    return [(a[:a.index(stop_id) + 1], True) if stop_id in a else (a, False) for a in out]
+    cut = lambda a: next((i for i, t in enumerate(a) if t in stops), None)
+    return [(a[:cut(a) + 1], True) if cut(a) is not None else (a, False) for a in out]
 
 
 def group_advantages(rewards, normalize=True):
@@ -88,16 +92,62 @@ def kl_k3(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def grpo_loss(logp, ref_logp, adv, mask, beta):
-    """logp, ref_logp (N, T): log-probs of the sampled tokens under the policy (with
-    gradient) and the frozen reference; adv (N,) each answer's advantage; mask (N, T) 1 on
-    answer tokens. Per token: -ratio * adv + beta * KL, averaged over each answer's tokens,
-    then over the answers (GRPO's form: a 10-token answer to a question weighs as much as a
-    130-token story). ratio = exp(logp - logp.detach()) is 1 here, since the answers were
-    just sampled from this policy (PPO's clipped ratio with one update per sample), but its
-    gradient is the policy gradient, adv * d logp. Returns (loss, mean KL per token)."""
-    ratio = torch.exp(logp - logp.detach())
+def ppo_loss(logp, old_logp, ref_logp, adv, mask, clip=0.2, beta=0.0):
+    """logp (N, T): log-probs of the sampled tokens under the policy being updated (with
+    gradient); old_logp: under the policy that sampled them; ref_logp: under the frozen
+    reference; adv (N,) each answer's advantage; mask (N, T) 1 on answer tokens. Per token:
+    -min(ratio * adv, clamp(ratio, 1 - clip, 1 + clip) * adv) + beta * KL, ratio =
+    exp(logp - old_logp), averaged over each answer's tokens, then over the answers (GRPO's
+    form: a 10-token answer weighs as much as a 130-token story). The first update on a batch
+    has ratio 1, and its gradient is the policy gradient adv * d logp; the later ones on the
+    same samples are held within 1 +- clip of the policy that drew them (PPO), so a batch
+    can teach several steps. Returns (loss, mean KL per token, the fraction of the tokens
+    whose ratio was clipped)."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    clipped = ratio.clamp(1 - clip, 1 + clip) * a
+    surrogate = torch.minimum(ratio * a, clipped)
     kl = kl_k3(logp, ref_logp)
-    per_token = (-ratio * adv[:, None] + beta * kl) * mask
+    per_token = (-surrogate + beta * kl) * mask
     loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
-    return loss, (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
+    tokens = mask.sum().clamp(min=1)
+    was_clipped = (clipped < ratio * a).float() * mask  # where the clamp gave the minimum
+    return loss, (kl.detach() * mask).sum() / tokens, was_clipped.sum() / tokens
+
+
+# -----------------------------------------------------------------------------
+# held-out instruction following: sample.py --eval_instruct and train_rl.py's evals
+
+@torch.no_grad()
+def heldout_eval(model, tok, items, max_new_tokens, best_of=0, seed=0, progress=None):
+    """Answer each held-out (messages, check) greedily, and with best_of=K also K times at
+    temperature 1 (whether one of them follows: the ceiling that sharpening a model towards
+    its own best answers can reach). An answer counts if it stopped and follows its request
+    (synth.follows, which RL's reward counts too). Returns, per request, (kind, followed,
+    passed (the wish too), followed by one of the K, or None)."""
+    import synth
+    stops = (tok.im_end_id, tok.bos_id, tok.eos_id)
+    gen = torch.Generator(device=model.output.weight.device).manual_seed(seed)
+    results = []
+    for i, (messages, check) in enumerate(items):
+        if progress:
+            progress(i, results)
+        prompt = tok.encode_chat(messages[:1], add_generation_prompt=True)[0]
+        if len(prompt) >= model.params.max_seq_len:  # the request does not fit: not followed
+            results.append((check['kind'], False, False, False if best_of else None))
+            continue
+
+        def answers(n, temperature):
+            return [(tok.decode(a[:-1] if stopped else a), stopped) for a, stopped in
+                    sample_group(model, prompt, n, max_new_tokens, stops, temperature, gen)]
+        (text, stopped), = answers(1, 0.0)
+        ok = stopped and synth.follows(text, check)
+        best = any(s and synth.follows(t, check) for t, s in answers(best_of, 1.0)) if best_of else None
+        results.append((check['kind'], ok, ok and synth.wish(text, check), best))
+    return results
+
+
+def rate(hits, n):
+    """A proportion and its standard error, sqrt(p (1 - p) / n)"""
+    p = hits / max(n, 1)
+    return p, math.sqrt(p * (1 - p) / max(n, 1))

@@ -4,7 +4,7 @@ Sample from a trained model, or chat with a fine-tuned one.
 $ python sample.py --checkpoint=out/ckpt.pt --start="Once upon a time" --num_samples=3
 $ python sample.py --start=FILE:prompt.txt --temperature=0          # greedy
 $ python sample.py --checkpoint=out_sft/ckpt.pt --chat [--system="..."] [--start="first message"]
-$ python sample.py --checkpoint=out_sft/ckpt.pt --eval_instruct=100 # instruction-following rate
+$ python sample.py --checkpoint=out_sft/ckpt.pt --eval_instruct=500 --best_of=8  # held-out
 $ python sample.py --checkpoint=out/ckpt.pt --eval=data/val.txt     # loss, perplexity, bits/byte
 $ python sample.py --reward=out_rm/ckpt.pt --start="a request" --answers=FILE:answers.txt
 $ python sample.py --reward=out_rm/ckpt.pt --checkpoint=out_sft/ckpt.pt --start="..." --num_samples=4
@@ -20,6 +20,7 @@ them) in windows of max_seq_len, and prints its loss per token, the perplexity a
 byte: nats over every token / the text's UTF-8 bytes / ln 2, which compares across tokenizers.
 """
 
+import json
 import math
 import os
 import sys
@@ -28,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_model, same_file, write_atomic
 from configurator import check, check_device, configure, die, on_interrupt
 from model import FastDecoder, KVCache, RewardModel, Seen, penalize_repeats, sample_next
 from preprocess import rows_of
@@ -47,7 +48,12 @@ seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 chat = False             # multi-turn chat with the chat template
 system = ''              # chat: a system prompt
-eval_instruct = 0        # > 0: run this many held-out synth instructions and report the rate
+eval_instruct = 0        # > 0: answer this many held-out synth requests greedily: the share
+                         # that follow, by class, with the standard error
+best_of = 0              # with --eval_instruct: also the best of this many answers at
+                         # temperature 1 (the ceiling RL's sharpening can reach)
+eval_out = ''            # with --eval_instruct: also write each request's result to this
+                         # .json file (report.py reads them)
 reward = ''              # a reward model's checkpoint: score answers to --start (see above)
 answers = ''             # with --reward: the answers to score, one per line, or FILE:path
 eval = ''                # a .txt or .jsonl file: report loss, perplexity and bits per byte on it
@@ -63,6 +69,7 @@ check(globals(), {
     'repetition_penalty': (lambda v: 1e-3 <= v <= 1e3, "in [0.001, 1000] (1: off, 1.1-1.3 usual)"),
     'seed': (lambda v: v >= 0, "0 or more"),
     'eval_instruct': (lambda v: v >= 0, "0 (off) or more"),
+    'best_of': (lambda v: v >= 0, "0 (off) or more"),
     'batch_size': (lambda v: v >= 1, "at least 1"),
 })
 check_device(device)
@@ -101,6 +108,10 @@ if system and not chat:
     die("--system is the system prompt of a chat — give it with --chat")
 if start and (eval or eval_instruct):
     die(f"{modes[0]} reads its own text, not --start — give one or the other")
+if (best_of or eval_out) and not eval_instruct:
+    die(f"--{'best_of' if best_of else 'eval_out'} goes with --eval_instruct=N — give both")
+if eval_out and (not eval_out.endswith('.json') or same_file(eval_out, checkpoint)):
+    die(f"--eval_out={eval_out}: give a new .json file's name (it is written, not read)")
 on_interrupt("stopped")
 answers_flag = answers
 start = utf8('--start', read_text('start', start))
@@ -266,23 +277,30 @@ def eval_text(path):
 if eval:
     eval_text(eval)
 elif eval_instruct:
+    import rlhf
     import synth
-    rows = synth.instructions(eval_instruct, heldout=True)
-    ok = passed = too_long = 0
-    progress = Progress(len(rows), 'requests')
-    for i, (messages, wanted) in enumerate(rows):
-        progress.show(i, f"{ok / max(i, 1):.1%} followed so far")
-        try:
-            conv = Chat()
-            answer = conv.reply(messages[0]['content'])
-        except ContextFull:  # the request does not even fit: not followed
-            too_long += 1
-            continue
-        ok += synth.follows(answer, wanted)
-        passed += conv.stopped and synth.passes(answer, wanted)
-    print(f"instruction following: {ok}/{len(rows)} = {ok / len(rows):.1%}; every constraint "
-          f"(pass@1): {passed}/{len(rows)} = {passed / len(rows):.1%} ({checkpoint}, "
-          f"temperature {temperature})")
+    items = synth.instructions(eval_instruct, heldout=True)
+    progress = Progress(len(items), 'requests')
+    results = rlhf.heldout_eval(model, tok, items, max_new_tokens, best_of, seed, progress=lambda i, r:
+                                progress.show(i, f"{sum(x[1] for x in r) / max(i, 1):.1%} followed"))
+
+    def line(col, what):
+        hits, n = sum(r[col] for r in results), len(results)
+        p, se = rlhf.rate(hits, n)
+        by_kind = " | ".join(f"{k} {sum(r[col] for r in results if r[0] == k)}/{m} "
+                             f"{rlhf.rate(sum(r[col] for r in results if r[0] == k), m)[0]:.0%}"
+                             for k in synth.KINDS if (m := sum(r[0] == k for r in results)))
+        return f"{what}: {hits}/{n} = {p:.1%} ± {se:.1%}\n  {by_kind}"
+    print(line(1, f"instruction following (greedy, {checkpoint})"))
+    print(line(2, "every constraint, the wish too (pass@1)"))
+    if best_of:
+        print(line(3, f"best of {best_of} at temperature 1"))
+    if eval_out:
+        fields = ('kind', 'follows', 'passes', f'best_of_{best_of}')
+        rows = [dict(zip(fields, r[:3 + bool(best_of)])) for r in results]
+        write_atomic(eval_out, lambda f: json.dump(dict(checkpoint=checkpoint, best_of=best_of,
+                                                         results=rows), f), mode='w')
+    too_long = sum(len(tok.encode_chat(m[:1], True)[0]) >= max_seq_len for m, _ in items)
     if too_long:
         print(f"note: {too_long} of the requests did not fit the model's context of {max_seq_len} "
               "tokens (counted as not followed)", file=sys.stderr)

@@ -1,13 +1,15 @@
 """
-The embedded offline corpus: children's stories composed by a small grammar, in English
-and Chinese, plus the instruction and preference sets built from the same grammar.
+The synthetic world: children's stories composed by a small grammar, in English and
+Chinese; the instruction and preference sets built from the same grammar; and the rules that
+say whether an answer does what its request asked (follows), which are both the held-out
+check of instruction following and RL's verifiable reward.
 
 Every story has a hero (a name and an animal), a home, a wanted thing, a problem that
 keeps the hero from it, a little dialogue, a helper and a resolution that fits the
 problem, and an ending. Names must be carried through the story and the resolution must
 match the problem, so a model has to learn structure; it cannot memorise 20,000 stories.
-Everything is deterministic for a given seed. Used by `preprocess.py synth`, `sft`, `dpo`
-and by sample.py's instruction-following check.
+Everything is deterministic for a given seed. Used by `preprocess.py synth`, `sft`, `dpo`,
+sample.py's instruction-following eval and train_rl.py's reward.
 """
 
 import random
@@ -178,10 +180,11 @@ def _other(rng, choices, not_this):
 
 
 def instruction(rng, rejected=False):
-    """One (messages, check) pair: a user request and an assistant answer, and
-    check = {"must": [words]} that an answer has to contain to count as following it
-    (and for a story, "want": [the wished-for thing], which only RL's reward counts; for a
-    question, "not": [the other names, and animals or things], which it must not contain).
+    """One (messages, check) pair: a user request and an assistant answer, and the check
+    an answer must pass to follow it (see follows): for a story, {"hero": [the asked-for
+    animal], "want": [the wished-for thing]}; for a question, {"must": [the asked-for fact],
+    "not": [the other names, and animals or things]}; "kind", the class of the request
+    (story_en, story_zh, q_name, q_thing, q_friend, q_animal), for reporting by class.
     With rejected=True the answer is just as fluent but answers a different request
     (another animal, thing or name): the "rejected" side of a preference pair."""
     kind = rng.random()
@@ -193,15 +196,15 @@ def instruction(rng, rejected=False):
                           f"Write a short story about a {animal} and a {thing}.",
                           f"Can you tell me a story about a little {animal} who wished for a {thing}?"]
                          if en else [f"给我讲一个关于{animal}想要{thing}的故事。", f"请写一个{animal}和{thing}的故事。"])
-        must = [animal]  # the hero asked for (the wish is in the story too, but harder to place)
-        check = {"must": must, "want": [thing]}  # RL's reward counts the wish too
+        check = {"kind": "story_en" if en else "story_zh", "hero": [animal], "want": [thing]}
         # the story has its own random stream, so a rejected answer is the same story with
         # another hero and wish: a preference pair then differs only where it matters
         story_rng = random.Random(rng.getrandbits(32))
+        asked = animal
         if rejected:
             animal, thing = _other(rng, animals, animal), _other(rng, things, thing)
         answer, _ = story(story_rng, animal=animal, thing=thing)
-        while rejected and follows(answer, {"must": must}):  # the asked-for animal as the helper
+        while rejected and has_word(answer, asked):  # not even as the helper
             answer, _ = story(story_rng, animal=animal, thing=thing)
     else:  # a question about a given story
         story, f = story_en(rng)
@@ -214,13 +217,17 @@ def instruction(rng, rejected=False):
         ask = f"Read this story and answer the question.\n\n{story}\n\nQuestion: {q.format(**f)}"
         # naming every character is no answer to "Who helped Tom?": RL found that loophole
         others = [n for n, _ in NAMES] + {"animal": ANIMALS, "thing": THINGS}.get(key, [])
-        check = {"must": [f[key]], "not": [w for w in others if w not in (f[key], f["name"])]}
+        check = {"kind": f"q_{key}", "must": [f[key]],
+                 "not": [w for w in others if w not in (f[key], f["name"])]}
         if rejected:  # the same answer with the asked-for fact wrong
             pool = {"name": [n for n, _ in NAMES if n != f["friend"]], "friend": [n for n, _ in NAMES if n != f["name"]],
                     "animal": ANIMALS, "thing": THINGS}[key]
             f = dict(f, **{key: _other(rng, pool, f[key])})
         answer = answer.format(**f)
     return [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}], check
+
+
+KINDS = ("story_en", "story_zh", "q_name", "q_thing", "q_friend", "q_animal")
 
 
 def has_word(answer, w):
@@ -233,34 +240,44 @@ def complete(answer):
     return answer.rstrip().endswith(('.', '!', '?', '"', '。', '！', '？', '”'))
 
 
+def opening(answer):
+    """The first sentence, where a story introduces its hero"""
+    return re.split(r"(?<=[.!?。！？])", answer, maxsplit=1)[0]
+
+
 def follows(answer, check):
-    """The instruction-following check: does the answer name what was asked about (the
-    hero of a story, the fact a question asks for) and nothing its check forbids, and is it
-    complete?"""
-    return (complete(answer) and all(has_word(answer, w) for w in check["must"])
+    """The one rule of instruction following, for the held-out eval and RL's reward alike.
+    A story must introduce the asked-for animal as its hero, in its opening sentence: an
+    animal named anywhere would let a cat story with "Luna the dog" as the helper pass for a
+    dog story (RL finds such loopholes: it optimises the rule, not the intent). A question's
+    answer must name the asked-for fact and nothing its check forbids. Either must be a
+    complete sentence."""
+    if not complete(answer):
+        return False
+    if "hero" in check:
+        return all(has_word(opening(answer), w) for w in check["hero"])
+    return (all(has_word(answer, w) for w in check["must"])
             and not any(has_word(answer, w) for w in check.get("not", [])))
 
 
-def constraints(answer, check):
-    """Every constraint of a request, met or not: for a story, each required word, including
-    the wanted thing, and a complete last sentence; a question has one, the right answer, so
-    that an answer that leaves the name out scores no better than a wrong name."""
-    if "not" in check:
-        return [follows(answer, check)]
-    return [has_word(answer, w) for w in check["must"] + check.get("want", [])] + [complete(answer)]
+def wish(answer, check):
+    """A story also names the thing its hero wished for (the eval does not ask for it)"""
+    return all(has_word(answer, w) for w in check.get("want", []))
 
 
-def reward(answer, check, stopped):
-    """The verifiable reward of RL (train.py --task=rl): the fraction of the constraints the
-    answer meets, in [0, 1]; 0 for an answer that never stopped (no <|im_end|> before the
-    length limit), whatever it says, so rambling never pays."""
-    met = constraints(answer, check)
-    return sum(met) / len(met) if stopped else 0.0
+def reward(answer, check, stopped, wish_weight=0.2):
+    """RL's verifiable reward: 1 if the answer follows its request (what the held-out check
+    counts), plus wish_weight if it is a story that also names the wish; 0 for an answer that
+    does not follow, or never stopped (no <|im_end|> before the length limit), whatever else
+    it says, so neither the wish alone nor rambling pays."""
+    if not (stopped and follows(answer, check)):
+        return 0.0
+    return 1.0 + wish_weight * ("want" in check and wish(answer, check))
 
 
 def passes(answer, check):
-    """pass@1's test: every constraint met"""
-    return all(constraints(answer, check))
+    """pass@1's test: it follows, and a story names the wish too"""
+    return follows(answer, check) and wish(answer, check)
 
 
 def held_out(request):

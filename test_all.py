@@ -371,7 +371,7 @@ def test_torchrun_ddp_cpu(work, experts):
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', *args], cwd=work,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[:4000]  # the first failing rank's traceback comes first
-    assert sorted(os.listdir(out)) == ['ckpt.pt', 'lock', 'log.csv']  # lock: train.py's flock
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.csv']  # (the lock is on the folder itself)
     rows = read_log(os.path.join(out, 'log.csv'))
     iters = [int(r['iter']) for r in rows if not r['val_loss']]
     assert iters == list(range(6))  # written once, by rank 0
@@ -545,7 +545,7 @@ def test_sft_loss_mask(work):
 def instruct_rate(work, ckpt, n=60):
     r = py('sample.py', f'--checkpoint={ckpt}', '--device=cpu', '--temperature=0',
            f'--eval_instruct={n}', '--max_new_tokens=160', cwd=work)
-    k, total = re.search(r'instruction following: (\d+)/(\d+)', r.stdout).groups()
+    k, total = re.search(r'instruction following \(greedy, [^)]*\): (\d+)/(\d+)', r.stdout).groups()
     return int(k) / int(total)
 
 
@@ -591,18 +591,27 @@ def test_dpo_raises_preference_accuracy(tuned):
 # after SFT: the reward model and RL (rlhf.py's functions against hand computations)
 
 def test_reward_rule_on_hand_written_answers():
+    """RL's reward counts what the held-out check counts (synth.follows), on answers written by
+    hand: a story must introduce the asked-for animal as its hero, so the loophole of a story
+    about another animal with the asked-for one as its helper scores 0, in English and in
+    Chinese; a question's answer must name the asked-for fact and no other character."""
     import synth
-    check = {"must": ["fox"], "want": ["kite"]}
-    every = "Once there was a fox named Tom. Tom wanted a kite. He was happy."
-    assert synth.constraints(every, check) == [True, True, True]
-    assert synth.reward(every, check, stopped=True) == 1.0 and synth.passes(every, check)
-    some = "Once there was a fox named Tom. Tom wanted a ball."  # no kite
-    assert synth.reward(some, check, stopped=True) == pytest.approx(2 / 3) and not synth.passes(some, check)
-    cut = "Once there was a fox named Tom. Tom wanted a kite and"  # stopped midway
-    assert synth.reward(cut, check, stopped=True) == pytest.approx(2 / 3)
-    none = "A foxglove grew by the sea and"  # "fox" only inside a word, no kite, unfinished
-    assert synth.reward(none, check, stopped=True) == 0.0
-    assert synth.reward(every, check, stopped=False) == 0.0  # never stopped: nothing counts
+    dog = {"kind": "story_en", "hero": ["dog"], "want": ["kite"]}
+    right = "Once upon a time, there was a little dog named Max. Max wanted a kite. It was stuck."
+    no_wish = "Once upon a time, there was a little dog named Max. Max wanted a ball."
+    helper = ("Once upon a time, there was a little cat named Max. Max wanted a kite. Luna the dog "
+              "climbed the tree and brought the kite down. Max was happy.")
+    cut = "Once upon a time, there was a little dog named Max. Max wanted a kite and"
+    xiao = {"kind": "story_zh", "hero": ["小狗"], "want": ["风筝"]}
+    zh_right = "从前，有一只小狗，名叫豆豆。豆豆想要一只风筝。豆豆又开心起来了。"
+    zh_helper = "从前，有一只小猫，名叫豆豆。豆豆想要一只风筝。小狗乐乐跑得飞快，把风筝追了回来。"
+    cases = [(right, dog, 1.2), (no_wish, dog, 1.0), (helper, dog, 0.0), (cut, dog, 0.0),
+             (zh_right, xiao, 1.2), (zh_helper, xiao, 0.0)]
+    for answer, check, want in cases:
+        assert synth.reward(answer, check, stopped=True) == pytest.approx(want), answer
+        assert synth.follows(answer, check) == (want >= 1)  # the reward is the check's
+        assert synth.reward(answer, check, stopped=False) == 0.0  # never stopped: nothing
+    assert synth.passes(right, dog) and not synth.passes(no_wish, dog)
     # a question's answer is right or wrong: the asked-for name, and no other one
     (_, answer), question = next((m, c) for m, c in synth.instructions(200)
                                  if "Question: Who helped" in m[0]['content'])
@@ -611,14 +620,13 @@ def test_reward_rule_on_hand_written_answers():
     assert question['must'] == [helper] and other in question['not'] and hero.rstrip('.') not in question['not']
     assert synth.reward(f"{helper} helped {hero}", question, stopped=True) == 1.0
     # the two loopholes RL found: name everyone, or no one
-    assert synth.reward(f"{other} helped {hero} Now {helper} was glad.", question, stopped=True) == 0.0
-    assert synth.reward(f"{other} helped {hero}", question, stopped=True) == 0.0
-    assert synth.reward(f"They helped {hero}", question, stopped=True) == 0.0
-    assert synth.constraints(f"{helper} helped {hero}", question) == [True]
-    assert not synth.follows(f"{helper} helped {hero} Now {other} was glad.", question)
-    # every synth story request names its wish, and the reference answer meets all
+    for loophole in (f"{other} helped {hero} Now {helper} was glad.", f"{other} helped {hero}",
+                     f"They helped {hero}"):
+        assert synth.reward(loophole, question, stopped=True) == 0.0
+        assert not synth.follows(loophole, question)
+    # every synth request's reference answer follows it, and names the wish of a story
     for messages, c in synth.instructions(200):
-        assert synth.passes(messages[1]['content'], c)
+        assert synth.passes(messages[1]['content'], c) and c['kind'] in synth.KINDS
         assert ('want' in c) == messages[0]['content'].startswith(('Tell', 'Write', 'Can', '给', '请'))
 
 
@@ -631,17 +639,19 @@ def test_group_advantages_and_loss_by_hand():
     adv_n, _ = rlhf.group_advantages(rewards, normalize=True)
     std = math.sqrt((0.25 + 0.25 + 0 + 0) / 3)  # the unbiased standard deviation of [1, 0, .5, .5]
     assert torch.allclose(adv_n[0], torch.tensor([0.5, -0.5, 0.0, 0.0]) / std)
-    # the loss over two answers of 2 and 1 tokens (the third position is padding)
+    # the loss over two answers of 2 and 1 tokens (the third position is padding), sampled
+    # by the policy itself (old = logp: the ratio is 1, the first update on a batch)
     logp = torch.tensor([[-1.0, -2.0, -5.0], [-0.5, -9.0, -9.0]], requires_grad=True)
     ref = torch.tensor([[-1.5, -2.0, 0.0], [-0.25, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     a, beta = torch.tensor([2.0, -1.0]), 0.1
-    loss, kl = rlhf.grpo_loss(logp, ref, a, mask, beta)
+    loss, kl, clipped = rlhf.ppo_loss(logp, logp.detach(), ref, a, mask, 0.2, beta)
     k3 = lambda lp, r: math.exp(r - lp) - (r - lp) - 1
     kls = [k3(-1.0, -1.5), k3(-2.0, -2.0), k3(-0.5, -0.25)]
     # each answer's mean over its tokens, then the mean over the 2 answers
     want = (((-2.0 + beta * kls[0]) + (-2.0 + beta * kls[1])) / 2 + (1.0 + beta * kls[2])) / 2
     assert loss.item() == pytest.approx(want, rel=1e-6) and kl.item() == pytest.approx(sum(kls) / 3, rel=1e-6)
+    assert clipped.item() == 0.0
     loss.backward()
     # d/dlogp of -adv * ratio + beta * k3 is -adv + beta * (1 - exp(ref - logp)), over the
     # answer's n tokens and the 2 answers
@@ -650,17 +660,38 @@ def test_group_advantages_and_loss_by_hand():
     assert torch.allclose(logp.grad, torch.tensor(want_grad), atol=1e-7)
 
 
+def test_clipped_update_by_hand():
+    """A later update on the same samples: each token's ratio to the sampling policy is
+    clipped to 1 +- clip where that lowers the objective (PPO), and there the gradient is 0."""
+    import rlhf
+    logp = torch.tensor([[-1.0, -2.0], [-1.0, -2.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -1.0], [-1.5, -1.0]])  # ratios e^0.5 = 1.65 and e^-1 = 0.37
+    ref = old.clone()
+    a, clip = torch.tensor([2.0, -1.0]), 0.2
+    loss, kl, clipped = rlhf.ppo_loss(logp, old, ref, a, torch.ones(2, 2), clip, beta=0.0)
+    r = [math.exp(0.5), math.exp(-1.0)]
+    # advantage 2: min(1.65 * 2, 1.2 * 2) is clipped, min(0.37 * 2, 0.8 * 2) is not;
+    # advantage -1: min(-1.65, -1.2) is not, min(-0.37, -0.8) is clipped
+    per_token = [[-1.2 * 2, -r[1] * 2], [r[0], 0.8]]
+    assert loss.item() == pytest.approx(sum(sum(row) / 2 for row in per_token) / 2, rel=1e-6)
+    assert clipped.item() == pytest.approx(0.5)
+    loss.backward()
+    want = [[0.0, -2 * r[1] / 4], [r[0] / 4, 0.0]]  # d(-ratio * adv)/dlogp = -adv * ratio
+    assert torch.allclose(logp.grad, torch.tensor(want), atol=1e-6)
+
+
 def test_zero_advantage_and_beta_leave_weights_and_kl_is_zero_at_reference():
     import copy
     import rlhf
     torch.manual_seed(0)
     m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16))
     ref = copy.deepcopy(m).requires_grad_(False)
-    answers = rlhf.sample_group(m, [1, 5, 9], 4, 10, stop_id=2, generator=torch.Generator().manual_seed(0))
+    answers = rlhf.sample_group(m, [1, 5, 9], 4, 10, stop_ids=2, generator=torch.Generator().manual_seed(0))
     x = torch.tensor([[1, 5, 9] + a[:-1] + [0] * (10 - len(a)) for a, _ in answers])[:, :12]
     y = torch.tensor([[-1, -1] + a + [-1] * (10 - len(a)) for a, _ in answers])[:, :12]
     logp = rlhf.token_logps(m, x, y)
-    loss, kl = rlhf.grpo_loss(logp, rlhf.token_logps(ref, x, y), torch.zeros(4), y != -1, beta=0.0)
+    loss, kl, _ = rlhf.ppo_loss(logp, logp.detach(), rlhf.token_logps(ref, x, y), torch.zeros(4), y != -1,
+                                beta=0.0)
     assert kl.item() == 0.0  # the policy is the reference
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in m.parameters())
@@ -741,8 +772,8 @@ def rlhf_runs(tuned):
     return work, tune
 
 
-RL = ['--task=rl', '--batch_size=2', '--group_size=4', '--max_new_tokens=48', '--eval_iters=4',
-      '--learning_rate=1e-4', '--min_lr=1e-5', '--lr_decay_iters=6']
+RL = ['--batch_size=2', '--group_size=4', '--max_new_tokens=48', '--eval_iters=4', '--probe=2',
+      '--rl_prompts=300', '--learning_rate=1e-4', *CPU[:1], '--log_interval=1']
 
 
 def test_reward_model_stage(rlhf_runs, tmp_path):
@@ -810,35 +841,127 @@ def test_reward_model_stage(rlhf_runs, tmp_path):
         short = torch.load(path, weights_only=True)
         short['model_args']['max_seq_len'] = 64
         torch.save(short, tmp_path / name)
-    for init, rm_flag, words in ((sft, tmp_path / 'short_rm.pt', 'a prompt with its answer'),
-                                 (tmp_path / 'short_sft.pt', '', "RL's prompts take")):
-        r = py('train.py', *RL, f'--init_from={init}', f'--reward_model={rm_flag}', '--out_dir=out_no',
-               '--dataset=synth', f'--vocab_size={VOCAB}', '--max_seq_len=64', *CPU, cwd=work, check=False)
+    for init, rm_flag, words in ((sft, tmp_path / 'short_rm.pt', 'a request with its answer'),
+                                 (tmp_path / 'short_sft.pt', '', "RL's requests take")):
+        r = py('train_rl.py', *RL, f'--init_from={init}', f'--reward_model={rm_flag}', '--out_dir=out_no',
+               cwd=work, check=False)
         assert r.returncode == 1 and r.stderr.count('\n') == 1 and words in r.stderr, r.stderr
 
 
 def test_rl_resume_continues_identically(rlhf_runs):
     """RL for 6 steps straight, and 3 + 3 with a resume between: the same logged rewards,
     losses and KL at every step, and the same weights (the answers are sampled from a
-    seed of each batch, and the reference model travels in the checkpoint)."""
+    seed of each step, and the reference model and the class weights travel in the
+    checkpoint)."""
     work, tune = rlhf_runs
-    rm = ['--reward_model=out_rm/ckpt.pt']
-    py('train.py', *RL, *tune, *rm, '--out_dir=out_rl', '--max_iters=6', '--eval_interval=3', cwd=work)
-    py('train.py', *RL, *tune, *rm, '--out_dir=out_rl2', '--max_iters=3', '--eval_interval=3', cwd=work)
-    py('train.py', *RL, *tune, *rm, '--out_dir=out_rl2', '--max_iters=6', '--eval_interval=3',
+    sft = os.path.join(work, 'out_sft', 'ckpt.pt')
+    rl = [*RL, f'--init_from={sft}', '--reward_model=out_rm/ckpt.pt', '--eval_interval=3']
+    py('train_rl.py', *rl, '--out_dir=out_rl', '--max_iters=6', cwd=work)
+    py('train_rl.py', *rl, '--out_dir=out_rl2', '--max_iters=3', cwd=work)
+    py('train_rl.py', *rl[:-3], '--out_dir=out_rl2', '--max_iters=6', '--eval_interval=3',
        '--init_from=resume', cwd=work)
     a, b = (read_log(os.path.join(work, d, 'log.csv')) for d in ('out_rl', 'out_rl2'))
-    steps = lambda rows: [(r['iter'], r['reward'], r['kl'], r['answer_len']) for r in rows if r['train_loss']]
+    steps = lambda rows: [(r['iter'], r['reward'], r['follows'], r['kept'], r['drawn'], r['answer_len'])
+                          for r in rows if r['loss']]
     assert len(steps(a)) == 6 and steps(a) == steps(b)
-    la, lb = ([float(r['train_loss']) for r in rows if r['train_loss']] for rows in (a, b))
-    assert np.allclose(la, lb, rtol=1e-4, atol=1e-6)
-    evals = [r for r in a if r['val_loss']]
-    assert len(evals) == 3 and all(float(r['val_loss']) == pytest.approx(1 - float(r['pass1'])) for r in evals)
+    for col in ('loss', 'kl', 'clipped'):
+        la, lb = ([float(r[col]) for r in rows if r['loss']] for rows in (a, b))
+        assert np.allclose(la, lb, rtol=1e-4, atol=1e-6), col
+    evals = [r for r in a if r['instruct']]
+    assert [r['iter'] for r in evals] == ['0', '3', '6']
     fa, fb = (torch.load(os.path.join(work, d, 'ckpt.pt'), weights_only=True) for d in ('out_rl', 'out_rl2'))
     assert fa['task'] == 'rl' and 'ref_model' in fa and fa['iter_num'] == fb['iter_num'] == 6
+    assert fa['weights'] == fb['weights'] and sum(fa['weights'].values()) == pytest.approx(1)
     for k in fa['model']:
         assert torch.allclose(fa['model'][k], fb['model'][k], atol=1e-5), k
     assert any(not torch.equal(fa['model'][k], fa['ref_model'][k]) for k in fa['model'])  # it learned
+
+
+def test_rl_torchrun_ddp_cpu(rlhf_runs):
+    """train_rl.py on 2 processes (gloo): each samples its own requests, the gradients are
+    averaged (however many passes each rank's batch takes), rank 0 evaluates and writes."""
+    work, _ = rlhf_runs
+    out = os.path.join(work, 'out_rl_ddp')
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        os.path.join(ROOT, 'train_rl.py'), *RL, f'--init_from={work}/out_sft/ckpt.pt',
+                        f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'],
+                       cwd=work, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[:4000]
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.csv'] and r.stdout.count('saved ') == 1
+    rows = read_log(os.path.join(out, 'log.csv'))
+    assert [r['iter'] for r in rows if r['loss']] == ['0', '1']  # logged once, by rank 0
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ck['iter_num'] == 2 and any(not torch.equal(ck['model'][k], ck['ref_model'][k]) for k in ck['model'])
+
+
+def test_heldout_eval_by_class(tuned):
+    """sample.py --eval_instruct's counts, by class, are those of greedy answers generated
+    here through the plain forward pass (not FastDecoder) and checked with synth.follows;
+    --best_of's line, printed beside, adds up by class too."""
+    import synth
+    work, sft, _ = tuned
+    r = py('sample.py', f'--checkpoint={sft}', '--device=cpu', '--eval_instruct=30', '--best_of=2',
+           '--max_new_tokens=160', cwd=work)
+    model, ck = load_model(sft)
+    tok = Tokenizer(ck['tokenizer'])
+    counts = {}
+    for messages, check in synth.instructions(30, heldout=True):
+        ids = tok.encode_chat(messages[:1], add_generation_prompt=True)[0]
+        out = model.eval().generate(torch.tensor([ids]), 160, temperature=0, fast=False,
+                                    stop_id={tok.im_end_id, tok.bos_id, tok.eos_id})[0, len(ids):].tolist()
+        stop = next((i for i, t in enumerate(out) if t in (tok.im_end_id, tok.bos_id, tok.eos_id)), None)
+        ok = stop is not None and synth.follows(tok.decode(out[:stop]), check)
+        hits, n = counts.get(check['kind'], (0, 0))
+        counts[check['kind']] = (hits + ok, n + 1)
+    lines = r.stdout.splitlines()
+    total = sum(h for h, _ in counts.values())
+    assert lines[0].startswith(f"instruction following (greedy, {sft}): {total}/30 = "), lines[0]
+    assert lines[1].strip() == " | ".join(f"{k} {h}/{n} {h / n:.0%}" for k in synth.KINDS
+                                          if k in counts for h, n in [counts[k]])
+    best = re.match(r'best of 2 at temperature 1: (\d+)/30', lines[4]).group(1)
+    assert sum(int(m) for m in re.findall(r' (\d+)/\d+ ', lines[5] + ' ')) == int(best)
+    print('\n'.join(lines))
+
+
+def test_report_table_and_picture(tmp_path):
+    """report.py's table gives each run's share of held-out requests followed, by class, with
+    its standard error, the paired difference to SFT and the best-of-K ceiling, computed
+    here from the same per-request results; and it writes the PNG of the curves."""
+    consumer('matplotlib')
+    import random
+    rng = random.Random(0)
+    kinds = ('story_en', 'story_zh', 'q_name', 'q_thing', 'q_friend', 'q_animal')
+    runs = {}
+    for run, p in (('out', 0.05), ('out_sft', 0.6), ('out_dpo', 0.65), ('out_rl', 0.7)):
+        os.makedirs(tmp_path / run)
+        rows = [dict(kind=kinds[i % 6], follows=rng.random() < p, passes=False) for i in range(60)]
+        runs[run] = rows
+        (tmp_path / run / 'eval.json').write_text(json.dumps({'results': rows}))
+        log = [dict(iter=i, train_loss=3 - i / 10, val_loss='', kl=0.01 * i, loss=0.1, follows=p,
+                    instruct='') for i in range(5)]
+        with open(tmp_path / run / 'log.csv', 'w', newline='') as f:
+            w = csv.DictWriter(f, list(log[0]))
+            w.writeheader()
+            w.writerows(log)
+    best = [dict(r, best_of_8=r['follows'] or i % 2 == 0) for i, r in enumerate(runs['out_sft'][:40])]
+    (tmp_path / 'out_sft' / 'best_of.json').write_text(json.dumps({'results': best}))
+    os.makedirs(tmp_path / 'out_rm')
+    (tmp_path / 'out_rm' / 'log.csv').write_text('iter,val_loss,rm_acc\n100,0.3,0.925\n')
+    r = py('report.py', '--png=curves.png', cwd=tmp_path)
+    lines = r.stdout.splitlines()
+    for name, run in zip(('pretrained', 'SFT', 'DPO', 'RL'), runs.values()):
+        p = sum(x['follows'] for x in run) / 60
+        row = next(l for l in lines if l.startswith(name + ' '))
+        assert f"{p:.1%} ± {math.sqrt(p * (1 - p) / 60):.1%}" in row, row
+        story_en = [x['follows'] for x in run if x['kind'] == 'story_en']
+        assert row.split()[-6] == f"{sum(story_en) / len(story_en):.0%}", row
+    d = [b['follows'] - a['follows'] for a, b in zip(runs['out_sft'], runs['out_rl'])]
+    se = np.std(d, ddof=1) / math.sqrt(len(d))
+    assert f"RL - SFT: {np.mean(d):+.1%} ± {se:.1%}" in r.stdout, r.stdout
+    ceiling = sum(b['best_of_8'] for b in best) / 40
+    assert f"best of 8 answers at temperature 1 follows {ceiling:.1%}" in r.stdout
+    assert '92.5% of the held-out pairs' in r.stdout
+    assert (tmp_path / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def swanlab_run(out_dir):
@@ -866,13 +989,18 @@ LOG_COLUMNS = ('iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec')  # ever
 
 def tracked(rows):
     """What a tracker must be sent, from log.csv's rows: {key: {iter: the logged text}}. An
-    eval row's numbers go under eval/, a step's loss and extras under train/."""
+    eval row's numbers go under eval/, a step's loss and extras under train/ (train.py's
+    columns, or train_rl.py's, whose eval rows are those with an instruct)."""
     want = {}
     for r in rows:
-        kind = 'eval/' if r['val_loss'] else 'train/'
-        names = {'val_loss': 'eval/val', 'train_loss': 'eval/train'} if r['val_loss'] else \
-            {'train_loss': 'train/loss', 'lr': 'lr', 'tokens_per_sec': 'tok_s'}
-        names.update({k: kind + k for k in r if k not in LOG_COLUMNS})  # the task's extras
+        if 'instruct' in r:  # train_rl.py
+            names = {k: ('lr' if k == 'lr' else ('eval/' if r['instruct'] else 'train/') + k)
+                     for k in r if k != 'iter'}
+        else:
+            kind = 'eval/' if r['val_loss'] else 'train/'
+            names = {'val_loss': 'eval/val', 'train_loss': 'eval/train'} if r['val_loss'] else \
+                {'train_loss': 'train/loss', 'lr': 'lr', 'tokens_per_sec': 'tok_s'}
+            names.update({k: kind + k for k in r if k not in LOG_COLUMNS})  # the task's extras
         for column, key in [('iter', 'iter'), *names.items()]:
             if r[column]:
                 want.setdefault(key, {})[int(r['iter'])] = r[column]
@@ -894,7 +1022,10 @@ def test_swanlab_logs_what_log_csv_holds(tuned, tmp_path):
                    '--max_iters=2', '--eval_interval=2']}
     for task, args in runs.items():
         out = str(tmp_path / task)
-        train(work, out, *args, *swan, f'--swanlab_run_name={task}-run')
+        if task == 'rl':
+            py('train_rl.py', *args, *swan, f'--swanlab_run_name={task}-run', f'--out_dir={out}', cwd=work)
+        else:
+            train(work, out, *args, *swan, f'--swanlab_run_name={task}-run')
         start, got = swanlab_run(out)
         want = tracked(read_log(os.path.join(out, 'log.csv')))
         assert (start.project, start.name) == ('tiny', f'{task}-run')

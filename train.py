@@ -1,6 +1,7 @@
 """
-Train a Llama 2 model: pretraining, supervised fine-tuning (SFT), and after SFT: DPO, a
-reward model (RM) or reinforcement learning with verifiable rewards (RL).
+Train a Llama 2 model: pretraining, supervised fine-tuning (SFT), and after SFT: DPO or a
+reward model (RM). Each is a loss on batches of prepared data (the table LOSSES below);
+RL, which samples its own data, has its own script: train_rl.py.
 
 One GPU or the CPU (the device is picked for you; every knob below is --key=value):
 $ python train.py --dataset=tinystories --vocab_size=4096
@@ -12,13 +13,11 @@ DDP on 2 nodes of 8 GPUs (run on each node, node_rank 0 and 1):
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=1234 train.py
 
 Continue a run: --init_from=resume. Fine-tune: --task=sft --init_from=out/ckpt.pt, then
---task=dpo (or rm, or rl) --init_from=out_sft/ckpt.pt. A config file of plain assignments may
+--task=dpo (or rm) --init_from=out_sft/ckpt.pt. A config file of plain assignments may
 be given as an argument too (nanoGPT style). Ctrl-C saves a checkpoint and stops.
 """
 
-import atexit
 import copy
-import importlib
 import math
 import os
 import signal
@@ -31,12 +30,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import rlhf
-import synth
-from checkpoint import (FolderLock, RunLog, load_model, lock_holder, peek_task, same_file,
-                        write_atomic)
+from checkpoint import (RunLog, Trackers, claim_out_dir, load_model, resumed_log, run_out_dir,
+                        save_run)
 from configurator import check, check_device, configure, die
 from model import ModelArgs, RewardModel, Transformer
-from preprocess import Batches, ChatRows, PreferencePairs, PretokWindows, dataset_name, recipe
+from preprocess import ChatRows, PreferencePairs, PretokWindows, dataset_name, recipe
 from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT, Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -48,7 +46,7 @@ eval_iters = 50          # batches per loss estimate
 eval_only = False        # evaluate once and exit
 always_save_checkpoint = True  # save at every eval, not only when val loss improves
 init_from = 'scratch'    # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint path to fine-tune
-task = 'pretrain'        # pretrain | sft | dpo | rm (reward model) | rl
+task = 'pretrain'        # pretrain | sft | dpo | rm (reward model); RL: train_rl.py
 wandb_log = False        # log to Weights & Biases (pip install wandb)
 wandb_project = 'llama-from-scratch'
 wandb_run_name = 'run'
@@ -87,19 +85,11 @@ decay_lr = True
 warmup_iters = 1000
 lr_decay_iters = 0       # where the cosine reaches min_lr; 0 means max_iters
 min_lr = 5e-5
-# DPO and RL
-beta = 0.1               # how far the policy may move from the reference model
+# DPO and the reward model
+beta = 0.1               # DPO: how far the policy may move from the reference model
 rpo_alpha = 1.0          # DPO: weight of the chosen answers' SFT loss (RPO); 0 = plain DPO
 rm_likelihood = True     # reward model: add the answer's log-likelihood to the head's score
                          # (False: the head alone, the textbook reward model; see model.py)
-# RL (batch_size prompts per micro-step, each answered group_size times)
-group_size = 8
-max_new_tokens = 160     # per answer; one that has not stopped by then gets reward 0
-adv_norm = True          # divide each group's advantages by its standard deviation
-reward_model = ''        # a --task=rm checkpoint whose score is added to the rule's reward
-rm_weight = 0.05         # ... times this (its scores are log-likelihoods plus the head's:
-                         # tens of nats for a story, against the rule's 0 to 1)
-rl_prompts = 2000        # the pool of training prompts (synth's instructions)
 # system
 device = 'cuda' if torch.cuda.is_available() else (
     'mps' if torch.backends.mps.is_available() else 'cpu')
@@ -116,7 +106,8 @@ at_least_1, at_least_0 = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, "0
 fraction = (lambda v: 0 <= v < 1, "at least 0 and below 1")
 rate = (lambda v: math.isfinite(v) and v >= 0, "a number, 0 or more")
 check(globals(), {
-    'task': (lambda v: v in ('pretrain', 'sft', 'dpo', 'rm', 'rl'), "pretrain, sft, dpo, rm or rl"),
+    'task': (lambda v: v in ('pretrain', 'sft', 'dpo', 'rm'),
+             "pretrain, sft, dpo or rm (RL has its own script: train_rl.py)"),
     'batch_size': at_least_1, 'max_seq_len': at_least_1, 'gradient_accumulation_steps': at_least_1,
     'eval_interval': at_least_1, 'eval_iters': at_least_1, 'log_interval': at_least_1,
     'max_iters': at_least_0, 'warmup_iters': at_least_0, 'lr_decay_iters': at_least_0,
@@ -129,8 +120,7 @@ check(globals(), {
     'dropout': fraction, 'beta1': fraction, 'beta2': fraction,
     'learning_rate': rate, 'min_lr': rate, 'weight_decay': rate, 'grad_clip': rate,
     'beta': (lambda v: math.isfinite(v) and v >= 0, "0 or more"), 'peak_flops': rate,
-    'rpo_alpha': rate, 'rm_weight': rate, 'group_size': (lambda v: v >= 2, "at least 2"),
-    'max_new_tokens': at_least_1, 'rl_prompts': at_least_1,
+    'rpo_alpha': rate,
     'dtype': (lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'),
               "auto, float32, bfloat16 or float16"),
     'swanlab_mode': (lambda v: v in ('online', 'offline', 'local'), "online, offline or local"),
@@ -143,25 +133,10 @@ if task != 'pretrain' and init_from == 'scratch':
     die(f"--task={task} fine-tunes a model: give --init_from=path/to/ckpt.pt (or resume)")
 if task == 'dpo' and beta == 0:
     die("--beta=0 makes DPO's loss a constant: give it a value above 0 (0.1 is usual)")
-if reward_model and task != 'rl':
-    die(f"--reward_model is for --task=rl (its score is added to RL's reward), not --task={task}")
-if task == 'rl' and dataset != 'synth':
-    die("--task=rl rewards answers by checking them against synth's instructions: "
-        "use --dataset=synth (the prompts come from synth.py)")
 lr_decay_iters = lr_decay_iters or max_iters
 # where this run writes: never the folder of the checkpoint it starts from, unless it resumes
-fine_tuning_from = init_from if init_from not in ('scratch', 'resume') else None
-named_out_dir = bool(out_dir)
-out_dir = config['out_dir'] = out_dir or ('out_' + task if fine_tuning_from or task != 'pretrain'
-                                          else 'out')
-if fine_tuning_from and same_file(os.path.dirname(os.path.abspath(init_from)), out_dir):
-    die(f"--out_dir={out_dir}{'' if named_out_dir else ' (the default)'} is the folder of "
-        f"--init_from={init_from}: this run would write over the checkpoint it starts from "
-        "and its log — give another --out_dir (or --init_from=resume to continue that run)")
-if init_from != 'resume' and peek_task(os.path.join(out_dir, 'ckpt.pt')) not in (None, task):
-    die(f"--out_dir={out_dir} holds a {peek_task(os.path.join(out_dir, 'ckpt.pt'))} checkpoint, "
-        f"which this {task} run would replace — give another --out_dir (or delete "
-        f"{os.path.join(out_dir, 'ckpt.pt')} first)")
+out_dir = config['out_dir'] = run_out_dir(out_dir, task, init_from, default='out' if (
+    task == 'pretrain' and init_from in ('scratch', 'resume')) else 'out_' + task)
 if dtype == 'auto':
     dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') \
         if device.startswith('cuda') else 'float32'
@@ -195,8 +170,8 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 # -----------------------------------------------------------------------------
 # data
 
-# rm trains on dpo's preference pairs; rl needs only sft's tokenizer (its prompts are synth's)
-kind = {'pretrain': 'tok', 'sft': 'sft', 'dpo': 'dpo', 'rm': 'dpo', 'rl': 'sft'}[task]
+# rm trains on dpo's preference pairs
+kind = {'pretrain': 'tok', 'sft': 'sft', 'dpo': 'dpo', 'rm': 'dpo'}[task]
 data_folder = os.path.join(data_dir, dataset_name(dataset), f'{kind}{vocab_size}')
 tok_path = os.path.join(data_folder, 'tokenizer.model')
 if not os.path.exists(tok_path):
@@ -207,27 +182,12 @@ tokenizer_bytes = open(tok_path, 'rb').read()
 EVAL_BATCHES = 10**9     # evals draw batches k = EVAL_BATCHES + 0, 1, ...: never a step's
 
 
-class Prompts(Batches):
-    """RL: batch k is batch_size prompts (indices into rl_pool) and the seed its answers
-    are sampled with, so a resumed run samples what an uninterrupted one would."""
-    def batch(self, rng):
-        return rng.integers(0, len(rl_pool), self.B), rng.integers(0, 2**62, 1)
-
-
 def make_batches(split):
     args = (batch_size, max_seq_len, seed, rank)
     if task == 'pretrain':
         return PretokWindows(data_folder, split, *args)
-    if task == 'rl':
-        return Prompts(*args)
     cls = ChatRows if task == 'sft' else PreferencePairs
     return cls(os.path.join(data_folder, f'{split}.npz'), *args)
-
-
-if task == 'rl':  # (prompt ids, check) of synth's training instructions
-    tok = Tokenizer(tokenizer_bytes)
-    rl_pool = [(tok.encode_chat(m[:1], add_generation_prompt=True)[0], c)
-               for m, c in synth.instructions(rl_prompts, seed=seed)]
 
 
 splits = {split: make_batches(split) for split in ('train', 'val')}
@@ -299,10 +259,8 @@ else:
             die(f"{path} is a {ckpt.get('task', 'pretrain')} run; resume it with "
                 f"--task={ckpt.get('task', 'pretrain')}")
         iter_num, best_val_loss = ckpt['iter_num'], float(ckpt.get('best_val_loss', 1e9))
-        resume_log = ckpt.get('log')  # the rows of log.csv up to the checkpoint
-        if not (isinstance(resume_log, list) and all(isinstance(r, dict) for r in resume_log)):
-            resume_log = None  # (older checkpoints: log.csv is cut to the checkpoint instead)
-    if task in ('dpo', 'rl'):  # the reference is the model DPO or RL started from, frozen
+        resume_log = resumed_log(ckpt)  # the rows of log.csv up to the checkpoint
+    if task == 'dpo':  # the reference is the model DPO started from, frozen
         ref_model = copy.deepcopy(model)
         if init_from == 'resume':
             if not isinstance(ckpt.get('ref_model'), dict):
@@ -312,28 +270,6 @@ else:
 model.to(device)
 if model_args['vocab_size'] != vocab_size:
     die(f"the model has {model_args['vocab_size']} tokens but --vocab_size={vocab_size}")
-rm_model = None
-if task == 'rl' and reward_model:
-    rm_model, rm_ckpt = load_model(reward_model, device)
-    if not isinstance(rm_model, RewardModel) or rm_ckpt.get('tokenizer') != tokenizer_bytes:
-        die(f"--reward_model={reward_model} is not a reward model of this tokenizer — "
-            "train one with --task=rm from the same sft checkpoint")
-    rm_model.eval().requires_grad_(False)
-    rm_ckpt = None
-if task == 'rl':  # every prompt must fit the policy's context (answers stop at its end), and
-    # the longest prompt with its answer must fit the reward model's
-    held = [tok.encode_chat(m[:1], add_generation_prompt=True)[0]
-            for m, _ in synth.instructions(eval_iters, heldout=True)]
-    longest = max(len(p) for p in [p for p, _ in rl_pool] + held)
-    if model.params.max_seq_len <= longest:
-        die(f"{path} has a context of {model.params.max_seq_len} tokens, but RL's prompts take "
-            f"up to {longest} — fine-tune a model with a longer --max_seq_len")
-    need = min(longest + max_new_tokens, model.params.max_seq_len)
-    if rm_model is not None and rm_model.params.max_seq_len < need:
-        die(f"--reward_model={reward_model} has a context of {rm_model.params.max_seq_len} "
-            f"tokens, but a prompt with its answer takes up to {need} — train the reward model "
-            f"from the policy's own sft checkpoint")
-
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
@@ -376,92 +312,23 @@ def rm_loss(m, x, y):
     return rlhf.reward_model_loss(m(x, y))
 
 
-rl_stats = {}  # what the RL micro-steps since the last log line saw, summed
-
-
-def rl_loss(m, prompts, sample_seed):
-    """GRPO: answer each prompt group_size times with the current policy, reward every
-    answer by the rule (and the reward model, if given), and take the policy-gradient
-    loss with the KL penalty over the answers' tokens."""
-    gen = torch.Generator(device=device).manual_seed(int(sample_seed[0]))
-    raw_model.eval()
-    seqs, rewards, met = [], [], []
-    for i in prompts.tolist():
-        prompt, wanted = rl_pool[i]
-        for answer, stopped in rlhf.sample_group(raw_model, prompt, group_size, max_new_tokens,
-                                                 tok.im_end_id, generator=gen):
-            text = tok.decode(answer[:-1] if stopped else answer)
-            rewards.append(synth.reward(text, wanted, stopped))
-            constraints = synth.constraints(text, wanted)
-            met.append(sum(constraints) / len(constraints))
-            seqs.append((prompt + answer, len(prompt)))
-    raw_model.train()
-    x, y = answer_rows(seqs)
-    rewards = torch.tensor(rewards, device=device)
-    if rm_model is not None:
-        with torch.no_grad():
-            rewards = rewards + rm_weight * rm_model(x, y).float()
-    adv, kept = rlhf.group_advantages(rewards.view(-1, group_size), adv_norm)
-    rows = kept.repeat_interleave(group_size)
-    if not rows.any():
-        rows[0] = True  # a forward pass all the same (DDP's backward expects one); adv is 0
-    logp = rlhf.token_logps(m, x[rows], y[rows])
-    with torch.no_grad():
-        ref = rlhf.token_logps(ref_model, x[rows], y[rows])
-    loss, kl = rlhf.grpo_loss(logp, ref, adv.flatten()[rows], y[rows] != -1, beta)
-    for k, v in (('reward', rewards.mean().item()), ('constraints', sum(met) / len(met)),
-                 ('kl', kl.item()), ('answer_len', (y != -1).sum().item() / len(seqs)),
-                 ('skipped', (~kept).sum().item()), ('groups', len(kept)), ('n', 1)):
-        rl_stats[k] = rl_stats.get(k, 0) + v
-    return loss
-
-
-def answer_rows(seqs):
-    """[(ids, prompt length)] -> x, y (rows, T) padded; y counts only the answer tokens"""
-    T = max(len(s) for s, _ in seqs) - 1
-    x = torch.zeros(len(seqs), T, dtype=torch.long)
-    y = torch.full((len(seqs), T), -1, dtype=torch.long)
-    for r, (s, n) in enumerate(seqs):
-        x[r, :len(s) - 1] = torch.tensor(s[:-1])
-        y[r, n - 1:len(s) - 1] = torch.tensor(s[n:])
-    return x.to(device), y.to(device)
-
-
-def compute_loss(m, x, y):
-    if task == 'dpo':
-        return dpo_loss(m, x, y)[0]
-    if task == 'rm':
-        return rm_loss(m, x, y)[0]
-    if task == 'rl':
-        return rl_loss(m, x, y)
+def lm_loss(m, x, y):
+    """Pretraining and SFT: the next-token loss on the targets that are not -1"""
     return m(x, y)[1]
 
 
-@torch.no_grad()
-def heldout_answers(n):
-    """Greedy answers to n held-out synth instructions (those sample.py --eval_instruct
-    asks): pass@1 (every constraint met, and stopped), the instruction-following rate
-    (sample.py's check), and the mean reward."""
-    passed = followed = total = 0.0
-    for messages, wanted in synth.instructions(n, heldout=True):
-        prompt = tok.encode_chat(messages[:1], add_generation_prompt=True)[0]
-        (answer, stopped), = rlhf.sample_group(raw_model, prompt, 1, max_new_tokens, tok.im_end_id,
-                                               temperature=0)
-        text = tok.decode(answer[:-1] if stopped else answer)
-        passed += stopped and synth.passes(text, wanted)
-        followed += synth.follows(text, wanted)
-        total += synth.reward(text, wanted, stopped)
-    return dict(val=1 - passed / n, pass1=passed / n, instruct=followed / n, eval_reward=total / n)
+LOSSES = {'pretrain': lm_loss, 'sft': lm_loss, 'dpo': lambda m, x, y: dpo_loss(m, x, y)[0],
+          'rm': lambda m, x, y: rm_loss(m, x, y)[0]}
+compute_loss = LOSSES[task]
 
 
 @torch.no_grad()
 def evaluate():
     """Losses on fixed batches (the same every time, so evals compare), and for pretraining
     and SFT the val bits per byte (val nats / the UTF-8 bytes of the targets / ln 2), which
-    compares models across tokenizers. For DPO and the
-    reward model, over every held-out pair: preference accuracy (the chosen answer gets the
-    higher log-probability, or reward) and the mean margin. For RL, greedy answers to
-    eval_iters held-out instructions; its val is 1 - pass@1."""
+    compares models across tokenizers. For DPO and the reward model, over every held-out
+    pair: preference accuracy (the chosen answer gets the higher log-probability, or reward)
+    and the mean margin."""
     eval_model.eval()
     out = {}
     if task in ('dpo', 'rm'):
@@ -478,8 +345,6 @@ def evaluate():
         loss, margin, logp_margin, acc = (torch.cat(s).mean().item() for s in stats)
         out = (dict(val=loss, reward_margin=margin, logp_margin=logp_margin, pref_acc=acc)
                if task == 'dpo' else dict(val=loss, rm_acc=acc, rm_margin=margin))
-    elif task == 'rl':
-        out = heldout_answers(eval_iters)
     else:
         nats = nbytes = load = 0
         for split in ('train', 'val'):
@@ -526,14 +391,7 @@ def save_checkpoint():
         ckpt['ref_model'] = ref_model.state_dict()
     if task == 'rm':
         ckpt['rm_likelihood'] = raw_model.likelihood
-    ckpt['log'] = list(log.rows)  # the curve so far, from which log.csv is written
-    try:
-        write_atomic(ckpt_path, lambda f: torch.save(ckpt, f))
-    except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError
-        reason = getattr(e, 'strerror', None) or str(e).strip().splitlines()[0][:120]
-        die(f"cannot write {ckpt_path}: {reason} — free some space or choose another "
-            "--out_dir; the previous checkpoint and its log are intact")
-    log.write()
+    save_run(ckpt_path, ckpt, log)  # with the log's rows, from which log.csv is written
     global saved_at
     saved_at = iter_num
     print(f"saved {ckpt_path} at iteration {iter_num}")
@@ -566,32 +424,12 @@ def peak():
 # -----------------------------------------------------------------------------
 # the training loop
 
-def lock_out_dir():
-    """One run per out_dir: rank 0 holds an flock on the folder until it ends, however it
-    ends. A folder this run made is removed again if it ends without writing anything."""
-    made = not os.path.isdir(out_dir)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = FolderLock(out_dir, wait=False)
-    except BlockingIOError:
-        holder = lock_holder(out_dir)
-        die(f"--out_dir={out_dir} is in use by another training run"
-            + (f" (process {holder})" if holder else "")
-            + " — wait for it, stop it, or choose another --out_dir")
-    except OSError as e:
-        die(f"cannot write to --out_dir={out_dir}: {e.strerror}")
-    if made:
-        atexit.register(lambda: os.path.isdir(out_dir) and not os.listdir(out_dir)
-                        and os.rmdir(out_dir))
-    return lock  # held until the process ends
-
-
-out_dir_lock = lock_out_dir() if master else None
+out_dir_lock = claim_out_dir(out_dir) if master else None
 log_path = os.path.join(out_dir, 'log.csv')
 # columns beside the losses: what evals measure, and (RL) what the steps saw
-eval_extra = {'dpo': ['pref_acc', 'logp_margin', 'reward_margin'], 'rm': ['rm_acc', 'rm_margin'],
-              'rl': ['pass1', 'instruct', 'eval_reward']}.get(task, ['val_bpb'])
-step_extra = ['reward', 'constraints', 'kl', 'answer_len', 'skipped'] if task == 'rl' else []
+eval_extra = {'dpo': ['pref_acc', 'logp_margin', 'reward_margin'],
+              'rm': ['rm_acc', 'rm_margin']}.get(task, ['val_bpb'])
+step_extra = []
 if moe:  # a mixture of experts: its load-balancing loss, and at evals its busiest expert
     eval_extra = eval_extra + ['max_load'] * (task in ('pretrain', 'sft'))
     step_extra = step_extra + ['aux_loss']
@@ -600,23 +438,10 @@ log = RunLog(log_path, ['iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec'
              resume=(resume_log, iter_num) if init_from == 'resume' else None) if master else None
 
 
-def tracker(name):
-    """wandb or swanlab, imported only when asked for: neither is needed to train."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        die(f"--{name}_log=True needs the {name} package: pip install {name}")
-
-
-trackers = []  # wandb, swanlab: what they get is what log.csv gets (track() below)
-
-
 if master:
-    per_iter = (f"{tokens_per_iter:,} tokens per iteration" if task != 'rl' else
-                f"{tokens_per_iter // max_seq_len:,} prompts x {group_size} answers per iteration")
-    print(f"{task} on {data_folder}: {per_iter} = "
+    print(f"{task} on {data_folder}: {tokens_per_iter:,} tokens per iteration = "
           f"{gradient_accumulation_steps} accumulation steps x {world_size} processes x "
-          f"{batch_size} x {max_seq_len if task != 'rl' else group_size}; "
+          f"{batch_size} x {max_seq_len}; "
           f"{sum(p.numel() for p in raw_model.parameters()):,} parameters"
           + (f" ({raw_model.active_params():,} active per token)" if moe else "")
           + f"; {device} {dtype}"
@@ -626,26 +451,12 @@ if master:
     if ignored:
         print(f"note: {' '.join(ignored)} ignored: {path} brings its own shape ("
               + ", ".join(f"{k}={model_args.get(k)}" for k in SHAPE) + ")", file=sys.stderr)
-    if wandb_log:
-        wandb = tracker('wandb')
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-        trackers.append(wandb)
-    if swanlab_log:
-        swanlab = tracker('swanlab')
-        try:  # online mode with no login and no terminal to ask for one fails here
-            swanlab.init(project=swanlab_project, name=swanlab_run_name, config=config,
-                         mode=swanlab_mode, log_dir=os.path.join(out_dir, 'swanlog'))
-        except Exception as e:
-            why = str(e).strip().splitlines()[0][:200].rstrip('.')
-            die(f"SwanLab did not start: {why} — run `swanlab login`, or keep the run on disk "
-                "with --swanlab_mode=offline")
-        trackers.append(swanlab)
+    trackers = Trackers(config, out_dir)  # wandb, swanlab: what log.csv gets, if asked for
 
 
 def track(metrics):
-    """The same numbers to every tracker that is on, at this iteration."""
-    for t in trackers:
-        t.log({'iter': iter_num, **metrics}, step=iter_num)
+    if master:
+        trackers.log(metrics, iter_num)
 
 
 stop = False  # Ctrl-C: finish the step, save, exit
@@ -718,26 +529,14 @@ while True:
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps * world_size, dt, peak())
             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
             mfu_txt = f" | mfu {running_mfu * 100:.1f}%"
-        step = {}
-        if task == 'rl':  # means over the steps since the last line
-            n, g = rl_stats.pop('n'), rl_stats.pop('groups')
-            step = {k: v / n for k, v in rl_stats.items()}
-            step['skipped'] = rl_stats['skipped'] / g  # the fraction of groups
-            rl_stats.clear()
-            print(f"iter {iter_num} | loss {lossf:.4f} | reward {step['reward']:.3f} | constraints "
-                  f"{step['constraints']:.1%} | kl {step['kl']:.4f} | answer {step['answer_len']:.0f} "
-                  f"tokens | skipped {step['skipped']:.0%} of groups | {dt * 1000:.0f} ms", flush=True)
-            tok_s = float('nan')
-        else:
-            aux_txt = f" | aux {aux_sum.item():.3f}" if moe else ""
-            print(f"iter {iter_num} | loss {lossf:.4f}{aux_txt} | lr {lr:.2e} | "
-                  f"{dt * 1000:.1f} ms | {tok_s:,.0f} tok/s{mfu_txt}", flush=True)
-        if moe:
-            step['aux_loss'] = aux_sum.item()
-        log.add([iter_num, f"{lossf:.6f}", '', f"{lr:.3e}", '' if task == 'rl' else f"{tok_s:.0f}"]
+        aux_txt = f" | aux {aux_sum.item():.3f}" if moe else ""
+        print(f"iter {iter_num} | loss {lossf:.4f}{aux_txt} | lr {lr:.2e} | "
+              f"{dt * 1000:.1f} ms | {tok_s:,.0f} tok/s{mfu_txt}", flush=True)
+        step = {'aux_loss': aux_sum.item()} if moe else {}
+        log.add([iter_num, f"{lossf:.6f}", '', f"{lr:.3e}", f"{tok_s:.0f}"]
                 + [f"{step[k]:.6f}" if k in step else '' for k in log_extra])
-        track({'train/loss': lossf, 'lr': lr, **{f'train/{k}': v for k, v in step.items()},
-               **({'tok_s': tok_s} if task != 'rl' else {})})
+        track({'train/loss': lossf, 'lr': lr, 'tok_s': tok_s,
+               **{f'train/{k}': v for k, v in step.items()}})
     iter_num += 1
     local_iter += 1
 
