@@ -1598,14 +1598,59 @@ static void quantize(int8_t *xq, float *xq_scale, int32_t *xq_sum, const float *
     }
 }
 
+// --- the machine's vectors
+//
+// The kernels use GCC/Clang vector types, which the compiler maps onto the registers of the
+// target it builds for. A vector wider than those registers is split through the stack: a
+// 16-float vector on AVX2 is stored and reloaded at every step of a loop, 3x slower decoding.
+// So the width follows the target's own macros: VW = 16 floats with AVX-512, 8 with AVX, 4
+// otherwise (SSE2 on x86-64, NEON on aarch64); and the number of vectors a kernel keeps live
+// follows the register count, REGS: 32 with AVX-512 and on aarch64, 16 otherwise.
+#if defined(__AVX512F__)
+#define VW 16
+#elif defined(__AVX__)
+#define VW 8
+#else
+#define VW 4
+#endif
+#if defined(__AVX512F__) || defined(__aarch64__)
+#define REGS 32
+#else
+#define REGS 16
+#endif
+typedef float fvec __attribute__((vector_size(4 * VW))); // VW floats (a GCC/Clang extension)
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x2 __attribute__((vector_size(8)));
+
+// float32: each (row, token) sum is kept in LANES = 16 partial sums, NV vectors of VW, added in
+// a fixed order at the end (lane_sum, dot_tail): the compiler may then use vector registers
+// without -ffast-math, and a token gets the same bits whether it comes alone or in a block, on
+// every target (lane i adds the same products in the same order whatever VW is).
+#define LANES 16
+#define NV (LANES / VW)
+
 // --- matmul's tiles
 //
-// A tile is NR rows of W (1 or 4) times NT tokens of x (1 or 4), constants at each call so
-// that the compiler keeps the NR x NT sums in registers. A piece of a row is loaded once for
-// the NT tokens, and a piece of x once for the NR rows: prefill reads x again for every row
-// (from L2, 250 tokens x 768 floats), 4 rows x 4 tokens read it a quarter as often (1.3-2x
-// faster, one thread). Decoding keeps 1 row for float32: four interleaved weight streams are
-// slower there.
+// A tile is NR rows of W (1 or TILE_R) times NT tokens of x (1 or TILE_T), constants at each
+// call so that the compiler keeps the NR x NT sums in registers. A piece of a row is loaded
+// once for the NT tokens, and a piece of x once for the NR rows: prefill reads x again for
+// every row (from L2, 250 tokens x 768 floats), 4 rows x 4 tokens read it a quarter as often
+// (1.3-2x faster, one thread). The tile is as large as the registers hold its sums (one vector
+// each with AVX-512, two with AVX, four otherwise) and the pieces loaded: 4 x 4 with AVX-512,
+// 2 x 2 with AVX, 2 x 1 with SSE2 and NEON. Decoding keeps 1 row for float32: interleaved
+// weight streams are slower there.
+#if NV == 1
+#define TILE_R 4
+#define TILE_T 4
+#elif NV == 2
+#define TILE_R 2
+#define TILE_T 2
+#else
+#define TILE_R 2
+#define TILE_T 1
+#endif
+
 typedef struct {
     int n, ng;                  // values and int8 groups per row
     const float *w_f32[4];      // float32: row r
@@ -1618,23 +1663,22 @@ typedef struct {
     const int32_t *xq_sum;      // (NT, ng)
 } Tile;
 
-// float32: each (row, token) sum is kept in LANES partial sums, added in a fixed order at the
-// end (lane_sum, dot_tail): the compiler may then use vector registers without -ffast-math,
-// and a token gets the same bits whether it comes alone or in a block. A vector type, because
-// gcc 12 spills plain a[4][16] arrays.
-#define LANES 16
-typedef float f32x16 __attribute__((vector_size(64))); // 16 floats (a GCC/Clang extension)
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef float f32x2 __attribute__((vector_size(8)));
-
-// a's 16 lanes added in one order, in halves as vector adds (lane by lane: -Ofast has nothing
-// to reorder, so that every inlined copy gives the same bits)
-ALWAYS_INLINE float lane_sum(const f32x16 *ap) {
-    f32x16 a = *ap;
-    f32x8 h = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
-              __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+// the 16 partial sums a[0 .. NV) added in one order: lanes i and i + 8, then i and i + 4, and
+// so on. Across vectors these are vector adds, within one, adds of its shuffled halves (lane
+// by lane: -Ofast has nothing to reorder, so that every inlined copy gives the same bits).
+ALWAYS_INLINE float lane_sum(const fvec *a) {
+#if VW == 16
+    f32x8 h = __builtin_shufflevector(a[0], a[0], 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(a[0], a[0], 8, 9, 10, 11, 12, 13, 14, 15);
     f32x4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+#elif VW == 8
+    f32x8 h = a[0] + a[1];
+    f32x4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+#else
+    f32x8 h = __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(a[2], a[3], 0, 1, 2, 3, 4, 5, 6, 7);
+    f32x4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+#endif
     f32x2 p = __builtin_shufflevector(q, q, 0, 1) + __builtin_shufflevector(q, q, 2, 3);
     return p[0] + p[1];
 }
@@ -1649,19 +1693,21 @@ static __attribute__((noinline)) float dot_tail(const float *w, const float *x, 
 // w (NR, n) . x (NT, n) -> out (NR, NT), float32
 ALWAYS_INLINE void dot_f32(float *out, const float *const *w, const float *x, int n, int NR,
                            int NT) {
-    f32x16 a[4][4] = {{{0}}}; // a[r][t]: row r, token t
+    fvec a[TILE_R][TILE_T][NV] = {{{{0}}}}; // a[r][t]: the partial sums of row r, token t
     int j = 0;
-    for (; j + LANES <= n; j += LANES) {
-        f32x16 xv[4], wv;
-        for (int t = 0; t < NT; t++) memcpy(&xv[t], x + (size_t)t * n + j, sizeof xv[t]);
-        for (int r = 0; r < NR; r++) {
-            memcpy(&wv, w[r] + j, sizeof wv);
-            for (int t = 0; t < NT; t++) a[r][t] += wv * xv[t];
+    for (; j + LANES <= n; j += LANES)
+        for (int v = 0; v < NV; v++) { // values j + v VW .. j + v VW + VW - 1
+            fvec xv[TILE_T], wv;
+            for (int t = 0; t < NT; t++)
+                memcpy(&xv[t], x + (size_t)t * n + j + v * VW, sizeof xv[t]);
+            for (int r = 0; r < NR; r++) {
+                memcpy(&wv, w[r] + j + v * VW, sizeof wv);
+                for (int t = 0; t < NT; t++) a[r][t][v] += wv * xv[t];
+            }
         }
-    }
     for (int r = 0; r < NR; r++)
         for (int t = 0; t < NT; t++)
-            out[r * NT + t] = lane_sum(&a[r][t])
+            out[r * NT + t] = lane_sum(a[r][t])
                             + (j < n ? dot_tail(w[r] + j, x + (size_t)t * n + j, n - j) : 0.0f);
 }
 
@@ -1723,6 +1769,70 @@ ALWAYS_INLINE void q8_group(__m256 (*acc)[4], const Tile *b, int g, int gs, int 
 }
 #endif
 
+// w . x over one group of gs int8 values (in the file's order), exact in int32, in vectors of
+// the target's width (IB bytes: 32 with AVX, else 16) seen as int16 lanes that hold two values
+// each: the low byte, sign-extended, and the high byte. A product of two int8 values fits in
+// int16 (|w x| <= 128 * 127), and so does the sum of two; the int32 lanes of those sums are
+// split the same way. Shifts, not conversions: some targets' compilers split a widening
+// conversion into 128-bit pieces (3x the instructions). Which value of a pair is which does
+// not matter to the sum.
+#define IB (VW >= 8 ? 32 : 16)
+typedef int16_t i16v __attribute__((vector_size(IB)));
+typedef uint16_t u16v __attribute__((vector_size(IB)));
+typedef int32_t i32v __attribute__((vector_size(IB)));
+typedef uint32_t u32v __attribute__((vector_size(IB)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+
+// the low half of each lane, sign-extended (shifted left as unsigned: no overflow)
+ALWAYS_INLINE i16v low8(i16v v) { return (i16v)((u16v)v << 8) >> 8; }
+ALWAYS_INLINE i32v low16(i32v v) { return (i32v)((u32v)v << 16) >> 16; }
+
+ALWAYS_INLINE int32_t dot_group(const int8_t *w, const int8_t *x, int gs) {
+    if (gs % 32) { // other group sizes: the plain loop
+        int32_t sum = 0;
+        for (int k = 0; k < gs; k++) sum += w[k] * x[k];
+        return sum;
+    }
+    i32v acc = {0};
+    for (int k = 0; k < gs; k += IB) {
+        i16v wv, xv;
+        memcpy(&wv, w + k, IB), memcpy(&xv, x + k, IB);
+        i32v p = (i32v)(low8(wv) * low8(xv) + (wv >> 8) * (xv >> 8)); // (the same bits)
+        acc += low16(p) + (p >> 16);
+    }
+#if IB == 32
+    i32x4 h = __builtin_shufflevector(acc, acc, 0, 1, 2, 3) +
+              __builtin_shufflevector(acc, acc, 4, 5, 6, 7);
+#else
+    i32x4 h = acc;
+#endif
+    h += __builtin_shufflevector(h, h, 2, 3, 0, 1);
+    return h[0] + h[1];
+}
+
+// w . x for one row and one token in the file's order: per group an exact integer dot product,
+// scaled by the weight's and the activation's scale, added in group order
+ALWAYS_INLINE float q8_row(const int8_t *w, const float *w_scale, const int8_t *x,
+                           const float *x_scale, int ng, int gs) {
+    float val = 0.0f;
+    for (int g = 0; g < ng; g++) {
+        int32_t isum = dot_group(w + (size_t)g * gs, x + (size_t)g * gs, gs);
+        val += (float)isum * w_scale[g] * x_scale[g];
+    }
+    return val;
+}
+
+// q8_row, not inlined: one copy of its code, so that a token gets the same float operations
+// (in the same order, even with -ffast-math) alone or in a block. The group sizes 32 and 64
+// (the exporters' choices) as constants, so that the compiler unrolls each group.
+static __attribute__((noinline)) float q8_row_any(const int8_t *w, const float *w_scale,
+                                                  const int8_t *x, const float *x_scale, int ng,
+                                                  int gs) {
+    if (gs == 32) return q8_row(w, w_scale, x, x_scale, ng, 32);
+    if (gs == 64) return q8_row(w, w_scale, x, x_scale, ng, 64);
+    return q8_row(w, w_scale, x, x_scale, ng, gs);
+}
+
 // w (NR, n) . x (NT, n) -> out (NR, NT) for int8 weights and activations: an exact integer
 // dot product per group, scaled by the weight's and the activation's scale
 ALWAYS_INLINE void dot_q8(float *out, const Tile *b, int gs, int NR, int NT) {
@@ -1746,16 +1856,9 @@ ALWAYS_INLINE void dot_q8(float *out, const Tile *b, int gs, int NR, int NT) {
     }
 #endif
     for (int r = 0; r < NR; r++) // the file's order
-        for (int t = 0; t < NT; t++) {
-            const int8_t *xt = b->xq + (size_t)t * n, *w = b->w_int8[r];
-            float val = 0.0f;
-            for (int g = 0; g < ng; g++) {
-                int32_t isum = 0;
-                for (int k = g * gs; k < (g + 1) * gs; k++) isum += xt[k] * w[k];
-                val += (float)isum * b->w_scale[r][g] * b->xq_scale[t * ng + g];
-            }
-            out[r * NT + t] = val;
-        }
+        for (int t = 0; t < NT; t++)
+            out[r * NT + t] = q8_row_any(b->w_int8[r], b->w_scale[r], b->xq + (size_t)t * n,
+                                         b->xq_scale + t * ng, ng, gs);
 }
 
 // One tile -> o (NR, NT). For int8 the group sizes 32 and 64 (the exporters' choices) as
@@ -1767,95 +1870,134 @@ ALWAYS_INLINE void dot_tile(float *o, const Tile *b, int gs, int NR, int NT) {
     else dot_q8(o, b, gs, NR, NT);
 }
 
-// matmul (see there): the rows in blocks of R, each block read from memory once and then
-// kept in the L1 cache for all T tokens, 4 tokens at a time while there are 4. The blocks
-// are shared among the threads.
+// Each tile shape in a function of its own: inlined into one loop together, the compiler runs
+// out of registers for some of their sums and keeps those on the stack.
+static __attribute__((noinline)) void tile_RxT(float *o, const Tile *b, int gs) {
+    dot_tile(o, b, gs, TILE_R, TILE_T);
+}
+static __attribute__((noinline)) void tile_Rx1(float *o, const Tile *b, int gs) {
+    dot_tile(o, b, gs, TILE_R, 1);
+}
+static __attribute__((noinline)) void tile_1xT(float *o, const Tile *b, int gs) {
+    dot_tile(o, b, gs, 1, TILE_T);
+}
+static __attribute__((noinline)) void tile_1x1(float *o, const Tile *b, int gs) {
+    dot_tile(o, b, gs, 1, 1);
+}
+
+// row i of matrix m as row r of the tile
+ALWAYS_INLINE void tile_row(Tile *b, int r, const Matrix *m, int i) {
+    if (m->group_size) {
+        int k = i & (m->slab - 1); // its place in its slab (1 or 4 rows: no division)
+        b->w_int8[r] = m->q + (size_t)(i - k) * b->n + k * 32;
+        b->w_scale[r] = m->scale + (size_t)i * b->ng;
+    } else {
+        b->w_f32[r] = m->w + (size_t)i * b->n;
+    }
+}
+
+// tokens t, t + 1, ... of x (float32) or of its quantized copy in s (int8) as the tile's
+ALWAYS_INLINE void tile_tokens(Tile *b, const float *x, const RunState *s, int t, int gs) {
+    if (gs) {
+        b->xq = s->xq + (size_t)t * b->n;
+        b->xq_scale = s->xq_scale + t * b->ng;
+        b->xq_sum = s->xq_sum + t * b->ng;
+    } else {
+        b->x = x + (size_t)t * b->n;
+    }
+}
+
+// matmul (see there): the rows of each matrix in blocks of R, each block read from memory once
+// and then kept in the L1 cache for all T tokens, TILE_T tokens at a time while there are as
+// many. The blocks are shared among the threads.
 static void matmul_tiles(float *out, const float *x, int T, const Matrix *mats, int n_mats,
                          const RunState *s) {
     int n = mats[0].cols, gs = mats[0].group_size, d = 0, ng = gs ? n / gs : 0;
     for (int m = 0; m < n_mats; m++) d += mats[m].rows;
-    // rows per block: 4 for prefill, and for int8 rows in slabs of 4 (pack_int8) also when
+    // rows per block: TILE_R for prefill, and for int8 rows in slabs of 4 (pack_int8) also when
     // decoding (1.4-1.7x faster rows from the cache, one thread)
     int slab = mats[0].slab; // the same for every matrix
-    int R = T >= 4 || slab == 4 ? 4 : 1;
-    OMP(omp parallel for schedule(static))
-    for (int rb = 0; rb < (d + R - 1) / R; rb++) {
-        int nr = d - rb * R < R ? d - rb * R : R; // rows in this block (the last may have fewer)
-        Tile b = {.n = n, .ng = ng, .pitch = (size_t)32 * slab};
-        for (int r = 0; r < R; r++) { // row i of matrix m; a short block repeats its first row
-            int i = rb * R + (r < nr ? r : 0), m = 0;
-            while (i >= mats[m].rows) i -= mats[m++].rows;
-            if (gs) {
-                b.w_int8[r] = mats[m].q + (size_t)(i - i % slab) * n + i % slab * 32;
-                b.w_scale[r] = mats[m].scale + (size_t)i * ng;
-            } else {
-                b.w_f32[r] = mats[m].w + (size_t)i * n;
+    int R = (T > 1 && T >= TILE_T) || slab == 4 ? TILE_R : 1;
+    OMP(omp parallel)
+    {
+    Tile b = {.n = n, .ng = ng, .pitch = (size_t)32 * slab}; // once per thread, not per block
+    tile_tokens(&b, x, s, 0, gs);
+    for (int m = 0, i0 = 0; m < n_mats; i0 += mats[m++].rows) { // i0: matrix m's first row in out
+        int rows = mats[m].rows;
+        OMP(omp for schedule(static) nowait)
+        for (int rb = 0; rb < (rows + R - 1) / R; rb++) {
+            int nr = rows - rb * R < R ? rows - rb * R : R; // rows in the block (the last: fewer)
+            for (int r = 0; r < R; r++) // a short block repeats its first row
+                tile_row(&b, r, &mats[m], rb * R + (r < nr ? r : 0));
+            if (T == 1 && R == 1) { // decoding, a row at a time: its sum straight into out
+                tile_1x1(out + i0 + rb, &b, gs);
+                continue;
+            }
+            for (int t = 0; t < T;) {
+                float o[TILE_R * TILE_T];
+                int nt = T - t >= TILE_T ? TILE_T : 1;
+                tile_tokens(&b, x, s, t, gs);
+                if (R > 1 && nt > 1) tile_RxT(o, &b, gs);
+                else if (R > 1) tile_Rx1(o, &b, gs);
+                else if (nt > 1) tile_1xT(o, &b, gs);
+                else tile_1x1(o, &b, gs);
+                float *ot = out + i0 + rb * R; // this block's rows of out (T, d)
+                for (int k = 0; k < nt; k++, t++)
+                    for (int r = 0; r < nr; r++) ot[(size_t)t * d + r] = o[r * nt + k];
             }
         }
-        for (int t = 0; t < T;) {
-            float o[16];
-            int nt = T - t >= 4 ? 4 : 1;
-            if (gs) {
-                b.xq = s->xq + (size_t)t * n;
-                b.xq_scale = s->xq_scale + t * ng;
-                b.xq_sum = s->xq_sum + t * ng;
-            } else {
-                b.x = x + (size_t)t * n;
-            }
-            if (R == 4 && nt == 4) dot_tile(o, &b, gs, 4, 4);
-            else if (R == 4) dot_tile(o, &b, gs, 4, 1);
-            else if (nt == 4) dot_tile(o, &b, gs, 1, 4);
-            else dot_tile(o, &b, gs, 1, 1);
-            for (int k = 0; k < nt; k++, t++)
-                for (int r = 0; r < nr; r++) out[(size_t)t * d + rb * R + r] = o[r * nt + k];
-        }
+    }
     }
 }
 
 // --- attention's kernels
 //
-// att[0 .. 16 NV) = q . the keys of 16 NV positions, and out[0 .. 16 NV) = sum over
-// positions t <= pos of att[t] v_t: NV (1 or 4, a constant at each call) vectors of 16 at
-// once, as NV independent sums. One alone waits on each FMA's latency (4 cycles) before the
-// next; four keep the FMA units busy. Each sum still runs over i (or t) in order. The partial
-// sums stay in registers; a vector type because gcc 12 turns the plain loops into scalar code.
+// att[0 .. 16 NC) = q . the keys of 16 NC positions, and out[0 .. 16 NC) = sum over
+// positions t <= pos of att[t] v_t: NC (1 or WIDE, a constant at each call) pieces of 16 at
+// once, NC NV vectors of VW, as that many independent sums. One alone waits on each FMA's
+// latency (4 cycles) before the next; four keep the FMA units busy. Each lane's sum still runs
+// over i (or t) in order, whatever the vectors. The sums and the pieces loaded stay in
+// registers: WIDE is 4 with AVX-512, else 2; a vector type because gcc 12 turns the plain
+// loops into scalar code.
+#define WIDE (NV == 1 ? 4 : 2)
 ALWAYS_INLINE void scores(float *att, const float *q, const float *keys, int head_size, int n_ctx,
-                          int NV) {
-    f32x16 a[4] = {0};
+                          int NC) {
+    fvec a[WIDE * NV] = {0};
     for (int i = 0; i < head_size; i++)
-        for (int j = 0; j < NV; j++) {
-            f32x16 k;
-            memcpy(&k, keys + (size_t)i * n_ctx + 16 * j, sizeof k);
+        for (int j = 0; j < NC * NV; j++) {
+            fvec k;
+            memcpy(&k, keys + (size_t)i * n_ctx + VW * j, sizeof k);
             a[j] += q[i] * k;
         }
-    memcpy(att, a, NV * sizeof a[0]);
+    memcpy(att, a, NC * NV * sizeof a[0]);
 }
 
 ALWAYS_INLINE void weigh_values(float *out, const float *att, const float *values, int pos,
-                                int kv_dim, int NV) {
-    f32x16 o[4] = {0};
+                                int kv_dim, int NC) {
+    fvec o[WIDE * NV] = {0};
     for (int t = 0; t <= pos; t++)
-        for (int j = 0; j < NV; j++) {
-            f32x16 v;
-            memcpy(&v, values + (size_t)t * kv_dim + 16 * j, sizeof v);
+        for (int j = 0; j < NC * NV; j++) {
+            fvec v;
+            memcpy(&v, values + (size_t)t * kv_dim + VW * j, sizeof v);
             o[j] += att[t] * v;
         }
-    memcpy(out, o, NV * sizeof o[0]);
+    memcpy(out, o, NC * NV * sizeof o[0]);
 }
 
 // the scores of 16 positions side by side (the keys are transposed), past pos too, up to the
 // next 16: those are never used
 static void attention_scores(float *att, const float *q, const HeadCache *kv, int pos) {
-    int t0 = 0; // 64 positions while the last 16 of them start at or before pos (in n_ctx)
+    int t0 = 0; // WIDE pieces while the last of them starts at or before pos (in n_ctx)
     int head_size = kv->head_size, n_ctx = kv->n_ctx;
-    for (; t0 + 48 <= pos; t0 += 64) scores(att + t0, q, kv->keys + t0, head_size, n_ctx, 4);
+    for (; t0 + 16 * (WIDE - 1) <= pos; t0 += 16 * WIDE)
+        scores(att + t0, q, kv->keys + t0, head_size, n_ctx, WIDE);
     for (; t0 <= pos; t0 += 16) scores(att + t0, q, kv->keys + t0, head_size, n_ctx, 1);
 }
 
 static void attention_values(float *out, const float *att, const HeadCache *kv, int pos) {
     int i = 0;
-    for (; i + 64 <= kv->head_size; i += 64)
-        weigh_values(out + i, att, kv->values + i, pos, kv->kv_dim, 4);
+    for (; i + 16 * WIDE <= kv->head_size; i += 16 * WIDE)
+        weigh_values(out + i, att, kv->values + i, pos, kv->kv_dim, WIDE);
     for (; i + 16 <= kv->head_size; i += 16)
         weigh_values(out + i, att, kv->values + i, pos, kv->kv_dim, 1);
     for (; i < kv->head_size; i++) { // head sizes that are no multiple of 16
