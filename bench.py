@@ -1,18 +1,23 @@
 """
 Benchmarks: our run.c, sample.py, export.py, train.py and preprocess.py, each beside
-karpathy/llama2.c (the peer) on the same input, on the same machine.
+karpathy/llama2.c (the peer) on the same input, on the same machine; run.c also beside
+llama.cpp (through llama-cpp-python, a benchmark-only dependency) on the same weights.
 
 $ make bench                                 # everything; the peer is ../llama2.c if present
 $ make bench LLAMA2C=/path/to/llama2.c BENCH_ARGS="--only=decode,prefill --rounds=3"
 $ python bench.py --only=decode --rounds=3   # items: decode,prefill,sample,export,train,pretok,memory,gpu
+$ python bench.py --only=decode --models=15M --classes=avx2 --llamacpp=avx2=/path/to/llamacpp-avx2
 $ python bench.py --quick                    # tiny step counts, 15M shape only: for development
 
 Nothing is downloaded: the models are random weights in llama2.c's 15M and 110M shapes,
 exported by our export.py, and tokenizer.bin is synthetic. Everything generated stays in
 --dir and is reused by the next run. Both run.c's are built with the Makefile's runomp
-flags. Ours and the peer run alternately (ours, peer, ours, peer, ...) for --rounds
-rounds, so a busy moment hits both; cells are median [min-max]. "ours better by" is
-> 1 when ours wins: ours/peer for a rate, peer/ours for seconds and megabytes.
+flags, and for decode and prefill once per instruction set the CPU runs (--classes):
+native, AVX2 code on an AVX-512 CPU, plain x86-64. Ours and the peers run alternately
+(ours, llama2.c, llama.cpp, ours, ...) for --rounds rounds, so a busy moment hits all;
+cells are median [min-max]. "ours better by" is > 1 when ours wins: ours/peer for a rate,
+peer/ours for seconds and megabytes. llama.cpp's rates are its own timer's (its perf
+counters around each decode), not Python's.
 """
 
 import datetime
@@ -42,6 +47,12 @@ llama2c = 'auto'         # the peer's checkout: 'auto' = ../llama2.c if it exist
 dir = '/tmp/bench'       # build folder outside git: binaries, models, data (shadows dir())
 gpu_device = 'cuda'      # the gpu item's device; 'cpu' (with --quick) tries it out without one
 gpu_models = '15M,110M,default'  # the gpu item's models (see GPU_TRAIN)
+models = '15M,110M'      # the shapes of the run.c items (decode, prefill, memory)
+classes = 'auto'         # decode and prefill built for: native, avx2, x86-64 (see CLASS_FLAGS);
+                         # 'auto' = every one this CPU runs
+llamacpp = 'auto'        # llama.cpp per class: 'class=folder,...', each folder a llama-cpp-python
+                         # built for that class (pip install --target); 'auto' = the installed
+                         # package as native (pip builds it for this CPU); '' = none
 # -----------------------------------------------------------------------------
 configure(globals())
 rounds = rounds or (1 if quick else 5)
@@ -59,7 +70,7 @@ SHAPES = {
                 max_seq_len=256, multiple_of=32, norm_eps=1e-5, dropout=0.0),
     '110M': dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048, vocab_size=32000,
                  max_seq_len=1024, multiple_of=32, norm_eps=1e-5, dropout=0.0)}
-shapes = ['15M'] if quick else ['15M', '110M']
+shapes = ['15M'] if quick else models.split(',')
 steps = 64 if quick else 256          # run.c -n; new tokens for sample
 train_iters = 6 if quick else 15      # per train.py run; the first 3 are not counted
 ROWS, COMMANDS = [], []               # for the table at the end
@@ -86,19 +97,20 @@ def run(cmd, threads=None, cwd=None):
     return o, e, wall, usage.ru_maxrss / 1024
 
 
-def ab(ours, peer, n=None):
-    """Call ours() and peer() alternately, n times each: (ours' results, peer's results).
-    A failing peer is reported and left out; a failing ours stops the benchmark."""
-    a, b = [], []
+def ab(ours, *peers, n=None):
+    """Call ours() and each peer (None: absent) alternately, n times each: ours' results, then
+    each peer's. A failing peer is reported and left out; a failing ours stops the benchmark."""
+    calls, results = [ours, *peers], [[] for _ in range(1 + len(peers))]
     for _ in range(n or rounds):
-        a.append(ours())
-        if peer:
+        results[0].append(ours())
+        for k in range(1, len(calls)):
             try:
-                b.append(peer())
+                if calls[k]:
+                    results[k].append(calls[k]())
             except Failed as e:
-                print(f"  llama2.c failed, left out: {e}", flush=True)
-                peer, b = None, []
-    return a, b
+                print(f"  a peer failed, left out: {e}", flush=True)
+                calls[k], results[k] = None, []
+    return results
 
 
 def cell(values):
@@ -109,15 +121,17 @@ def cell(values):
     return m if len(values) == 1 else f'{m} [{f(min(values))}-{f(max(values))}]'
 
 
-def report(item, case, unit, ours, peer, better='higher', note='', cmds=()):
-    """One result line, printed now and kept for the table."""
-    ratio = '-'
-    if ours and peer:
-        a, b = statistics.median(ours), statistics.median(peer)
-        ratio = f'{(a / b if better == "higher" else b / a):.2f}x'
-    ROWS.append([item, case, unit, cell(ours), cell(peer), ratio, note])
+def report(item, case, unit, ours, peer, better='higher', note='', cmds=(), lcpp=()):
+    """One result line, printed now and kept for the table (lcpp: llama.cpp's results)."""
+    def ratio(other):
+        if not (ours and other):
+            return '-'
+        a, b = statistics.median(ours), statistics.median(other)
+        return f'{(a / b if better == "higher" else b / a):.2f}x'
+    ROWS.append([item, case, unit, cell(ours), cell(peer), cell(lcpp), ratio(peer), ratio(lcpp), note])
     print('  ' + ' | '.join(ROWS[-1]), flush=True)
-    COMMANDS.extend(f'{item} {case}, {who}: {c}' for who, c in zip(('ours', 'llama2.c'), cmds) if c)
+    COMMANDS.extend(f'{item} {case}, {who}: {c}' for who, c in zip(('ours', 'llama2.c', 'llama.cpp'), cmds)
+                    if c)
 
 
 def shell(cmd, threads=None, cwd=None):
@@ -126,10 +140,32 @@ def shell(cmd, threads=None, cwd=None):
     return (f'cd {cwd} && ' if cwd else '') + (f'OMP_NUM_THREADS={threads} ' if threads else '') + shlex.join(cmd)
 
 # -----------------------------------------------------------------------------
-# the C programs, built with the flags of the Makefile's runomp target
+# the C programs, built with the flags of the Makefile's runomp target, its -march=native
+# replaced by those of an instruction set (a class of CPU)
+
+CLASS_FLAGS = {'native': ['-march=native'],  # this CPU's own
+               # AVX2 and FMA as a CPU without AVX-512 has them (AVX-VNNI too is left out:
+               # Zen 3 and older lack it)
+               'avx2': ['-march=native', '-mno-avx512f', '-mno-avxvnni'],
+               'x86-64': ['-march=x86-64']}  # SSE2, what every x86-64 CPU runs
+BUILT = set()  # the compile commands, once each in the commands at the end
 
 
-def build(src, exe):
+def macros(flags):
+    """The names the compiler predefines for flags (__AVX512F__, __x86_64__, ...)"""
+    out = subprocess.run([CC, *flags, '-dM', '-E', '-x', 'c', os.devnull], capture_output=True, text=True).stdout
+    return set(re.findall(r'^#define (\w+)', out, re.M))
+
+
+def cpu_classes():
+    """native, and on x86-64 the classes below it that this CPU runs too: AVX2 (where native
+    has AVX-512) and plain x86-64"""
+    native = macros(CLASS_FLAGS['native'])
+    return ['native'] + (['avx2'] if '__AVX512F__' in native and '__AVX2__' in native else []) + (
+        ['x86-64'] if '__x86_64__' in native and '__AVX__' in native else [])
+
+
+def build(src, exe, cls='native'):
     """Compile a copy of src (so an edit in progress cannot change it midway) into exe,
     unless the source and flags are those of the previous build. src: a path or bytes."""
     text = open(os.path.join(REPO, 'Makefile')).read()
@@ -137,8 +173,12 @@ def build(src, exe):
     if not m:
         raise Failed("the Makefile's runomp recipe is not '$(CC) FLAGS -o run run.c LIBS' any more")
     flags, libs = m.group(1).split(), m.group(2).split()
+    flags = [f for f in flags if f != '-march=native'] + CLASS_FLAGS[cls]
     code = src if isinstance(src, bytes) else open(src, 'rb').read()
     key = (shlex.join([CC, *flags, *libs]) + '\n').encode() + code
+    if not isinstance(src, bytes) and exe not in BUILT:
+        BUILT.add(exe)
+        COMMANDS.append(f'build: {shlex.join([CC, *flags, "-o", exe, src, *libs])}')
     if os.path.exists(exe) and os.path.exists(exe + '.key') and open(exe + '.key', 'rb').read() == key:
         return exe
     os.makedirs(os.path.dirname(exe), exist_ok=True)
@@ -150,14 +190,76 @@ def build(src, exe):
     return exe
 
 
-def runners():
-    """Our run and the peer's run (float32) and runq (int8); None for a missing peer."""
-    ours = build(f'{REPO}/run.c', f'{BENCH}/ours/run')
+def runners(cls='native'):
+    """Our run and the peer's run (float32) and runq (int8) for a class; None for a missing peer."""
+    sub = '' if cls == 'native' else f'-{cls}'
+    ours = build(f'{REPO}/run.c', f'{BENCH}/ours{sub}/run', cls)
     try:
-        return ours, *(build(f'{PEER}/{n}.c', f'{BENCH}/peer/{n}') if PEER else None for n in ('run', 'runq'))
+        return ours, *(build(f'{PEER}/{n}.c', f'{BENCH}/peer{sub}/{n}', cls) if PEER else None
+                       for n in ('run', 'runq'))
     except (Failed, OSError) as e:
         print(f"  llama2.c's runners do not build, left out: {e}", flush=True)
         return ours, None, None
+
+# llama.cpp through llama-cpp-python, on the same weights as GGUF files (f32 for our float32
+# file, q8_0 for int8). A fresh process per measurement, as for the C programs: it evaluates
+# the token ids given (after one evaluation that llama.cpp counts as loading), then greedy
+# decodes up to n positions, and prints llama.cpp's own rates: its perf counters time each
+# llama_decode up to llama_synchronize, which Python's overhead around it does not touch.
+LLAMACPP_WORKER = r'''
+import json, sys
+folder, path, threads, n, ids = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+if folder:
+    sys.path.insert(0, folder)
+import numpy as np, llama_cpp as L
+ids = [int(i) for i in (open(ids[1:]).read() if ids.startswith('@') else ids).split()]  # @file: ids in it
+if 'amx' in open('/proc/cpuinfo').read():  # its AMX kernels crash in the first decode (issue 20824)
+    defaults = L.llama_cpp.llama_model_default_params
+    def plain_kernels():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+    L.llama_cpp.llama_model_default_params = plain_kernels
+llm = L.Llama(path, n_ctx=max(n, len(ids)) + 8, n_batch=512, n_threads=threads, n_threads_batch=threads,
+              verbose=False)
+ctx = llm._ctx.ctx
+def decode(tokens):
+    arr = (L.llama_token * len(tokens))(*tokens)
+    if L.llama_decode(ctx, L.llama_batch_get_one(arr, len(tokens))) != 0:
+        sys.exit('llama_decode failed')
+    L.llama_synchronize(ctx)
+decode(ids[:1])
+L.llama_memory_clear(L.llama_get_memory(ctx), True)
+L.llama_perf_context_reset(ctx)
+decode(ids)
+p = L.llama_perf_context(ctx)
+prefill = len(ids) / ((p.t_p_eval_ms if len(ids) > 1 else p.t_eval_ms) / 1000)
+L.llama_perf_context_reset(ctx)
+for _ in range(n - len(ids)):
+    logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(llm.n_vocab(),))
+    decode([int(np.argmax(logits))])
+p = L.llama_perf_context(ctx)
+print(json.dumps({'prefill': prefill, 'decode': p.n_eval / (p.t_eval_ms / 1000) if p.t_eval_ms else 0,
+                  'version': L.__version__}))
+'''
+
+
+def llamacpp_builds():
+    """{class: folder of its llama_cpp ('' = the installed package)} for --llamacpp"""
+    if llamacpp == 'auto':
+        found = subprocess.run([PY, '-c', 'import llama_cpp'], capture_output=True).returncode == 0
+        return {'native': ''} if found else {}
+    return dict(item.split('=', 1) for item in llamacpp.split(',') if item)
+
+
+def llamacpp_rates(folder, gguf, threads, n, ids):
+    """llama.cpp's {'prefill': tok/s of the token ids (a string; @file: in a file) as one batch,
+    'decode': tok/s of the greedy tokens after them up to n positions}"""
+    worker = f'{BENCH}/llamacpp_worker.py'
+    if not os.path.exists(worker) or open(worker).read() != LLAMACPP_WORKER:
+        write_atomic(worker, LLAMACPP_WORKER.encode())
+    out = run([PY, worker, folder, gguf, str(threads), str(n), ids])[0]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 BANDWIDTH_C = rb'''
@@ -258,8 +360,10 @@ def sentencepiece_model(vocab_size):
         rng = random.Random(0)
         words = [''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(3, 9)))
                  for _ in range(40000)]
-        train_tokenizer((' '.join(rng.choice(words) for _ in range(200)) for _ in range(3000)),
-                        vocab_size, path)
+        model = train_tokenizer((' '.join(rng.choice(words) for _ in range(200))
+                                 for _ in range(3000)), vocab_size)
+        with open(path, 'wb') as f:
+            f.write(model)
     return path
 
 
@@ -306,7 +410,7 @@ def weight_bytes(shape, path):
 # -----------------------------------------------------------------------------
 # 1, 2. run.c: decode and prefill, tokens per second
 
-DECODE, TEXT = {}, {}  # our decode tok/s by (shape, kind, threads); what each program printed
+DECODE, TEXT = {}, {}  # our decode tok/s by (class, shape, kind, threads); what each program printed
 
 
 def tok_s(exe, args, threads, pattern=r'achieved tok/s: ([\d.]+)'):
@@ -314,52 +418,90 @@ def tok_s(exe, args, threads, pattern=r'achieved tok/s: ([\d.]+)'):
     return float(re.search(pattern, err).group(1))
 
 
+def gguf_file(shape, kind):
+    """The same weights as GGUF for llama.cpp: f32 beside our float32 file, q8_0 beside int8
+    (llama.cpp's groups of 32 values with a scale, as ours for these shapes)"""
+    dtype = 'f32' if kind == 'fp32' else 'q8_0'
+    path = f'{stem(shape)}_{dtype}.gguf'
+    if not os.path.exists(path):
+        run([PY, f'{REPO}/export.py', path, f'--checkpoint={checkpoint(shape)}', '--version=gguf', f'--dtype={dtype}'])
+    return path
+
+
+def run_classes():
+    return cpu_classes() if classes == 'auto' else classes.split(',')
+
+
+def llamacpp_for(cls, shape, kind, threads, n, ids, key):
+    """A call that measures llama.cpp built for cls (None where there is none); key: 'decode' or
+    'prefill'. Also its command line, for the commands at the end."""
+    folder = llamacpp_builds().get(cls)
+    if folder is None:
+        return None, None
+    text = ' '.join(map(str, ids))
+    if len(ids) > 1:  # a prompt: its ids in a file, for a command line one can read
+        write_atomic(f'{BENCH}/prompt_{len(ids)}.ids', text.encode())
+        text = f'@{BENCH}/prompt_{len(ids)}.ids'
+    args = [folder, gguf_file(shape, kind), threads, n, text]
+    return (lambda: llamacpp_rates(*args)[key]), shell([PY, f'{BENCH}/llamacpp_worker.py', *map(str, args)])
+
+
 def bench_decode():
-    ours, prun, prunq = runners()
-    for shape in shapes:
-        for kind in ('fp32', 'int8'):
-            path, peer = model_file(shape, kind), prun if kind == 'fp32' else prunq
-            args = [path, '-z', tokenizer_bin(), '-n', str(steps), '-t', '0', '-s', '1']  # greedy
-            for threads in (1, 2):
-                bws = []
-                a, b = ab(lambda: bws.append(bandwidth(path, threads)) or tok_s(ours, args, threads),
-                          peer and (lambda: tok_s(peer, args, threads)))
-                DECODE[shape, kind, threads] = statistics.median(a)
-                bw = statistics.median(bws)
-                limit = bw / weight_bytes(shape, path)
-                note = (f'read {bw / 1e9:.1f} [{min(bws) / 1e9:.0f}-{max(bws) / 1e9:.0f}] GB/s: '
-                        f'limit {limit:.0f} tok/s, ours {statistics.median(a) / limit:.0%}')
-                if b:  # greedy on the same weights: the same text, so the same work
-                    note += f', llama2.c {statistics.median(b) / limit:.0%}, ' + (
-                        'same text' if TEXT[ours] == TEXT[peer] else 'TEXT DIFFERS')
-                report('decode', f'{shape} {kind} {threads} thr', 'tok/s', a, b, note=note,
-                       cmds=[shell([ours, *args], threads), peer and shell([peer, *args], threads)])
+    for cls in run_classes():
+        ours, prun, prunq = runners(cls)
+        for shape in shapes:
+            for kind in ('fp32', 'int8'):
+                path, peer = model_file(shape, kind), prun if kind == 'fp32' else prunq
+                args = [path, '-z', tokenizer_bin(), '-n', str(steps), '-t', '0', '-s', '1']  # greedy
+                for threads in (1, 2):
+                    bws = []
+                    lcpp, lcpp_cmd = llamacpp_for(cls, shape, kind, threads, steps, [1], 'decode')  # from BOS
+                    a, b, c = ab(lambda: bws.append(bandwidth(path, threads)) or tok_s(ours, args, threads),
+                                 peer and (lambda: tok_s(peer, args, threads)), lcpp)
+                    DECODE[cls, shape, kind, threads] = statistics.median(a)
+                    bw = statistics.median(bws)
+                    limit = bw / weight_bytes(shape, path)
+                    note = (f'read {bw / 1e9:.1f} [{min(bws) / 1e9:.0f}-{max(bws) / 1e9:.0f}] GB/s: '
+                            f'limit {limit:.0f} tok/s, ours {statistics.median(a) / limit:.0%}')
+                    if b:  # greedy on the same weights: the same text, so the same work
+                        note += f', llama2.c {statistics.median(b) / limit:.0%}, ' + (
+                            'same text' if TEXT[ours] == TEXT[peer] else 'TEXT DIFFERS')
+                    if c:
+                        note += f', llama.cpp {statistics.median(c) / limit:.0%}'
+                    report('decode', f'{shape} {kind} {threads} thr, {cls}', 'tok/s', a, b, note=note, lcpp=c,
+                           cmds=[shell([ours, *args], threads), peer and shell([peer, *args], threads), lcpp_cmd])
 
 
 def bench_prefill():
-    """Our run.c runs the prompt in blocks of tokens, llama2.c one position at a time.
-    Both get -n = the prompt's length: the whole prompt, then one sampled token; llama2.c's
-    achieved tok/s is then its prompt rate (its clock starts after the first position)."""
-    ours, prun, prunq = runners()
+    """Our run.c runs the prompt in blocks of tokens, llama2.c one position at a time,
+    llama.cpp in one batch. The C programs get -n = the prompt's length: the whole prompt,
+    then one sampled token; llama2.c's achieved tok/s is then its prompt rate (its clock
+    starts after the first position)."""
     prompt = ('abcdefghij' * 25)[:248]  # BOS, ' ' (the dummy prefix), 248 letters
-    for shape in shapes:
-        tok = tokenizer_bin()
-        # -m tokenize prints the prompt's ids, without the BOS that generation puts first
-        n = 1 + len(run([ours, model_file(shape, 'fp32'), '-z', tok, '-m', 'tokenize', '-i', prompt])[0].split())
-        for kind in ('fp32', 'int8'):
-            path, peer = model_file(shape, kind), prun if kind == 'fp32' else prunq
-            args = [path, '-z', tok, '-n', str(n), '-t', '0', '-i', prompt]
-            a, b = ab(lambda: tok_s(ours, args, 2, r'prefill: \d+ tokens, ([\d.]+) tok/s'),
-                      peer and (lambda: tok_s(peer, args, 2)))
-            if (shape, kind, 2) not in DECODE:  # our one-token rate, unless decode measured it
-                DECODE[shape, kind, 2] = statistics.median(
-                    [tok_s(ours, [path, '-z', tok, '-n', str(steps), '-t', '0'], 2) for _ in range(rounds)])
-            d = DECODE[shape, kind, 2]
-            first = lambda r: f'{1000 * n / statistics.median(r):.0f} ms'  # until the first new token
-            note = (f'ours prefill/decode ({d:.0f} tok/s) = {statistics.median(a) / d:.1f}x (target >= 5x); '
-                    f'first new token after: ours {first(a)}' + (f', llama2.c {first(b)}' if b else ''))
-            report('prefill', f'{shape} {kind} {n}-token prompt 2 thr', 'tok/s', a, b, note=note,
-                   cmds=[shell([ours, *args], 2), peer and shell([peer, *args], 2)])
+    for cls in run_classes():
+        ours, prun, prunq = runners(cls)
+        for shape in shapes:
+            tok = tokenizer_bin()
+            # -m tokenize prints the prompt's ids, without the BOS that generation puts first
+            ids = [1] + [int(i) for i in run([ours, model_file(shape, 'fp32'), '-z', tok, '-m', 'tokenize',
+                                              '-i', prompt])[0].split()]
+            n = len(ids)
+            for kind in ('fp32', 'int8'):
+                path, peer = model_file(shape, kind), prun if kind == 'fp32' else prunq
+                args = [path, '-z', tok, '-n', str(n), '-t', '0', '-i', prompt]
+                lcpp, lcpp_cmd = llamacpp_for(cls, shape, kind, 2, n, ids, 'prefill')
+                a, b, c = ab(lambda: tok_s(ours, args, 2, r'prefill: \d+ tokens, ([\d.]+) tok/s'),
+                             peer and (lambda: tok_s(peer, args, 2)), lcpp)
+                if (cls, shape, kind, 2) not in DECODE:  # our one-token rate, unless decode measured it
+                    DECODE[cls, shape, kind, 2] = statistics.median(
+                        [tok_s(ours, [path, '-z', tok, '-n', str(steps), '-t', '0'], 2) for _ in range(rounds)])
+                d = DECODE[cls, shape, kind, 2]
+                first = lambda r: f'{1000 * n / statistics.median(r):.0f} ms'  # until the first new token
+                note = (f'ours prefill/decode ({d:.0f} tok/s) = {statistics.median(a) / d:.1f}x (target >= 5x); '
+                        f'first new token after: ours {first(a)}' + (f', llama2.c {first(b)}' if b else '')
+                        + (f', llama.cpp {first(c)}' if c else ''))
+                report('prefill', f'{shape} {kind} {n}-token prompt 2 thr, {cls}', 'tok/s', a, b, note=note, lcpp=c,
+                       cmds=[shell([ours, *args], 2), peer and shell([peer, *args], 2), lcpp_cmd])
 
 # -----------------------------------------------------------------------------
 # 3. generation in PyTorch: ours (KV cache) vs llama2.c's (the whole sequence each step)
@@ -422,7 +564,7 @@ def bench_export():
         os.remove(out)  # (110M in float32 is 440 MB)
         return wall
     for version in (0, 2):
-        a, b = ab(lambda: export(REPO, version), PEER and (lambda: export(PEER, version)), min(rounds, 3))
+        a, b = ab(lambda: export(REPO, version), PEER and (lambda: export(PEER, version)), n=min(rounds, 3))
         report('export', f'{shape} version {version}', 's', a, b, better='lower',
                note=f'ours reads the checkpoint without torch, whose import alone takes {imports:.1f} s; target >= 10x',
                cmds=[shell([PY, f'{r}/export.py', out, f'--checkpoint={ckpt}', f'--version={version}'])
@@ -476,7 +618,8 @@ def train_rate(cmd, cfg, cwd=None):
 def bench_train():
     for name, cfg in TRAIN.items():
         ours, peer, peer_dir = train_cmds(cfg, train_iters)
-        a, b = ab(lambda: train_rate(ours, cfg), PEER and (lambda: train_rate(peer, cfg, peer_dir)), min(rounds, 3))
+        a, b = ab(lambda: train_rate(ours, cfg), PEER and (lambda: train_rate(peer, cfg, peer_dir)),
+                  n=min(rounds, 3))
         report('train', f'{name} T256 V1024', 'tok/s', a, b, note=f'median of iterations 3..{train_iters - 1}',
                cmds=[shell(ours), PEER and shell(peer, cwd=peer_dir)])
 
@@ -557,7 +700,7 @@ def bench_gpu():
         ours = [PY, f'{REPO}/train.py', *same, f'--dataset={data}/random', f'--data_dir={data}',
                 f'--out_dir={BENCH}/gpu/ours', f'--max_iters={gpu_iters}']
         peer = [PY, f'{PEER}/train.py', *same, '--vocab_source=custom', '--out_dir=out', f'--max_iters={gpu_iters - 1}']
-        a, b = ab(lambda: gpu_run(ours, cfg), PEER and (lambda: gpu_run(peer, cfg, peer_dir)), 1)
+        a, b = ab(lambda: gpu_run(ours, cfg), PEER and (lambda: gpu_run(peer, cfg, peer_dir)), n=1)
         peak = a[0][4]
         mfu = peak and ', '.join(f'{who} {100 * r[0] * r[1] / peak:.1f}%' for who, r in (('ours', a[0]), ('llama2.c', b and b[0])) if r)
         case = (f"{name}{' (tiny: --quick)' if quick else ''} B{cfg['batch_size']} T{cfg['max_seq_len']} "
@@ -642,7 +785,8 @@ def machine():
     gcc = output([CC, '--version']).splitlines()
     return (f"{datetime.date.today()}, {cpu.group(1) if cpu else platform.processor()}, "
             f"{os.cpu_count()} cores, {gcc[0] if gcc else CC}, Python {platform.python_version()}, "
-            f"torch {package_version('torch')}, llama2.c: {PEER or 'absent'}")
+            f"torch {package_version('torch')}, llama2.c: {PEER or 'absent'}, llama.cpp: "
+            + (', '.join(f'{c} {f or "(installed)"}' for c, f in llamacpp_builds().items()) or 'absent'))
 
 
 def main():
@@ -659,7 +803,8 @@ def main():
             items[name]()
     except Failed as e:
         sys.exit(f'error: {e}')
-    head = ['item', 'case', 'unit', 'ours', 'llama2.c', 'ours better by', 'note']
+    head = ['item', 'case', 'unit', 'ours', 'llama2.c', 'llama.cpp', 'ours better by', 'by, vs llama.cpp',
+            'note']
     print(f'\n{machine()}\n')
     for row in [head, ['---'] * len(head)] + ROWS:
         print('| ' + ' | '.join(row) + ' |')

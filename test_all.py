@@ -2690,6 +2690,78 @@ def test_run_c_aarch64_prints_what_x86_prints(exported, runc, tmp_path):
         assert r.stdout == x86 and len(x86) > 50, (model, prompt)
 
 
+# The CPU classes the spill check builds run.c's kernels for: (compiler, disassembler, flags)
+SPILL_TARGETS = {'x86-64-sse2': ('gcc', 'objdump', ['-march=x86-64']),
+                 'x86-64-avx2': ('gcc', 'objdump', ['-march=haswell']),
+                 'x86-64-avx512': ('gcc', 'objdump', ['-march=x86-64-v4']),
+                 'x86-64-avx512-vnni': ('gcc', 'objdump', ['-march=x86-64-v4', '-mavx512vnni']),
+                 'aarch64': ('aarch64-linux-gnu-gcc', 'aarch64-linux-gnu-objdump', [])}
+
+
+# run.c's functions that hold decoding's loops: a row at a time (tile_1x1), int8 rows in slabs
+# of 4 (tile_Rx1), the int8 rows in the file's order, attention's sums. (Prefill's 4 x 4 int8
+# tile on VNNI keeps more sums than there are registers: it spills a few and is still faster.)
+KERNELS = ('tile_1x1', 'tile_Rx1', 'q8_row_any', 'attention_scores', 'attention_values')
+
+
+def innermost_loops(objdump, obj, functions):
+    """The innermost loops of the named functions (and of their OpenMP bodies) in an object
+    file, each a list of (mnemonic, operands): the code from a conditional branch's earlier
+    target down to the branch, with no other such loop inside."""
+    text = subprocess.run([objdump, '-d', '--no-show-raw-insn', str(obj)], capture_output=True,
+                          text=True, check=True).stdout
+    loops = []
+    for fn, body in re.findall(r'^[0-9a-f]+ <([^>]+)>:\n(.*?)(?=\n\n|\Z)', text, re.M | re.S):
+        if fn.split('._omp_fn')[0] not in functions:
+            continue
+        insns = re.findall(r'^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$', body, re.M)
+        at = {int(a, 16): i for i, (a, _, _) in enumerate(insns)}
+        spans = []
+        for i, (a, op, args) in enumerate(insns):
+            target = re.search(r'([0-9a-f]+) <', args)
+            back = target and int(target[1], 16) in at and int(target[1], 16) <= int(a, 16)
+            if op.startswith(('j', 'b.', 'cb', 'tb')) and op != 'jmp' and back:
+                spans.append((at[int(target[1], 16)], i))
+        loops += [[insns[k][1:] for k in range(f, l + 1)] for f, l in spans
+                  if not any(o != (f, l) and f <= o[0] and o[1] <= l for o in spans)]
+    return loops
+
+
+@pytest.mark.parametrize('target', SPILL_TARGETS)
+def test_run_c_kernels_keep_their_sums_in_registers(target, tmp_path):
+    """No loop of run.c's decoding kernels stores to the stack, built for each CPU class with
+    make run's and make runomp's flags: a vector type wider than the target's registers (16
+    floats on AVX2 or NEON), or more sums than it has registers, is spilled and reloaded at
+    every step. ARM speed cannot be timed here, so its code is read instead. The loops checked
+    are the innermost ones that multiply: float32 and int8 dot products and attention's sums."""
+    cc, objdump, flags = SPILL_TARGETS[target]
+    if not (shutil.which(cc) and shutil.which(objdump)):
+        pytest.skip(f"{cc} or {objdump} not installed (.ci/run installs them)")
+    x86 = objdump == 'objdump'
+    if x86:
+        mul = re.compile(r'fmadd|mulp|muls|pmaddwd|pdpbusd|pmull')
+        ints = re.compile(r'pmaddwd|pdpbusd|pmull')
+        store = lambda op, args: (not op.startswith(('cmp', 'test')) and args.endswith(')')
+                                  and re.search(r',\s*[-\w]*\(%(rsp|rbp)[,)]', args))
+    else:
+        mul = re.compile(r'^(fmla|fmul|fmadd|[su]mull|[su]mlal|mla|mul|sdot)')
+        ints = re.compile(r'^([su]mull|[su]mlal|mla|mul|sdot)')
+        store = lambda op, args: op.startswith('st') and re.search(r'\[(sp|x29)\b', args)
+    spills = []
+    for opt in (['-O3'], ['-Ofast', '-fopenmp']):
+        obj = tmp_path / 'run.o'
+        r = subprocess.run([cc, *opt, *flags, '-c', '-o', str(obj), os.path.join(ROOT, 'run.c')],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        loops = [l for l in innermost_loops(objdump, obj, KERNELS)
+                 if any(mul.search(op) for op, _ in l)]
+        assert any(any(ints.search(op) for op, _ in l) for l in loops), (opt, 'no int8 loop')
+        assert any(not any(ints.search(op) for op, _ in l) for l in loops), (opt, 'no float loop')
+        spills += [(opt, len(l), [' '.join(i) for i in l if store(*i)][:4]) for l in loops
+                   if any(store(*i) for i in l)]
+    assert not spills, spills
+
+
 def test_int8_close_to_float32(exported, runc):
     """Teacher-forced over held-out text: the int8 file's top-1 next token agrees with
     float32's on at least 95% of positions, and its loss is within 2%."""
