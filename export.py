@@ -60,13 +60,11 @@ def config_ints(p):
 
 
 def write_chunks(path, chunks):
-    """chunks: bytes or numpy arrays, written in order, whole arrays at a time."""
+    """chunks: bytes or numpy arrays, written in order, whole arrays at a time (through
+    f.write, not ndarray.tofile, which turns a Ctrl-C inside it into a TypeError)."""
     def write(f):
         for c in chunks:
-            if isinstance(c, np.ndarray):
-                np.ascontiguousarray(c).tofile(f)
-            else:
-                f.write(c)
+            f.write(np.ascontiguousarray(c).data if isinstance(c, np.ndarray) else c)
     write_atomic(path, write)
 
 

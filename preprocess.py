@@ -283,7 +283,8 @@ def load_tokenizer(kind='tok'):
 
 
 def write_array(path, arr):
-    write_atomic(path, arr.tofile)
+    # f.write, not arr.tofile, which turns a Ctrl-C inside it into a TypeError
+    write_atomic(path, lambda f: f.write(np.ascontiguousarray(arr).data))
 
 
 def write_generated(path, text):

@@ -855,11 +855,10 @@ def test_rl_resume_continues_identically(rlhf_runs):
     checkpoint)."""
     work, tune = rlhf_runs
     sft = os.path.join(work, 'out_sft', 'ckpt.pt')
-    rl = [*RL, f'--init_from={sft}', '--reward_model=out_rm/ckpt.pt', '--eval_interval=3']
-    py('train_rl.py', *rl, '--out_dir=out_rl', '--max_iters=6', cwd=work)
-    py('train_rl.py', *rl, '--out_dir=out_rl2', '--max_iters=3', cwd=work)
-    py('train_rl.py', *rl[:-3], '--out_dir=out_rl2', '--max_iters=6', '--eval_interval=3',
-       '--init_from=resume', cwd=work)
+    rl = [*RL, '--reward_model=out_rm/ckpt.pt', '--eval_interval=3']
+    py('train_rl.py', *rl, f'--init_from={sft}', '--out_dir=out_rl', '--max_iters=6', cwd=work)
+    py('train_rl.py', *rl, f'--init_from={sft}', '--out_dir=out_rl2', '--max_iters=3', cwd=work)
+    py('train_rl.py', *rl, '--init_from=resume', '--out_dir=out_rl2', '--max_iters=6', cwd=work)
     a, b = (read_log(os.path.join(work, d, 'log.csv')) for d in ('out_rl', 'out_rl2'))
     steps = lambda rows: [(r['iter'], r['reward'], r['follows'], r['kept'], r['drawn'], r['answer_len'])
                           for r in rows if r['loss']]
