@@ -1870,16 +1870,13 @@ ALWAYS_INLINE void dot_tile(float *o, const Tile *b, int gs, int NR, int NT) {
     else dot_q8(o, b, gs, NR, NT);
 }
 
-// Each tile shape in a function of its own: inlined into one loop together, the compiler runs
-// out of registers for some of their sums and keeps those on the stack.
-static __attribute__((noinline)) void tile_RxT(float *o, const Tile *b, int gs) {
-    dot_tile(o, b, gs, TILE_R, TILE_T);
-}
+// Decoding's tile shapes in functions of their own: inlined into matmul's loop beside the
+// prefill shapes, the compiler runs out of registers for some of their sums and keeps those on
+// the stack (test_all.py disassembles these two). Prefill's shapes are faster inlined.
+ALWAYS_INLINE void tile_RxT(float *o, const Tile *b, int gs) { dot_tile(o, b, gs, TILE_R, TILE_T); }
+ALWAYS_INLINE void tile_1xT(float *o, const Tile *b, int gs) { dot_tile(o, b, gs, 1, TILE_T); }
 static __attribute__((noinline)) void tile_Rx1(float *o, const Tile *b, int gs) {
     dot_tile(o, b, gs, TILE_R, 1);
-}
-static __attribute__((noinline)) void tile_1xT(float *o, const Tile *b, int gs) {
-    dot_tile(o, b, gs, 1, TILE_T);
 }
 static __attribute__((noinline)) void tile_1x1(float *o, const Tile *b, int gs) {
     dot_tile(o, b, gs, 1, 1);
