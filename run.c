@@ -6,7 +6,7 @@ Inference for a Llama 2 Transformer in one C file: float32 and int8 (Q8_0) weigh
     ./run out/model.bin -i "Once upon a time"
     ./run out/model.bin -m chat -y "You are a helpful assistant."
 
-The file reads top to bottom: model files -> neural net blocks -> forward pass -> tokenizer
+The file reads top to bottom: model files -> neural net pieces -> forward pass -> tokenizer
 -> sampler -> generation and chat loops -> command line. What makes it fast (vector code,
 the int8 layout, 2 MB pages) is one last section, fast kernels and memory layouts, which the
 code above calls through the few functions declared before it. It reads the formats of
@@ -124,17 +124,6 @@ typedef struct {
     FFN *experts;         // (n_experts,) the mixture's feed-forwards
 } Layer;
 
-typedef struct {
-    Config config;
-    int group_size;          // 0 for float32 files, else the int8 group size
-    int version, tuned;      // the file's format version and chat-tuned flag (see Format)
-    Matrix token_embedding;  // (vocab_size, dim)
-    Layer *layers;           // (n_layers,)
-    const float *rms_final;  // (dim,)
-    Matrix wcls;             // (vocab_size, dim), often the token embedding itself
-    void *file;              // the model file's weights (all but the header), in memory
-} Transformer;
-
 // Activations for a block of up to B tokens processed together (B = 1 when decoding).
 typedef struct {
     int B;              // tokens per block
@@ -154,13 +143,27 @@ typedef struct {
     int32_t *xq_sum;    // (B, max(dim, hidden) / group_size) the sum of each group's values
     float *probs;       // (n_experts,) a token's router probabilities (mixtures of experts)
     int *chosen;        // (B, n_experts_per_tok) each token's experts, best first
-    float *weight;      // (B, n_experts_per_tok) and their weights, which sum to 1
-    int *tokens;        // (B,) the tokens that chose one expert, and
-    float *token_weight; // (B,) its weight for each
+    float *chosen_weight; // (B, n_experts_per_tok) and their weights, which sum to 1
+    int *rows;          // (B,) the rows of the block (tokens) that chose one expert, and
+    float *row_weight;  // (B,) its weight for each
     float *xe, *ye;     // (B, dim) their inputs, gathered, and the expert's outputs
     float *key_cache;   // (n_layers, kv_dim, n_ctx): transposed, see forward()
     float *value_cache; // (n_layers, n_ctx, kv_dim)
+    FILE *logits_file;  // -L: every position's logits are written here (else NULL)
 } RunState;
+
+typedef struct {
+    Config config;
+    int group_size;          // 0 for float32 files, else the int8 group size
+    int version, tuned;      // the file's format version and chat-tuned flag (see Format)
+    Matrix token_embedding;  // (vocab_size, dim)
+    Layer *layers;           // (n_layers,)
+    const float *rms_final;  // (dim,)
+    Matrix wcls;             // (vocab_size, dim), often the token embedding itself
+    void *file;              // the model file's weights (all but the header), in memory
+    RunState state;          // the activations of a forward pass, and the kv cache
+} Transformer;
+
 
 // one kv head of one layer's cache, as attention reads it
 typedef struct {
@@ -434,7 +437,7 @@ static void free_transformer(Transformer *tf) {
 }
 
 // ----------------------------------------------------------------------------
-// neural net blocks
+// neural net pieces
 
 static void rmsnorm(float *o, const float *x, const float *weight, int size) {
     float ss = 0.0f;
@@ -458,7 +461,7 @@ static void softmax(float *x, int size) {
 // the rows of n_mats matrices stacked, so that wq, wk, wv (or w1, w3) share one pass. By far
 // the most time is spent here. For int8 weights each token of x is quantized first, in groups
 // of the weights' group size, and each group's integer dot product is scaled by the weight's
-// and the token's scale. matmul_tiles (in the last section) reads a block of rows once for
+// and the token's scale. matmul_tiles (in the last section) reads a band of rows once for
 // all T tokens, which is what makes a batched prompt fast.
 static void matmul(float *out, const float *x, int T, const Matrix *mats, int n_mats, RunState *s) {
     int n = mats[0].cols, gs = mats[0].group_size;
@@ -528,8 +531,9 @@ static void swiglu(float *out, const float *x, int T, const FFN *f, RunState *s)
 // (softmax of router x) and keeps its k best, their probabilities renormalised to weights
 // that sum to 1. Then each expert runs once, on the tokens that chose it, and adds its
 // output times each token's weight. Only the chosen experts are computed.
-static void mixture(float *out, const float *x, int T, const Layer *layer, const Config *c,
-                    RunState *s) {
+static void mixture(Transformer *tf, float *out, const float *x, int T, const Layer *layer) {
+    RunState *s = &tf->state;
+    const Config *c = &tf->config;
     int dim = c->dim, E = c->n_experts, k = c->n_experts_per_tok;
     for (int t = 0; t < T; t++) {
         const float *xt = x + (size_t)t * dim;
@@ -545,10 +549,10 @@ static void mixture(float *out, const float *x, int T, const Layer *layer, const
             for (int e = 0; e < E; e++)
                 if (s->probs[e] >= 0.0f && (best < 0 || s->probs[e] > s->probs[best])) best = e;
             s->chosen[t * k + j] = best;
-            total += s->weight[t * k + j] = s->probs[best];
+            total += s->chosen_weight[t * k + j] = s->probs[best];
             s->probs[best] = -1.0f; // taken
         }
-        for (int j = 0; j < k; j++) s->weight[t * k + j] /= total;
+        for (int j = 0; j < k; j++) s->chosen_weight[t * k + j] /= total;
     }
     memset(out, 0, (size_t)T * dim * sizeof(float));
     for (int e = 0; e < E; e++) {
@@ -556,15 +560,15 @@ static void mixture(float *out, const float *x, int T, const Layer *layer, const
         for (int t = 0; t < T; t++)
             for (int j = 0; j < k; j++)
                 if (s->chosen[t * k + j] == e) {
-                    s->tokens[n] = t;
-                    s->token_weight[n] = s->weight[t * k + j];
+                    s->rows[n] = t;
+                    s->row_weight[n] = s->chosen_weight[t * k + j];
                     memcpy(s->xe + (size_t)n++ * dim, x + (size_t)t * dim, dim * sizeof(float));
                 }
         if (n == 0) continue;
         swiglu(s->ye, s->xe, n, &layer->experts[e], s);
         for (int i = 0; i < n; i++) {
-            float *o = out + (size_t)s->tokens[i] * dim;
-            for (int d = 0; d < dim; d++) o[d] += s->ye[(size_t)i * dim + d] * s->token_weight[i];
+            float *o = out + (size_t)s->rows[i] * dim;
+            for (int d = 0; d < dim; d++) o[d] += s->ye[(size_t)i * dim + d] * s->row_weight[i];
         }
     }
 }
@@ -575,8 +579,8 @@ static void mixture(float *out, const float *x, int T, const Layer *layer, const
 // Forward T tokens at positions pos..pos+T-1 (the prompt in blocks, or one generated
 // token). Returns the logits (vocab_size,) of the last token, or of all T tokens
 // (T, vocab_size) when all_logits is set.
-static float *forward(Transformer *tf, RunState *s, const int *tokens, int T, int pos,
-                      int all_logits) {
+static float *forward(Transformer *tf, const int *tokens, int T, int pos, int all_logits) {
+    RunState *s = &tf->state;
     const Config *c = &tf->config;
     int dim = c->dim, n_heads = c->n_heads, n_ctx = s->n_ctx;
     int head_size = dim / n_heads, kv_dim = dim * c->n_kv_heads / n_heads;
@@ -636,7 +640,7 @@ static float *forward(Transformer *tf, RunState *s, const int *tokens, int T, in
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, layer->rms_ffn, dim);
 
         // the feed-forward (SwiGLU, or a mixture of experts), and the residual connection
-        if (layer->router) mixture(s->xb2, s->xb, T, layer, c, s);
+        if (layer->router) mixture(tf, s->xb2, s->xb, T, layer);
         else swiglu(s->xb2, s->xb, T, &layer->ffn, s);
         for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i];
     }
@@ -987,7 +991,7 @@ typedef struct {
     ProbIndex *probindex; // (2 * vocab_size,) scratch for top-p
     float penalty;        // repetition penalty, 1 = off
     unsigned char *seen;  // (vocab_size,) 1 for each token in the context so far
-    int special[4];       // never penalized: BOS, EOS, <|im_start|>, <|im_end|> (-1: none)
+    int unpenalized[4];   // never penalized: BOS, EOS, <|im_start|>, <|im_end|> (-1: none)
 } Sampler;
 
 // xorshift* (as llama2.c), so that a seed gives the same text in both programs
@@ -1074,7 +1078,7 @@ static int is_finite(float x) {
 
 // Remember a token of the context, for the repetition penalty.
 static void remember(Sampler *sm, int token) {
-    for (int i = 0; i < 4; i++) if (token == sm->special[i]) return;
+    for (int i = 0; i < 4; i++) if (token == sm->unpenalized[i]) return;
     sm->seen[token] = 1;
 }
 
@@ -1108,7 +1112,8 @@ static int sample(Sampler *sm, float *logits) {
 
 // The activation buffers and kv cache forward() works in, for blocks of up to B tokens and
 // n_ctx positions; all_logits keeps the logits of every token of a block, not just the last.
-static void malloc_run_state(RunState *s, const Transformer *tf, int B, int n_ctx, int all_logits) {
+static void malloc_run_state(Transformer *tf, int B, int n_ctx, int all_logits) {
+    RunState *s = &tf->state;
     const Config *c = &tf->config;
     size_t dim = c->dim, hidden = c->hidden_dim, kv_dim = dim * c->n_kv_heads / c->n_heads;
     n_ctx = (n_ctx + 15) / 16 * 16; // attention_scores computes 16 positions at a time
@@ -1135,9 +1140,9 @@ static void malloc_run_state(RunState *s, const Transformer *tf, int B, int n_ct
         size_t k = c->n_experts_per_tok;
         s->probs = xalloc(c->n_experts * sizeof(float));
         s->chosen = xalloc(B * k * sizeof(int));
-        s->weight = xalloc(B * k * sizeof(float));
-        s->tokens = xalloc(B * sizeof(int));
-        s->token_weight = xalloc(B * sizeof(float));
+        s->chosen_weight = xalloc(B * k * sizeof(float));
+        s->rows = xalloc(B * sizeof(int));
+        s->row_weight = xalloc(B * sizeof(float));
         s->xe = xalloc(B * dim * sizeof(float));
         s->ye = xalloc(B * dim * sizeof(float));
     }
@@ -1145,26 +1150,26 @@ static void malloc_run_state(RunState *s, const Transformer *tf, int B, int n_ct
 
 static void free_run_state(RunState *s) {
     float *f[] = {s->x, s->xb, s->xb2, s->qkv, s->hb, s->hb2, s->att, s->rope_cos, s->rope_sin,
-                  s->logits, s->xq_scale, s->key_cache, s->value_cache, s->probs, s->weight,
-                  s->token_weight, s->xe, s->ye};
+                  s->logits, s->xq_scale, s->key_cache, s->value_cache, s->probs, s->chosen_weight,
+                  s->row_weight, s->xe, s->ye};
     for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) free(f[i]);
     free(s->xq);
     free(s->xq_sum);
     free(s->chosen);
-    free(s->tokens);
+    free(s->rows);
 }
 
-// Forward tokens (n,) at positions pos..pos+n-1 in blocks of s->B; returns the logits of
-// the last one. With logits_file, every position's logits are written to it.
-static float *forward_tokens(Transformer *tf, RunState *s, const int *tokens, int n, int pos,
-                             FILE *logits_file) {
+// Forward tokens (n,) at positions pos..pos+n-1 in blocks of up to B (-b); returns the logits
+// of the last one. With -L, every position's logits are written to the state's logits_file.
+static float *forward_tokens(Transformer *tf, const int *tokens, int n, int pos) {
+    RunState *s = &tf->state;
     int vocab = tf->config.vocab_size;
     float *logits = s->logits;
     for (int i = 0; i < n; i += s->B) {
         int T = n - i < s->B ? n - i : s->B;
-        logits = forward(tf, s, tokens + i, T, pos + i, logits_file != NULL);
-        if (logits_file) {
-            if (fwrite(logits, sizeof(float) * vocab, T, logits_file) != (size_t)T)
+        logits = forward(tf, tokens + i, T, pos + i, s->logits_file != NULL);
+        if (s->logits_file) {
+            if (fwrite(logits, sizeof(float) * vocab, T, s->logits_file) != (size_t)T)
                 die("writing the logits file failed");
             logits += (size_t)(T - 1) * vocab;
         }
@@ -1176,8 +1181,7 @@ static double rate(int n, double seconds) { return seconds > 0 ? n / seconds : 0
 
 // As llama2.c: the prompt (after BOS) is printed, then sampled tokens until BOS or EOS,
 // for steps positions in all, prompt included.
-static void generate(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, const char *prompt,
-                     int steps, FILE *logits_file) {
+static void generate(Transformer *tf, Tokenizer *tok, Sampler *sm, const char *prompt, int steps) {
     Tokens p = {0};
     push(&p, BOS);
     encode(tok, prompt, 1, &p);
@@ -1188,7 +1192,7 @@ static void generate(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, 
     int n_pre = n_prompt < steps ? n_prompt : steps; // positions of the prompt that are run
 
     double t_start = now_seconds();
-    float *logits = forward_tokens(tf, s, p.ids, n_pre, 0, logits_file); // the prompt, batched
+    float *logits = forward_tokens(tf, p.ids, n_pre, 0); // the prompt, batched
     double t_prefill = now_seconds();
     for (int i = 0; i < n_pre; i++) remember(sm, p.ids[i]);
 
@@ -1204,7 +1208,7 @@ static void generate(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, 
         fflush(stdout);
         token = next;
         if (pos >= steps) break;
-        logits = forward_tokens(tf, s, &token, 1, pos, logits_file);
+        logits = forward_tokens(tf, &token, 1, pos);
         pos++;
     }
     flush_bytes(&u, 1);
@@ -1258,8 +1262,8 @@ static void warn_if_not_tuned(const Transformer *tf, const char *path) {
 
 // Chat in the ChatML template of our tokenizer. All turns stay in the kv cache; each
 // turn runs only its new tokens through the model.
-static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, const char *user,
-                 const char *system, int steps, FILE *logits_file) {
+static void chat(Transformer *tf, Tokenizer *tok, Sampler *sm, const char *user,
+                 const char *system, int reply_tokens) {
     int im_start = special_id(tok, "<|im_start|>"), im_end = special_id(tok, "<|im_end|>");
     if (im_start < 0 || im_end < 0)
         die("chat mode needs <|im_start|> and <|im_end|> in the tokenizer — use -m generate");
@@ -1285,14 +1289,14 @@ static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, cons
         encode(tok, "assistant\n", 1, &pending);
         check_room(pos, pending.n, max_seq_len);
         for (size_t i = 0; i < pending.n; i++) remember(sm, pending.ids[i]);
-        float *logits = forward_tokens(tf, s, pending.ids, (int)pending.n, pos, logits_file);
+        float *logits = forward_tokens(tf, pending.ids, (int)pending.n, pos);
         pos += (int)pending.n;
         int token = pending.ids[pending.n - 1];
         pending.n = 0;
 
         printf("Assistant: ");
         Utf8Buffer u = {0};
-        int max_reply = max_seq_len - pos < steps ? max_seq_len - pos : steps;
+        int max_reply = max_seq_len - pos < reply_tokens ? max_seq_len - pos : reply_tokens;
         for (int n = 0; n < max_reply; n++) {
             int next = sample(sm, logits);
             if (next == im_end || next == BOS || next == EOS) break;
@@ -1300,7 +1304,7 @@ static void chat(Transformer *tf, RunState *s, Tokenizer *tok, Sampler *sm, cons
             decode(tok, &u, token, next);
             fflush(stdout);
             token = next;
-            logits = forward_tokens(tf, s, &token, 1, pos++, logits_file);
+            logits = forward_tokens(tf, &token, 1, pos++);
         }
         flush_bytes(&u, 1);
         printf("\n");
@@ -1370,8 +1374,8 @@ int main(int argc, char **argv) {
     long long seed = 0;       // <= 0: seed from the clock
     int steps = 256;          // positions to run, prompt included (chat: tokens per reply);
                               // 0 = the whole context
-    int block = 128;          // prompt tokens per batched forward pass (prefill 1.06-1.27x
-                              // faster than with 64)
+    int block = 128;          // prompt tokens per forward pass (-b): each weight is read
+                              // once for the whole block
 
     if (argc < 2 || argv[1][0] == '-') usage("the first argument must be the model file");
     model_path = argv[1];
@@ -1425,21 +1429,21 @@ int main(int argc, char **argv) {
         if (logits_path && !(logits_file = fopen(logits_path, "wb")))
             die("%s: cannot write: %s", logits_path, strerror(errno));
         int n_ctx = is_chat ? max_seq_len : steps; // the kv cache holds only the usable positions
-        RunState s;
-        malloc_run_state(&s, &tf, block < n_ctx ? block : n_ctx, n_ctx, logits_file != NULL);
+        malloc_run_state(&tf, block < n_ctx ? block : n_ctx, n_ctx, logits_file != NULL);
+        tf.state.logits_file = logits_file;
         Sampler sm = {vocab_size, temperature, topp, 0, xalloc(2 * vocab_size * sizeof(ProbIndex)),
                       penalty, xalloc(vocab_size),
                       {BOS, EOS, special_id(&tok, "<|im_start|>"), special_id(&tok, "<|im_end|>")}};
         sm.rng_state = seed > 0 ? (unsigned long long)seed : (unsigned long long)time(NULL);
         if (is_chat) {
             warn_if_not_tuned(&tf, model_path);
-            chat(&tf, &s, &tok, &sm, prompt, system_prompt, steps, logits_file);
+            chat(&tf, &tok, &sm, prompt, system_prompt, steps);
         }
-        else generate(&tf, &s, &tok, &sm, prompt ? prompt : "", steps, logits_file);
+        else generate(&tf, &tok, &sm, prompt ? prompt : "", steps);
         if (logits_file && fclose(logits_file) != 0) die("%s: write failed", logits_path);
         free(sm.probindex);
         free(sm.seen);
-        free_run_state(&s);
+        free_run_state(&tf.state);
     }
     free_tokenizer(&tok);
     free_transformer(&tf);
@@ -1464,7 +1468,7 @@ int main(int argc, char **argv) {
 // The weights are read into memory in 2 MB pages where the OS offers them (Linux's
 // transparent huge pages), rather than mapped from the file in 4 KB pages: a token reads
 // every weight once, and at each 4 KB page the TLB misses and the hardware prefetcher stops
-// (15M float32, one thread: 1.34x faster decoding). The price is at start: up to ~1 s when
+// (BENCHMARKS.md has the gain). The price is at start: up to ~1 s when
 // the kernel first compacts memory for 2 MB pages. Only the weights are read (not the header)
 // so that they start on a page: behind version 0's 28-byte header every row would begin 28
 // bytes into a cache line, and each 64-byte load would touch two lines.
@@ -1495,14 +1499,14 @@ static void *read_weights(int fd, const char *path, uint64_t offset, uint64_t si
 // vpdpbusd multiplies 32 pairs of bytes and adds them in fours into 8 int32 lanes. In the
 // file's order a group of 32 values fills all 8 lanes, which must then be summed (or scaled
 // lane by lane) before the next group: more instructions than the products themselves. So a
-// row's groups are taken 8 at a time, and a block of 8 groups holds values 4k..4k+3 of each
+// row's groups are taken 8 at a time, and 8 packed groups hold values 4k..4k+3 of each
 // of its groups in turn: then 32 bytes are 4 values of 8 groups, and each lane sums one
 // group. The last ng % 8 groups of a row stay in the file's order. The weights are
 // rearranged once at load (pack_int8), the activations as they are quantized.
 //
 // Decoding reads 4 rows at a time too (x once for 4 rows), and for that the rows are also
 // interleaved in fours, 32 bytes of each in turn (a slab of 4 rows), so that memory is still
-// read in one stream: 4 rows read side by side from 4 places are 2x slower from DRAM.
+// read in one stream: 4 rows read side by side from 4 places are slower from DRAM.
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define HAVE_VNNI 1
@@ -1602,7 +1606,7 @@ static void quantize(int8_t *xq, float *xq_scale, int32_t *xq_sum, const float *
 //
 // The kernels use GCC/Clang vector types, which the compiler maps onto the registers of the
 // target it builds for. A vector wider than those registers is split through the stack: a
-// 16-float vector on AVX2 is stored and reloaded at every step of a loop, 3x slower decoding.
+// 16-float vector on AVX2 is stored and reloaded at every step of a loop.
 // So the width follows the target's own macros: VW = 16 floats with AVX-512, 8 with AVX, 4
 // otherwise (SSE2 on x86-64, NEON on aarch64); and the number of vectors a kernel keeps live
 // follows the register count, REGS: 32 with AVX-512 and on aarch64, 16 otherwise.
@@ -1635,8 +1639,8 @@ typedef float f32x2 __attribute__((vector_size(8)));
 // A tile is NR rows of W (1 or TILE_R) times NT tokens of x (1 or TILE_T), constants at each
 // call so that the compiler keeps the NR x NT sums in registers. A piece of a row is loaded
 // once for the NT tokens, and a piece of x once for the NR rows: prefill reads x again for
-// every row (from L2, 250 tokens x 768 floats), 4 rows x 4 tokens read it a quarter as often
-// (1.3-2x faster, one thread). The tile is as large as the registers hold its sums (one vector
+// every row (from L2, 250 tokens x 768 floats), 4 rows x 4 tokens read it a quarter as often.
+// The tile is as large as the registers hold its sums (one vector
 // each with AVX-512, two with AVX, four otherwise) and the pieces loaded: 4 x 4 with AVX-512,
 // 2 x 2 with AVX, 2 x 1 with SSE2 and NEON. Decoding keeps 1 row for float32: interleaved
 // weight streams are slower there.
@@ -1730,9 +1734,9 @@ ALWAYS_INLINE void q8_piece(__m256i (*isum)[4], const Tile *b, size_t p, const i
     }
 }
 
-// The packed block of groups g .. g + 7 of the tile: acc[r][t] lane i +=
+// The 8 packed groups g .. g + 7 of the tile: acc[r][t] lane i +=
 // (w_r . x_t over group g + i) * w_scale[r][g + i] * xq_scale[t][g + i].
-ALWAYS_INLINE void q8_block(__m256 (*acc)[4], const Tile *b, int g, int gs, int NR, int NT) {
+ALWAYS_INLINE void q8_packed8(__m256 (*acc)[4], const Tile *b, int g, int gs, int NR, int NT) {
     int ng = b->ng;
     size_t n = (size_t)ng * gs, at = (size_t)g * gs;
     __m256i isum[4][4];
@@ -1774,7 +1778,7 @@ ALWAYS_INLINE void q8_group(__m256 (*acc)[4], const Tile *b, int g, int gs, int 
 // each: the low byte, sign-extended, and the high byte. A product of two int8 values fits in
 // int16 (|w x| <= 128 * 127), and so does the sum of two; the int32 lanes of those sums are
 // split the same way. Shifts, not conversions: some targets' compilers split a widening
-// conversion into 128-bit pieces (3x the instructions). Which value of a pair is which does
+// conversion into 128-bit pieces. Which value of a pair is which does
 // not matter to the sum.
 #define IB (VW >= 8 ? 32 : 16)
 typedef int16_t i16v __attribute__((vector_size(IB)));
@@ -1838,12 +1842,12 @@ static __attribute__((noinline)) float q8_row_any(const int8_t *w, const float *
 ALWAYS_INLINE void dot_q8(float *out, const Tile *b, int gs, int NR, int NT) {
     int ng = b->ng, n = ng * gs;
 #if HAVE_VNNI
-    if (Q8_PACKED(gs)) { // packed rows: 8 groups at a time, each in its own lane (q8_block)
+    if (Q8_PACKED(gs)) { // packed rows: 8 groups at a time, each in its own lane (q8_packed8)
         __m256 acc[4][4];
         for (int r = 0; r < NR; r++)
             for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
         int g = 0;
-        for (; g + 8 <= ng; g += 8) q8_block(acc, b, g, gs, NR, NT);
+        for (; g + 8 <= ng; g += 8) q8_packed8(acc, b, g, gs, NR, NT);
         for (; g < ng; g++) q8_group(acc, b, g, gs, NR, NT);
         for (int r = 0; r < NR; r++)
             for (int t = 0; t < NT; t++) { // the 8 lanes' sum (in a fixed order: prefill == decode)
@@ -1862,7 +1866,7 @@ ALWAYS_INLINE void dot_q8(float *out, const Tile *b, int gs, int NR, int NT) {
 }
 
 // One tile -> o (NR, NT). For int8 the group sizes 32 and 64 (the exporters' choices) as
-// constants too, so that the compiler unrolls each group: 1.1-1.5x faster rows.
+// constants too, so that the compiler unrolls each group.
 ALWAYS_INLINE void dot_tile(float *o, const Tile *b, int gs, int NR, int NT) {
     if (!gs) dot_f32(o, b->w_f32, b->x, b->n, NR, NT);
     else if (gs == 32) dot_q8(o, b, 32, NR, NT);
@@ -1904,30 +1908,30 @@ ALWAYS_INLINE void tile_tokens(Tile *b, const float *x, const RunState *s, int t
     }
 }
 
-// matmul (see there): the rows of each matrix in blocks of R, each block read from memory once
+// matmul (see there): the rows of each matrix in bands of R, each band read from memory once
 // and then kept in the L1 cache for all T tokens, TILE_T tokens at a time while there are as
-// many. The blocks are shared among the threads.
+// many. The bands are shared among the threads.
 static void matmul_tiles(float *out, const float *x, int T, const Matrix *mats, int n_mats,
                          const RunState *s) {
     int n = mats[0].cols, gs = mats[0].group_size, d = 0, ng = gs ? n / gs : 0;
     for (int m = 0; m < n_mats; m++) d += mats[m].rows;
-    // rows per block: TILE_R for prefill, and for int8 rows in slabs of 4 (pack_int8) also when
-    // decoding (1.4-1.7x faster rows from the cache, one thread)
+    // rows per band: TILE_R for prefill, and for int8 rows in slabs of 4 (pack_int8) also when
+    // decoding (the slab's 4 rows come from memory as one stream)
     int slab = mats[0].slab; // the same for every matrix
     int R = (T > 1 && T >= TILE_T) || slab == 4 ? TILE_R : 1;
     OMP(omp parallel)
     {
-    Tile b = {.n = n, .ng = ng, .pitch = (size_t)32 * slab}; // once per thread, not per block
+    Tile b = {.n = n, .ng = ng, .pitch = (size_t)32 * slab}; // once per thread, not per band
     tile_tokens(&b, x, s, 0, gs);
     for (int m = 0, i0 = 0; m < n_mats; i0 += mats[m++].rows) { // i0: matrix m's first row in out
         int rows = mats[m].rows;
         OMP(omp for schedule(static) nowait)
-        for (int rb = 0; rb < (rows + R - 1) / R; rb++) {
-            int nr = rows - rb * R < R ? rows - rb * R : R; // rows in the block (the last: fewer)
-            for (int r = 0; r < R; r++) // a short block repeats its first row
-                tile_row(&b, r, &mats[m], rb * R + (r < nr ? r : 0));
+        for (int band = 0; band < (rows + R - 1) / R; band++) {
+            int nr = rows - band * R < R ? rows - band * R : R; // the last band: fewer rows
+            for (int r = 0; r < R; r++) // a short band repeats its first row
+                tile_row(&b, r, &mats[m], band * R + (r < nr ? r : 0));
             if (T == 1 && R == 1) { // decoding, a row at a time: its sum straight into out
-                tile_1x1(out + i0 + rb, &b, gs);
+                tile_1x1(out + i0 + band, &b, gs);
                 continue;
             }
             for (int t = 0; t < T;) {
@@ -1938,7 +1942,7 @@ static void matmul_tiles(float *out, const float *x, int T, const Matrix *mats, 
                 else if (R > 1) tile_Rx1(o, &b, gs);
                 else if (nt > 1) tile_1xT(o, &b, gs);
                 else tile_1x1(o, &b, gs);
-                float *ot = out + i0 + rb * R; // this block's rows of out (T, d)
+                float *ot = out + i0 + band * R; // this band's rows of out (T, d)
                 for (int k = 0; k < nt; k++, t++)
                     for (int r = 0; r < nr; r++) ot[(size_t)t * d + r] = o[r * nt + k];
             }

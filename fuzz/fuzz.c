@@ -59,7 +59,6 @@ static int next_fd(void) {
 
 #ifdef FUZZ_MODEL
 static Transformer tf;
-static RunState rs;
 static Sampler sm;
 static int model_fd = -1;
 static uint64_t weight_bytes; // what read_checkpoint read into tf.file: the file after its header
@@ -107,11 +106,10 @@ static void release(void) {
     free(tf.layers);
     if (model_fd >= 0 && fcntl(model_fd, F_GETFD) != -1) close(model_fd); // died with it open
     model_fd = -1;
-    free_run_state(&rs);
+    free_run_state(&tf.state);
     free(sm.probindex);
     free(sm.seen);
     memset(&tf, 0, sizeof(tf));
-    memset(&rs, 0, sizeof(rs));
     memset(&sm, 0, sizeof(sm));
 }
 
@@ -135,8 +133,8 @@ static void load_and_run(const uint8_t *data, size_t size) {
     check_weights();
     // a block of 4 tokens (the int8 path's 4-token dot product) at positions 0..3, all logits
     int vocab = tf.config.vocab_size, tokens[4] = {BOS, vocab - 1, 0, EOS};
-    malloc_run_state(&rs, &tf, 4, 4, 1);
-    float *logits = forward(&tf, &rs, tokens, 4, 0, 1) + (size_t)3 * vocab;
+    malloc_run_state(&tf, 4, 4, 1);
+    float *logits = forward(&tf, tokens, 4, 0, 1) + (size_t)3 * vocab;
     sm = (Sampler){vocab, 1.0f, 0.9f, 42, xalloc(2 * (size_t)vocab * sizeof(ProbIndex)), 1.3f,
                    xalloc(vocab), {BOS, EOS, -1, -1}};
     for (int i = 0; i < 4; i++) remember(&sm, tokens[i]); // the repetition penalty's path too
