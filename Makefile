@@ -25,7 +25,7 @@ TUNE = $(DEMO_DATA) --device=cpu --compile=False --batch_size=16 --gradient_accu
 	--warmup_iters=10 --eval_iters=10 --log_interval=20
 
 RM_TUNE = --learning_rate=1e-4 --min_lr=1e-5 --max_iters=200 --eval_interval=100
-RL_TUNE = --device=cpu --batch_size=16 --group_size=8 --learning_rate=1e-4 --beta=0.05 \
+RL_TUNE = --device=cpu --batch_size=16 --group_size=8 --learning_rate=2e-4 --beta=0.05 \
 	--max_iters=40 --eval_interval=20 --eval_iters=100
 EVAL_N ?= 500
 EVAL_PRE ?= 100
