@@ -62,8 +62,11 @@ def paired(a, b):
 
 def table(evals):
     names_ = list(evals)
-    print(f"held-out instruction following, greedy ({len(next(iter(evals.values())))} requests "
-          "the fine-tuning never saw; ± one standard error)")
+    sizes = {name: len(rows) for name, rows in evals.items()}
+    fewer = ", ".join(f"{name} the first {n}" for name, n in sizes.items()
+                      if n < max(sizes.values()))
+    print(f"held-out instruction following, greedy ({max(sizes.values())} requests the "
+          f"fine-tuning never saw{'; ' + fewer if fewer else ''}; ± one standard error)")
     print(f"{'model':12s} {'follows':>14s} {'pass@1 (wish too)':>18s}   "
           + " ".join(f"{k:>9s}" for k in KINDS))
     for name, rows in evals.items():
