@@ -63,18 +63,17 @@ def paired(a, b):
 def table(evals):
     names_ = list(evals)
     sizes = {name: len(rows) for name, rows in evals.items()}
-    fewer = ", ".join(f"{name} the first {n}" for name, n in sizes.items()
+    fewer = ", ".join(f"{name}: first {n}" for name, n in sizes.items()
                       if n < max(sizes.values()))
-    print(f"held-out instruction following, greedy ({max(sizes.values())} requests the "
-          f"fine-tuning never saw{'; ' + fewer if fewer else ''}; ± one standard error)")
-    print(f"{'model':12s} {'follows':>14s} {'pass@1 (wish too)':>18s}   "
-          + " ".join(f"{k:>9s}" for k in KINDS))
+    print(f"held-out instruction following, greedy: {max(sizes.values())} requests"
+          f"{' (' + fewer + ')' if fewer else ''}, ± 1 standard error")
+    print(f"{'model':11s} {'follows':>13s} {'pass@1':>13s}  " + " ".join(f"{k:>8s}" for k in KINDS))
     for name, rows in evals.items():
         p, se = rate(rows)
         q, qse = rate(rows, 'passes')
         by = [[r for r in rows if r['kind'] == k] for k in KINDS]
-        print(f"{name:12s} {p:7.1%} ± {se:4.1%} {q:11.1%} ± {qse:4.1%}   "
-              + " ".join(f"{rate(b)[0]:9.0%}" if b else f"{'':9s}" for b in by))
+        print(f"{name:11s} {p:6.1%} ± {se:4.1%} {q:6.1%} ± {qse:4.1%}  "
+              + " ".join(f"{rate(b)[0]:8.0%}" if b else f"{'':8s}" for b in by))
     if 'SFT' in evals:
         for name in names_[names_.index('SFT') + 1:]:
             if len(evals[name]) == len(evals['SFT']):
