@@ -6,7 +6,8 @@ key/value cache so generation costs one token's work per step.
 The model reads first as the reference: one forward pass, which training runs and which a
 KV cache passes through when generating. Generation's fast path on the CPU, FastDecoder
 (the same steps on the weights laid out for one token at a time), is apart in the last
-section and computes the same. The parameter names are llama2.c's (tok_embeddings,
+section and computes the same. LoRA (fine-tuning a low-rank update of chosen weights instead
+of the weights) has its own section, before the KV cache. The parameter names are llama2.c's (tok_embeddings,
 layers.N.attention.wq, ...), so its tools and ours read the same checkpoints. This file
 imports nothing of ours.
 """
@@ -404,6 +405,91 @@ def sample_next(logits, temperature, top_k=0, top_p=0.0, generator=None):
 
 
 # -----------------------------------------------------------------------------
+# LoRA: fine-tune a small adapter instead of every weight (Hu et al. 2021)
+
+LORA_TARGETS = ('wq', 'wk', 'wv', 'wo', 'w1', 'w2', 'w3')  # the linear layers that may get one
+
+
+class LoRA(nn.Module):
+    """A linear layer whose weight W (out, in) stays frozen, plus a trainable low-rank update:
+    y = W x + (alpha / r) * B A x, with A (r, in) and B (out, r). Fine-tuning learns
+    r * (in + out) numbers instead of in * out, and AdamW keeps its state for those only. B
+    starts at zero, so BA = 0 and training starts exactly from the base model; A starts random
+    (nn.Linear's init, as PEFT's), or B's gradient, which flows through A x, would be zero too.
+    alpha / r spares retuning the learning rate when r changes (the paper's reason). After
+    training, W + (alpha / r) B A is one matrix again (merged_weight): the merged model costs
+    nothing extra to run. The frozen weight keeps its name (wq.weight), beside wq.lora_A and
+    wq.lora_B, so the base model's checkpoint loads into a model with adapters."""
+
+    def __init__(self, linear, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.weight = linear.weight.requires_grad_(False)  # W, the base model's own tensor
+        out_features, in_features = self.weight.shape
+        like = dict(dtype=self.weight.dtype, device=self.weight.device)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **like))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)  # on the adapter's input only
+
+    def forward(self, x):
+        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # B A x, (..., out)
+        return F.linear(x, self.weight) + self.scale * update
+
+    def merged_weight(self):
+        return self.weight + self.scale * (self.lora_B @ self.lora_A)
+
+
+def weight_of(linear):
+    """The weight a linear layer computes with: W, or with a LoRA W + (alpha / r) B A"""
+    return linear.merged_weight() if isinstance(linear, LoRA) else linear.weight
+
+
+def add_lora(model, rank, alpha, dropout=0.0, targets=('wq', 'wk', 'wv', 'wo')):
+    """Freeze every weight of model and put a LoRA on each linear layer named in targets (of
+    LORA_TARGETS; in a mixture of experts, w1..w3 of every expert). Then only the adapters
+    require a gradient, which is what configure_optimizers hands to AdamW."""
+    model.requires_grad_(False)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in targets and type(child) is nn.Linear:
+                setattr(module, name, LoRA(child, rank, alpha, dropout))
+    return model
+
+
+def merge_lora(model):
+    """Fold each LoRA into a plain linear layer of weight W + (alpha / r) B A: the model computes
+    what it did, with no adapters and every weight trainable (to fine-tune it further)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRA):
+                out_features, in_features = child.weight.shape
+                linear = nn.Linear(in_features, out_features, bias=False, device='meta')
+                linear.weight = nn.Parameter(child.merged_weight().detach())
+                setattr(module, name, linear)
+    return model.requires_grad_(True)
+
+
+def lora_weights(model):
+    """The adapters' tensors by name (layers.0.attention.wq.lora_A, ...): all that a LoRA
+    checkpoint stores of the model, beside the name and hash of its base"""
+    return {k: v for k, v in model.state_dict().items() if k.endswith(('.lora_A', '.lora_B'))}
+
+
+def without_adapters(model):
+    """The base model under model's adapters: a Transformer of its own, for DPO's and RL's
+    frozen reference, whose weights are model's frozen tensors themselves (nothing is
+    copied, and the adapters' training never moves them)."""
+    with torch.device('meta'):  # the structure only: the weights come from model
+        base = Transformer(model.params)
+    weights = {k: v for k, v in model.state_dict(keep_vars=True).items()
+               if not k.endswith(('.lora_A', '.lora_B'))}
+    base.load_state_dict(weights, assign=True)
+    base.freqs_cos, base.freqs_sin = model.freqs_cos, model.freqs_sin  # (not in a state dict)
+    return base.eval()
+
+
+# -----------------------------------------------------------------------------
 # the KV cache
 
 class KVCache:
@@ -438,8 +524,8 @@ class FastDecoder:
     one thread, and it reads a cold matrix faster as (in, out) and wide. So the matrices read
     by the same input sit side by side (q|k|v, w1|w3), transposed, cut into one block of
     columns per thread for matmul_blocks. The copies are detached and made when the decoder
-    is: it is for inference, on the weights of that moment; the model trains as if it never
-    existed."""
+    is: it is for inference, on the weights of that moment (with LoRA, each W + (alpha / r) B A:
+    weight_of); the model trains as if it never existed."""
 
     def __init__(self, model, cache):
         self.model, self.cache = model, cache
@@ -447,7 +533,8 @@ class FastDecoder:
         threads = torch.get_num_threads() if w.device.type == 'cpu' else 1
 
         def fused(*linears):  # (out, in) weights -> column blocks of (in, sum of outs)
-            return column_blocks(torch.cat([m.weight.detach().t() for m in linears], 1), threads)
+            return column_blocks(torch.cat([weight_of(m).detach().t() for m in linears], 1),
+                                 threads)
         attn, ffn = [l.attention for l in model.layers], [l.feed_forward for l in model.layers]
         self.wqkv = [fused(a.wq, a.wk, a.wv) for a in attn]
         self.wo = [fused(a.wo) for a in attn]
