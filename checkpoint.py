@@ -24,6 +24,7 @@ import codecs
 import collections
 import csv
 import fcntl
+import hashlib
 import importlib
 import itertools
 import os
@@ -448,10 +449,14 @@ def nonfinite_weights(path, name):
 
 def load_model(path, device='cpu'):
     """The model and the checkpoint dict, read with torch.load(weights_only=True) after the
-    torch-free reader has bounded every size and check_model every shape."""
+    torch-free reader has bounded every size and check_model every shape. A LoRA checkpoint
+    gives its base model with the adapters on (load_lora)."""
     import torch
     from model import ModelArgs, RewardModel, Transformer
-    _, hidden_dim = check_model(path, read_checkpoint(path))
+    first = read_checkpoint(path)
+    if 'lora' in first:
+        return load_lora(path, first, device)
+    _, hidden_dim = check_model(path, first)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -475,3 +480,129 @@ def load_model(path, device='cpu'):
     weights.setdefault('output.weight', weights['tok_embeddings.weight'])
     model.load_state_dict(weights)
     return model.to(device), ckpt
+
+
+# -----------------------------------------------------------------------------
+# LoRA checkpoints: the adapters, their settings, and which base they were trained on
+#
+# A LoRA run (train.py --lora_rank=r) saves as 'model' only the adapters (layers.0.attention.
+# wq.lora_A, ...), and as 'lora' {rank, alpha, dropout, targets, base, base_from_here,
+# base_sha256}: the base checkpoint's path as given to --init_from, the same path relative to
+# the LoRA checkpoint's folder, and a hash of the base's weights. Whoever reads it (sample.py,
+# train.py's resume, export.py) finds the base, checks the hash and puts the adapters on it.
+
+LORA_TARGETS = ('wq', 'wk', 'wv', 'wo', 'w1', 'w2', 'w3')  # as model.py's
+
+
+def weights_sha256(path, ckpt):
+    """The identity a LoRA checkpoint records of its base: sha256 over the base's weights (each
+    name, type, shape and stored bytes, in name order), and for a base that is itself a LoRA
+    checkpoint, over its own base's hash too. Read without torch, so export.py checks it as
+    train.py does; a base trained further, or another model, has another hash."""
+    h = hashlib.sha256()
+    try:
+        for name in sorted(ckpt['model']):
+            a = np.ascontiguousarray(ckpt['model'][name].numpy())
+            h.update(f"{name} {a.dtype.str} {a.shape}\n".encode())
+            h.update(a.view(np.uint8).reshape(-1))
+    except (AttributeError, TypeError, ValueError) as e:
+        die(f"{path}: its weights cannot be read ({str(e)[:80]}) — the checkpoint is damaged")
+    if isinstance(ckpt.get('lora'), dict):
+        h.update(str(ckpt['lora'].get('base_sha256')).encode())
+    return h.hexdigest()
+
+
+def check_lora(path, ckpt):
+    """A LoRA checkpoint's settings and adapters, held to what train.py writes; returns (the
+    settings, the adapters by name). Their shapes are checked against the base (fit_adapters)."""
+    def bad(why):
+        die(f"{path}: {why} — the LoRA checkpoint is damaged, or not one of ours")
+    lora, adapters = ckpt.get('lora'), ckpt.get('model')
+    if not isinstance(lora, dict) or not isinstance(adapters, dict):
+        bad("lora and model must be dicts")
+    if type(lora.get('rank')) is not int or not 1 <= lora['rank'] < 1e6:
+        bad(f"its rank {lora.get('rank')!r:.40} is not a positive integer")
+    for key, ok in (('alpha', lambda v: 0 < v < 1e9), ('dropout', lambda v: 0 <= v < 1)):
+        if type(lora.get(key)) not in (int, float) or not ok(lora[key]):
+            bad(f"its {key} {lora.get(key)!r:.40} is out of range")
+    targets = lora.get('targets')
+    if not isinstance(targets, list) or not targets or not set(targets) <= set(LORA_TARGETS):
+        bad(f"its targets {targets!r:.80} are not among {','.join(LORA_TARGETS)}")
+    for key in ('base', 'base_from_here'):
+        if not isinstance(lora.get(key), str) or not lora[key]:
+            bad(f"it names no base checkpoint ({key})")
+    sha = lora.get('base_sha256')
+    if not isinstance(sha, str) or len(sha) != 64 or set(sha) - set('0123456789abcdef'):
+        bad("its base_sha256 is not a sha256")
+    return lora, {str(k): v for k, v in adapters.items()}
+
+
+def lora_base(path, ckpt):
+    """The base checkpoint of the LoRA checkpoint at path: (its path, its dict read without
+    torch). Looked for where --init_from said (from the current folder), then where it was
+    from the LoRA checkpoint's folder (a project moved whole, or run from elsewhere). One line
+    and exit when it is in neither place, or holds other weights than the adapters learned on."""
+    lora = ckpt['lora']
+    places = [lora['base'], os.path.join(os.path.dirname(path), lora['base_from_here'])]
+    found = next((p for p in places if os.path.isfile(p)), None)
+    if found is None:
+        die(f"{path} is a LoRA adapter of {lora['base']}, which is not there — put that base "
+            "checkpoint back (the adapter holds only what fine-tuning changed)")
+    base = read_checkpoint(found)
+    if weights_sha256(found, base) != lora['base_sha256']:
+        die(f"{path} is a LoRA adapter of {lora['base']} as it was when the adapter was trained, "
+            f"but {found} now holds other weights (trained further, or another model) — use "
+            "the adapter with its own base, or train it again from this one")
+    return found, base
+
+
+def fit_adapters(path, lora, adapters, weights):
+    """Each adapted weight's name (layers.0.attention.wq) -> (A, B), once every adapter is
+    found to fit the base's weights (A (rank, in), B (out, rank)) and every layer in the
+    targets to have one. weights: the base's, by name, with .shape."""
+    def bad(why):
+        die(f"{path}: {why} — the LoRA checkpoint is damaged, or not one of this base's")
+    r, pairs = lora['rank'], {}
+    for name, w in weights.items():
+        prefix = name.removesuffix('.weight')
+        if name.endswith('.weight') and prefix.rsplit('.', 1)[-1] in lora['targets'] \
+                and prefix.startswith('layers.'):
+            A, B = adapters.get(prefix + '.lora_A'), adapters.get(prefix + '.lora_B')
+            if A is None or B is None:
+                bad(f"the adapter of {prefix} is missing")
+            for t, want in ((A, (r, w.shape[1])), (B, (w.shape[0], r))):
+                if not hasattr(t, 'shape') or tuple(t.shape) != want:
+                    bad(f"an adapter of {prefix} is {getattr(t, 'shape', type(t).__name__)}, "
+                        f"not {want}")
+            pairs[prefix] = (A, B)
+    extra = sorted(set(adapters) - {p + s for p in pairs for s in ('.lora_A', '.lora_B')})
+    if extra:
+        bad(f"{extra[0]} is not an adapter of a weight in its targets")
+    return pairs
+
+
+def load_lora(path, first, device):
+    """A LoRA checkpoint's model: its base (itself merged, if it is a LoRA checkpoint too) with
+    adapters on the targets, holding the checkpoint's A and B; and the checkpoint dict."""
+    import torch
+    from model import RewardModel, add_lora, merge_lora
+    check_lora(path, first)
+    base_path, _ = lora_base(path, first)
+    model, _ = load_model(base_path, device)
+    if isinstance(model, RewardModel):
+        die(f"{path}: its base {base_path} is a reward model — not a LoRA checkpoint of ours")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        unreadable(path, e)
+    lora, adapters = check_lora(path, ckpt)
+    add_lora(merge_lora(model), lora['rank'], lora['alpha'], lora['dropout'], lora['targets'])
+    base = {k: v for k, v in model.state_dict().items() if not k.endswith(('lora_A', 'lora_B'))}
+    fit_adapters(path, lora, adapters, base)
+    for name, t in adapters.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            die(f"{path}: the adapter {name} is not a tensor of floats — not a model of ours")
+        if not torch.isfinite(t).all():
+            nonfinite_weights(path, name)
+    model.load_state_dict(adapters, strict=False)  # fit_adapters: every adapter is there
+    return model, ckpt

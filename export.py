@@ -6,6 +6,11 @@ $ python export.py out/model.bin --checkpoint=out/ckpt.pt --version=1  # float32
 $ python export.py out/model_q80.bin --checkpoint=out/ckpt.pt --version=2   # int8 (Q8_0)
 $ python export.py out/hf --checkpoint=out/ckpt.pt --version=hf        # a transformers folder
 $ python export.py out/model.gguf --checkpoint=out/ckpt.pt --version=gguf --dtype=q8_0  # llama.cpp
+$ python export.py out_sft/peft --checkpoint=out_sft/ckpt.pt --version=peft  # a LoRA, for PEFT
+
+A LoRA checkpoint (train.py --lora_rank) is merged into its base, W + (alpha / r) B A, for
+every format, so run.c, transformers and llama.cpp run the fine-tuned model as any other;
+--version=peft writes the adapter alone instead, for PEFT on top of the base's hf export.
 
 Beside a .bin model it writes tokenizer.bin, from the tokenizer stored in the checkpoint,
 so run.c finds the right one. Arrays are written whole with numpy (llama2.c packs floats
@@ -22,8 +27,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from checkpoint import (FolderLock, check_model, nonfinite_weights, read_checkpoint, same_file,
-                        write_atomic, write_folder)
+from checkpoint import (FolderLock, check_lora, check_model, fit_adapters, lora_base,
+                        nonfinite_weights, read_checkpoint, same_file, write_atomic, write_folder)
 from configurator import configure, die
 from export_gguf import gguf_chunks
 from tokenizer import (CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, checkpoint_tokenizer,
@@ -33,7 +38,7 @@ from tokenizer import (CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, check
 checkpoint = 'out/ckpt.pt'
 version = '0'            # 0 (float32, llama2.c's legacy format) | 1 (float32) | 2 (int8 Q8_0)
                          # | 3 (a mixture of experts, --dtype=f32|q8_0) | hf (a transformers
-                         # folder) | gguf (llama.cpp, Ollama)
+                         # folder) | gguf (llama.cpp, Ollama) | peft (a LoRA checkpoint's adapter)
 group_size = 64          # version 2: values per quantization group (halved until it fits)
 dtype = 'f32'            # gguf, 3: the matrices as f32, f16 (gguf) or q8_0 (norms stay f32)
 # -----------------------------------------------------------------------------
@@ -290,6 +295,46 @@ def write_hf_files(w, p, tok, ckpt, folder):
 
 
 # -----------------------------------------------------------------------------
+# PEFT: a LoRA checkpoint's adapter, which peft.PeftModel.from_pretrained puts on the base's
+# Hugging Face export
+
+PEFT_NAMES = {'wq': 'self_attn.q_proj', 'wk': 'self_attn.k_proj', 'wv': 'self_attn.v_proj',
+              'wo': 'self_attn.o_proj', 'w1': 'mlp.gate_proj', 'w2': 'mlp.down_proj',
+              'w3': 'mlp.up_proj'}
+
+
+def peft_tensors(pairs, p):
+    """PEFT's names for each (A, B): base_model.model.model.layers.0.self_attn.q_proj.lora_A
+    .weight, ... The rows of q_proj and k_proj are permuted in the HF export (hf_permute), so
+    theirs are in B (out, r); A (r, in) reads the input, whose order is unchanged."""
+    t = {}
+    for prefix, (A, B) in pairs.items():  # prefix: layers.{i}.attention.wq, ...
+        _, i, _, ours = prefix.split('.')
+        if ours in ('wq', 'wk'):
+            B = hf_permute(B, p.n_heads if ours == 'wq' else p.n_kv_heads)
+        name = f'base_model.model.model.layers.{i}.{PEFT_NAMES[ours]}'
+        t[name + '.lora_A.weight'], t[name + '.lora_B.weight'] = A, B
+    return t
+
+
+def export_peft(lora, pairs, p, out_dir):
+    config = {'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': lora['rank'],
+              'lora_alpha': lora['alpha'], 'lora_dropout': lora['dropout'],
+              'target_modules': sorted(PEFT_NAMES[t].split('.')[1] for t in lora['targets']),
+              'bias': 'none', 'fan_in_fan_out': False, 'use_rslora': False, 'use_dora': False,
+              'inference_mode': True, 'base_model_name_or_path': None}
+
+    def fill(folder):
+        with open(os.path.join(folder, 'adapter_config.json'), 'w') as f:
+            json.dump(config, f, indent=2)
+        write_chunks(os.path.join(folder, 'adapter_model.safetensors'),
+                     safetensors_chunks(peft_tensors(pairs, p)))
+    write_folder(os.path.normpath(out_dir), fill)
+    print(f"wrote {out_dir}/ for peft's PeftModel.from_pretrained, on the Hugging Face export "
+          f"of {lora['base']}")
+
+
+# -----------------------------------------------------------------------------
 # the checkpoint's weights, as float32 numpy arrays (checkpoint.py reads the file)
 
 LAYER_WEIGHTS = ('attention_norm', 'attention.wq', 'attention.wk', 'attention.wv', 'attention.wo',
@@ -298,7 +343,13 @@ LAYER_WEIGHTS = ('attention_norm', 'attention.wq', 'attention.wk', 'attention.wv
 
 def model_weights(ckpt, path):
     """The model's float32 arrays by state-dict name and its shape, once check_model has held
-    every array to model_args; weights that hold NaN or inf are refused."""
+    every array to model_args; weights that hold NaN or inf are refused. A LoRA checkpoint's
+    are its base's, with each adapted W replaced by W + (alpha / r) B A."""
+    if 'lora' in ckpt:
+        lora, pairs, w, p = lora_weights(ckpt, path)
+        for prefix, (A, B) in pairs.items():
+            w[prefix + '.weight'] = w[prefix + '.weight'] + lora['alpha'] / lora['rank'] * (B @ A)
+        return w, p
     stored, hidden_dim = check_model(path, ckpt)
     w = {}
     for name, t in stored.items():
@@ -317,6 +368,22 @@ def model_weights(ckpt, path):
     emb = w['tok_embeddings.weight']
     p.shared = np.array_equal(w.setdefault('output.weight', emb), emb)  # tied: stored twice
     return w, p
+
+
+def lora_weights(ckpt, path):
+    """A LoRA checkpoint: its settings, its adapters as float32 (A, B) by the name of the
+    weight they adapt, and its base's weights and shape (the base found and its hash checked)"""
+    lora, adapters = check_lora(path, ckpt)
+    base_path, base = lora_base(path, ckpt)
+    if base.get('task') == 'rm':
+        die(f"{path}: its base {base_path} is a reward model — not a LoRA checkpoint of ours")
+    w, p = model_weights(base, base_path)
+    pairs = {}
+    for prefix, ab in fit_adapters(path, lora, adapters, w).items():
+        pairs[prefix] = tuple(t.numpy().astype(np.float32) for t in ab)
+        if not all(np.isfinite(a).all() for a in pairs[prefix]):
+            nonfinite_weights(path, prefix + '.lora_A/B')
+    return lora, pairs, w, p
 
 
 def layers(w, p, name):
@@ -365,6 +432,7 @@ def v0_size(dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_
 
 HF_FILES = {'config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json',
             'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model'}
+PEFT_FILES = {'adapter_config.json', 'adapter_model.safetensors'}
 KIND_NAMES = {'checkpoint': 'a training checkpoint', 'tokenizer': "run.c's tokenizer.bin",
               None: 'not a model export'}
 
@@ -376,12 +444,14 @@ def check_outputs(out, tok_path, tok_bin):
     hint = " (did you mean --checkpoint=" + out + "?)" if existing_kind(out) == 'checkpoint' else ""
     if same_file(out, checkpoint):
         die(f"{out} is the checkpoint this export reads — give the export another path")
-    if version == 'hf':
+    if version in ('hf', 'peft'):
         if os.path.lexists(out) and not os.path.isdir(out):
             die(f"{out} exists and is not a folder — give another output path")
-        other = sorted(set(os.listdir(out)) - HF_FILES) if os.path.isdir(out) else []
+        ours = HF_FILES if version == 'hf' else PEFT_FILES
+        other = sorted(set(os.listdir(out)) - ours) if os.path.isdir(out) else []
         if other:
-            die(f"{out}/ holds files that are not a Hugging Face export ({', '.join(other[:3])}"
+            kind = 'a Hugging Face export' if version == 'hf' else 'a PEFT adapter'
+            die(f"{out}/ holds files that are not {kind} ({', '.join(other[:3])}"
                 f"{', ...' if len(other) > 3 else ''}), which would be lost — give a new folder")
         return
     if os.path.lexists(out) and not os.path.isfile(out):
@@ -413,9 +483,9 @@ def main():
     _, args = configure(globals(), positional=1)
     if not args:
         die("no output path — usage: python export.py OUTPUT --checkpoint=out/ckpt.pt "
-            "[--version=0|1|2|3|hf|gguf]")
-    if version not in ('0', '1', '2', '3', 'hf', 'gguf'):
-        die(f"--version={version}: use 0, 1, 2, 3, hf or gguf")
+            "[--version=0|1|2|3|hf|gguf|peft]")
+    if version not in ('0', '1', '2', '3', 'hf', 'gguf', 'peft'):
+        die(f"--version={version}: use 0, 1, 2, 3, hf, gguf or peft")
     if version == '3' and dtype == 'f16':
         die("--version=3 holds f32 or q8_0 (int8 in groups of --group_size), not f16")
     if dtype not in ('f32', 'f16', 'q8_0'):
@@ -437,8 +507,17 @@ def main():
     if ckpt.get('task') not in (None, 'pretrain', 'sft', 'dpo', 'rl'):
         die(f"{checkpoint} is a {ckpt['task']!r} model, not a language model — export the "
             "model it was trained from")
-    w, p = model_weights(ckpt, checkpoint)
-    if p.n_experts and version not in MOE_VERSIONS:
+    if version == 'peft':
+        if 'lora' not in ckpt:
+            die(f"--version=peft writes a LoRA adapter, and {checkpoint} is a whole model, not "
+                "a LoRA checkpoint (train.py --lora_rank) — export it with --version=hf")
+        lora, pairs, _, p = lora_weights(ckpt, checkpoint)
+        if p.n_experts and {'w1', 'w2', 'w3'} & set(lora['targets']):
+            die(f"{checkpoint} has adapters on the experts, which transformers' Mixtral holds "
+                "fused, out of PEFT's reach — export it merged: --version=hf")
+    else:
+        w, p = model_weights(ckpt, checkpoint)
+    if p.n_experts and version not in MOE_VERSIONS + ('peft',):
         die(f"{checkpoint} is a mixture of experts, which --version={version} cannot hold — "
             f"use --version={' or '.join(MOE_VERSIONS)}")
     if version == '3' and not p.n_experts:
@@ -462,6 +541,8 @@ def main():
             check_outputs(out, tok_path, tok_bin)
             if version == 'hf':
                 export_hf(w, p, tok, ckpt, out)
+            elif version == 'peft':
+                export_peft(lora, pairs, p, out)
             elif version == 'gguf':
                 write_chunks(out, gguf_chunks(w, p, tok, ckpt, dtype))
                 print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB, {dtype})")

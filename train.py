@@ -13,8 +13,9 @@ DDP on 2 nodes of 8 GPUs (run on each node, node_rank 0 and 1):
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=1234 train.py
 
 Continue a run: --init_from=resume. Fine-tune: --task=sft --init_from=out/ckpt.pt, then
---task=dpo (or rm) --init_from=out_sft/ckpt.pt. A config file of plain assignments may
-be given as an argument too (nanoGPT style). Ctrl-C saves a checkpoint and stops.
+--task=dpo (or rm) --init_from=out_sft/ckpt.pt; add --lora_rank=8 to train small adapters
+instead of every weight (SFT, DPO). A config file of plain assignments may be given as an
+argument too (nanoGPT style). Ctrl-C saves a checkpoint and stops.
 """
 
 import copy
@@ -30,10 +31,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import rlhf
-from checkpoint import (RunLog, Trackers, claim_out_dir, load_model, resumed_log, run_out_dir,
-                        save_run)
+from checkpoint import (RunLog, Trackers, claim_out_dir, load_model, read_checkpoint,
+                        resumed_log, run_out_dir, save_run, weights_sha256)
 from configurator import check, check_device, configure, die
-from model import ModelArgs, RewardModel, Transformer
+from model import (LORA_TARGETS, ModelArgs, RewardModel, Transformer, add_lora, lora_weights,
+                   merge_lora, without_adapters)
 from preprocess import ChatRows, PreferencePairs, PretokWindows, dataset_name, recipe
 from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT, Tokenizer
 
@@ -90,6 +92,11 @@ beta = 0.1               # DPO: how far the policy may move from the reference m
 rpo_alpha = 1.0          # DPO: weight of the chosen answers' SFT loss (RPO); 0 = plain DPO
 rm_likelihood = True     # reward model: add the answer's log-likelihood to the head's score
                          # (False: the head alone, the textbook reward model; see model.py)
+# LoRA (sft, dpo): train a low-rank update of some weights, the base frozen (model.py)
+lora_rank = 0            # r of each adapter; 0 = full fine-tuning, every weight trains
+lora_alpha = 16.0        # the update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0       # dropout on the adapters' input
+lora_targets = 'wq,wk,wv,wo'  # the layers that get adapters, of wq,wk,wv,wo,w1,w2,w3
 # system
 device = 'cuda' if torch.cuda.is_available() else (
     'mps' if torch.backends.mps.is_available() else 'cpu')
@@ -121,6 +128,10 @@ check(globals(), {
     'learning_rate': rate, 'min_lr': rate, 'weight_decay': rate, 'grad_clip': rate,
     'beta': (lambda v: math.isfinite(v) and v >= 0, "0 or more"), 'peak_flops': rate,
     'rpo_alpha': rate,
+    'lora_rank': (lambda v: 0 <= v <= 4096, "0 (full fine-tuning) to 4096"),
+    'lora_alpha': (lambda v: 0 < v < 1e6, "above 0"), 'lora_dropout': fraction,
+    'lora_targets': (lambda v: v and set(v.split(',')) <= set(LORA_TARGETS),
+                     "a comma-separated list of " + ",".join(LORA_TARGETS)),
     'dtype': (lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'),
               "auto, float32, bfloat16 or float16"),
     'swanlab_mode': (lambda v: v in ('online', 'offline', 'local'), "online, offline or local"),
@@ -133,6 +144,11 @@ if task != 'pretrain' and init_from == 'scratch':
     die(f"--task={task} fine-tunes a model: give --init_from=path/to/ckpt.pt (or resume)")
 if task == 'dpo' and beta == 0:
     die("--beta=0 makes DPO's loss a constant: give it a value above 0 (0.1 is usual)")
+if lora_rank and task not in ('sft', 'dpo'):
+    die(f"--lora_rank fine-tunes adapters on a trained model: for --task=sft or dpo (RL: "
+        f"train_rl.py), not {task}" + (" (a reward model's new head must train whole)"
+                                       if task == 'rm' else ""))
+lora_targets = [t for t in LORA_TARGETS if t in lora_targets.split(',')]
 lr_decay_iters = lr_decay_iters or max_iters
 # where this run writes: never the folder of the checkpoint it starts from, unless it resumes
 out_dir = config['out_dir'] = run_out_dir(out_dir, task, init_from, default='out' if (
@@ -222,7 +238,7 @@ def to_device(x, y):
 # -----------------------------------------------------------------------------
 # model, optimizer, and where we start from
 
-iter_num, best_val_loss, ckpt, ref_model, resume_log = 0, 1e9, None, None, None
+iter_num, best_val_loss, ckpt, ref_model, resume_log, lora = 0, 1e9, None, None, None, None
 if init_from == 'scratch':
     model_args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                       vocab_size=vocab_size, multiple_of=multiple_of, max_seq_len=max_seq_len,
@@ -237,6 +253,21 @@ else:
     if isinstance(model, RewardModel) and task != 'rm':
         die(f"{path} is a reward model: it scores answers, it does not write them — "
             f"--task={task} needs a language model (the sft checkpoint)")
+    lora = ckpt.get('lora') if init_from == 'resume' else None  # the run's, as it was saved
+    if init_from == 'resume' and (lora or {}).get('rank', 0) != lora_rank:
+        die(f"{path} is a " + (f"LoRA run (r={lora['rank']})" if lora else "full fine-tuning run")
+            + f": resume it with --lora_rank={lora['rank'] if lora else 0}")
+    if lora and (lora['alpha'], lora['dropout'], lora['targets']) != (lora_alpha, lora_dropout,
+                                                                       lora_targets):
+        die(f"{path} is a LoRA run with --lora_alpha={lora['alpha']} --lora_dropout="
+            f"{lora['dropout']} --lora_targets={','.join(lora['targets'])}: resume it with those")
+    if not lora:  # starting from a LoRA checkpoint: its adapters become part of the weights
+        merge_lora(model)
+    if lora_rank and not lora:  # new adapters on the model this run starts from, frozen
+        lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
+                    base=init_from, base_from_here=os.path.relpath(init_from, out_dir),
+                    base_sha256=weights_sha256(init_from, read_checkpoint(init_from)))
+        add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
     if task == 'rm' and not isinstance(model, RewardModel):  # put the scalar head on
         lm, model = model, RewardModel(model.params, rm_likelihood)
         model.load_state_dict(lm.state_dict(), strict=False)
@@ -261,11 +292,14 @@ else:
         iter_num, best_val_loss = ckpt['iter_num'], float(ckpt.get('best_val_loss', 1e9))
         resume_log = resumed_log(ckpt)  # the rows of log.csv up to the checkpoint
     if task == 'dpo':  # the reference is the model DPO started from, frozen
-        ref_model = copy.deepcopy(model)
-        if init_from == 'resume':
-            if not isinstance(ckpt.get('ref_model'), dict):
-                die(f"{path} holds no reference model — resume it with its own --task")
-            ref_model.load_state_dict(ckpt['ref_model'])
+        if lora:  # the base under the adapters, sharing its weights: no copy, nothing saved
+            ref_model = without_adapters(model)
+        else:
+            ref_model = copy.deepcopy(model)
+            if init_from == 'resume':
+                if not isinstance(ckpt.get('ref_model'), dict):
+                    die(f"{path} holds no reference model — resume it with its own --task")
+                ref_model.load_state_dict(ckpt['ref_model'])
         ref_model.to(device).eval().requires_grad_(False)
 model.to(device)
 if model_args['vocab_size'] != vocab_size:
@@ -381,13 +415,16 @@ def get_lr(it):
 def save_checkpoint():
     """Write to a temporary file, then rename over ckpt.pt: a crash at any moment leaves
     either the old checkpoint or the new one, never half of one."""
-    ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+    weights = lora_weights(raw_model) if lora else raw_model.state_dict()  # LoRA: adapters only
+    ckpt = dict(model=weights, optimizer=optimizer.state_dict(),
                 model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
                 config=config, tokenizer=tokenizer_bytes, task=task,
                 chat_template=dict(message=CHAT_TEMPLATE, generation_prompt=GENERATION_PROMPT))
     if scaler.is_enabled():
         ckpt['scaler'] = scaler.state_dict()
-    if ref_model is not None:
+    if lora:  # what finds and checks the base: see checkpoint.py
+        ckpt['lora'] = lora
+    elif ref_model is not None:  # (with LoRA the reference is the base, found as above)
         ckpt['ref_model'] = ref_model.state_dict()
     if task == 'rm':
         ckpt['rm_likelihood'] = raw_model.likelihood
@@ -438,12 +475,16 @@ log = RunLog(log_path, ['iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec'
              resume=(resume_log, iter_num) if init_from == 'resume' else None) if master else None
 
 
+n_params = sum(p.numel() for p in raw_model.parameters())
+n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
 if master:
     print(f"{task} on {data_folder}: {tokens_per_iter:,} tokens per iteration = "
           f"{gradient_accumulation_steps} accumulation steps x {world_size} processes x "
           f"{batch_size} x {max_seq_len}; "
-          f"{sum(p.numel() for p in raw_model.parameters()):,} parameters"
+          f"{n_params:,} parameters"
           + (f" ({raw_model.active_params():,} active per token)" if moe else "")
+          + (f", of which {n_train:,} train ({n_train / n_params:.2%}: LoRA r={lora['rank']} on "
+             f"{','.join(lora['targets'])})" if lora else "")
           + f"; {device} {dtype}"
           + (f"; MFU of {peak() / 1e12:.0f} TFLOP/s" if peak() else ""))
     ignored = [f"--{k}={config[k]}" for k in SHAPE if init_from != 'scratch'
