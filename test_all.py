@@ -2990,3 +2990,297 @@ def test_moe_trains_and_runs_in_transformers_and_run_c(moe_run, runc, tmp_path):
     torch.save(bad, tmp_path / 'bad.pt')
     r = py('sample.py', f'--checkpoint={tmp_path / "bad.pt"}', '--device=cpu', cwd=work, check=False)
     assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'n_experts_per_tok=5' in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# LoRA: adapters on a frozen base, merged into every export, and read by PEFT
+
+LORA_SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=96)
+
+
+def with_random_adapters(base, targets, rank=4, alpha=8.0, seed=1):
+    """A copy of base with LoRA on targets, B set random (as after training) unless seed is None"""
+    import copy
+    from model import LoRA, add_lora
+    m = add_lora(copy.deepcopy(base), rank, alpha, 0.0, targets)
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, LoRA):
+                    mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.05)
+    return m.eval()
+
+
+@pytest.mark.parametrize('experts', [{}, dict(n_experts=4, n_experts_per_tok=2)], ids=['dense', 'moe'])
+def test_lora_starts_at_the_base_merges_and_generates(experts):
+    """B = 0: the model with adapters on every target computes the base exactly. With B != 0
+    (as after training) it computes something else, its merged weights W + (alpha/r) B A give
+    its logits (1e-5), KV-cache generation through forward() and through FastDecoder (which
+    fuses copies of the weights) gives the full forward's greedy tokens and logits, and
+    without_adapters is the base itself: the same logits, the very same tensors."""
+    import copy
+    from model import LORA_TARGETS, FastDecoder, KVCache, LoRA, merge_lora, without_adapters
+    torch.manual_seed(0)
+    base = Transformer(ModelArgs(**LORA_SMALL, **experts)).eval()
+    x = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        want = base(x, x)[0]
+        fresh = with_random_adapters(base, LORA_TARGETS, seed=None)
+        per_layer = 4 + 3 * experts.get('n_experts', 1)  # wq wk wv wo, and w1 w2 w3 per expert
+        assert sum(isinstance(m, LoRA) for m in fresh.modules()) == per_layer * 2
+        assert torch.equal(fresh(x, x)[0], want)
+        m = with_random_adapters(base, LORA_TARGETS)
+        got = m(x, x)[0]
+        assert (got - want).abs().max() > 0.1  # the adapters matter
+        assert (merge_lora(copy.deepcopy(m))(x, x)[0] - got).abs().max() < 1e-5
+        ref = without_adapters(m)
+        assert torch.equal(ref(x, x)[0], want)
+        assert {id(p) for p in ref.parameters()} <= {id(p) for p in m.parameters()}  # no copy
+        slow = x[:, :6]
+        for _ in range(40):  # no cache: the whole sequence every step
+            slow = torch.cat([slow, m(slow, torch.zeros_like(slow))[0][:, -1].argmax(-1, keepdim=True)], 1)
+        for fast in (False, True):
+            assert torch.equal(m.generate(x[:, :6], 40, temperature=0, fast=fast), slow), fast
+        cache = KVCache(m, 2, 40)
+        step = FastDecoder(m, cache)
+        for a, b in ((0, 11), (11, 12), (12, 40)):
+            assert torch.allclose(step(x[:, a:b])[:, -1], got[:, b - 1], atol=1e-5)
+
+
+def test_lora_step_trains_only_the_adapters():
+    """AdamW with weight decay, from configure_optimizers, on a model with adapters: it holds
+    only A and B, a few steps change them, and every byte of the base (weights, norms, the
+    embedding) is as it was; the reference (without_adapters) still computes the base."""
+    from model import LORA_TARGETS, lora_weights, without_adapters
+    torch.manual_seed(0)
+    base = Transformer(ModelArgs(**LORA_SMALL))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    m = with_random_adapters(base, LORA_TARGETS, seed=None).train()
+    adapters = {k: v.clone() for k, v in lora_weights(m).items()}
+    opt = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    r_in_out = sum(4 * sum(w.shape) for name, w in base.named_parameters()  # r (in + out) each
+                   if name.split('.')[-2] in LORA_TARGETS)
+    assert sum(p.numel() for g in opt.param_groups for p in g['params']) == r_in_out
+    x, y = torch.randint(0, 256, (2, 4, 96))
+    for _ in range(3):
+        m(x, y)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    after = m.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the base, to the bit
+    assert all(not torch.equal(after[k], v) for k, v in adapters.items() if k.endswith('lora_B'))
+    with torch.no_grad():
+        assert torch.equal(without_adapters(m)(x, y)[0], base.eval()(x, y)[0])
+
+
+LORA_TUNE = ['--dataset=synth', f'--vocab_size={VOCAB}', *CPU, '--batch_size=16',
+             '--gradient_accumulation_steps=1', '--warmup_iters=5', '--eval_iters=10', '--log_interval=1']
+
+
+@pytest.fixture(scope='session')
+def lora_runs(tiny):
+    """LoRA SFT (r=8) from the tiny pretrained model, then LoRA DPO (r=4) from that LoRA
+    checkpoint: (work, stdout of each)."""
+    work, base = tiny
+    py('preprocess.py', 'sft', '--dataset=synth', f'--vocab_size={VOCAB}', cwd=work)
+    py('preprocess.py', 'dpo', '--dataset=synth', f'--vocab_size={VOCAB}', cwd=work)
+    sft = py('train.py', '--task=sft', f'--init_from={os.path.relpath(base, work)}',
+             '--out_dir=out_lora_sft', *LORA_TUNE, '--lora_rank=8', '--learning_rate=1e-2',
+             '--min_lr=1e-3', '--max_iters=40', '--eval_interval=20', cwd=work)
+    dpo = py('train.py', '--task=dpo', '--init_from=out_lora_sft/ckpt.pt', '--out_dir=out_lora_dpo',
+             *LORA_TUNE, '--batch_size=8', '--lora_rank=4', '--learning_rate=1e-3', '--min_lr=1e-4',
+             '--beta=0.1', '--max_iters=4', '--eval_interval=2', cwd=work)
+    return work, sft.stdout, dpo.stdout
+
+
+def test_lora_sft_and_dpo_runs(lora_runs, tuned):
+    """LoRA SFT: the log line counts the parameters that train (the adapters: r (in + out) for
+    each of wq, wk, wv, wo), under 5% of the model; its first eval is the full SFT run's to
+    the digit (B = 0: the base model exactly); it learns; the checkpoint holds the adapters
+    and the base's name and hash, nothing else of the model, no reference model. LoRA DPO from
+    that LoRA checkpoint: the reference is the model DPO starts from (the first eval's reward
+    margin is 0 to the digit, while the two answers' log-probs differ), and nothing of it is
+    saved; it loads in sample.py through both checkpoints and both bases."""
+    from checkpoint import read_checkpoint, weights_sha256
+    work, sft_out, dpo_out = lora_runs
+    base, _ = load_model(os.path.join(work, 'out_tiny', 'ckpt.pt'))
+    r_in_out = sum(8 * sum(w.shape) for name, w in base.named_parameters()
+                   if name.split('.')[-2] in ('wq', 'wk', 'wv', 'wo'))
+    total = sum(p.numel() for p in base.parameters()) + r_in_out
+    assert f"{total:,} parameters, of which {r_in_out:,} train ({r_in_out / total:.2%}: LoRA r=8 " \
+           "on wq,wk,wv,wo)" in sft_out and r_in_out / total < 0.05
+    rows = [r for r in read_log(os.path.join(work, 'out_lora_sft', 'log.csv')) if r['val_loss']]
+    full = [r for r in read_log(os.path.join(work, 'out_sft', 'log.csv')) if r['val_loss']]
+    assert rows[0]['iter'] == full[0]['iter'] == '0' and rows[0]['val_loss'] == full[0]['val_loss']
+    assert float(rows[-1]['val_loss']) < float(rows[0]['val_loss']) - 0.1
+    ck = torch.load(os.path.join(work, 'out_lora_sft', 'ckpt.pt'), weights_only=True)
+    assert sum(v.numel() for v in ck['model'].values()) == r_in_out and 'ref_model' not in ck
+    assert all(k.endswith(('.lora_A', '.lora_B')) for k in ck['model'])
+    tiny_path = os.path.join('out_tiny', 'ckpt.pt')
+    assert ck['lora'] == dict(rank=8, alpha=16.0, dropout=0.0, targets=['wq', 'wk', 'wv', 'wo'],
+                              base=tiny_path, base_from_here=os.path.join('..', tiny_path),
+                              base_sha256=weights_sha256(tiny_path, read_checkpoint(
+                                  os.path.join(work, tiny_path))))
+    dpo = [r for r in read_log(os.path.join(work, 'out_lora_dpo', 'log.csv')) if r['val_loss']]
+    assert dpo[0]['reward_margin'] == '0.000000' and abs(float(dpo[0]['logp_margin'])) > 0.1
+    assert float(dpo[-1]['reward_margin']) != 0 and 'of which' in dpo_out
+    ck = torch.load(os.path.join(work, 'out_lora_dpo', 'ckpt.pt'), weights_only=True)
+    assert ck['lora']['base'] == 'out_lora_sft/ckpt.pt' and 'ref_model' not in ck
+    r = py('sample.py', '--checkpoint=out_lora_dpo/ckpt.pt', '--device=cpu', '--temperature=0',
+           '--start=Once upon a time', '--max_new_tokens=20', cwd=work)
+    assert r.stdout.startswith('Once upon a time') and len(r.stdout) > 30
+
+
+def test_lora_resume_continues_identically(tiny):
+    """LoRA SFT for 12 steps straight, and 6 + 6 with a resume between: the same losses at every
+    step and the same adapters (the optimizer state of the adapters travels in the checkpoint)."""
+    work, base = tiny
+    py('preprocess.py', 'sft', '--dataset=synth', f'--vocab_size={VOCAB}', cwd=work)
+    common = ['--task=sft', '--init_from=out_tiny/ckpt.pt', *LORA_TUNE, '--lora_rank=4',
+              '--lora_targets=wq,wv,w2', '--learning_rate=1e-2', '--eval_interval=6', '--eval_iters=2',
+              '--lr_decay_iters=12']
+    py('train.py', *common, '--out_dir=out_lora_straight', '--max_iters=12', cwd=work)
+    py('train.py', *common, '--out_dir=out_lora_split', '--max_iters=6', cwd=work)
+    py('train.py', *common, '--out_dir=out_lora_split', '--max_iters=12', '--init_from=resume', cwd=work)
+    a, b = (read_log(os.path.join(work, d, 'log.csv')) for d in ('out_lora_straight', 'out_lora_split'))
+    la, lb = ([float(r['train_loss']) for r in rows if r['train_loss']] for rows in (a, b))
+    assert len(la) == 12 and np.allclose(la, lb, rtol=1e-4, atol=1e-6)
+    fa, fb = (torch.load(os.path.join(work, d, 'ckpt.pt'), weights_only=True)
+              for d in ('out_lora_straight', 'out_lora_split'))
+    assert fa['iter_num'] == fb['iter_num'] == 12 and fa['model'].keys() == fb['model'].keys()
+    assert {k.split('.')[-2] for k in fa['model']} == {'wq', 'wv', 'w2'}
+    for k in fa['model']:
+        assert torch.allclose(fa['model'][k], fb['model'][k], atol=1e-5), k
+    # a resume must keep the run's LoRA settings
+    for flags, words in ((['--lora_rank=0'], '--lora_rank=4'), (['--lora_alpha=8'], '--lora_alpha=16')):
+        r = py('train.py', *common, '--out_dir=out_lora_split', '--max_iters=14', '--init_from=resume',
+               *flags, cwd=work, check=False)
+        assert one_error_line(r)[0] and words in r.stderr, r.stderr
+
+
+def test_lora_exports_run_in_run_c_transformers_peft_and_llama_cpp(lora_runs, runc, tmp_path):
+    """The LoRA checkpoints (SFT on the base, DPO on the SFT adapter), merged: run.c's float32
+    file gives sample.py's greedy tokens and the PyTorch model's logits (1e-4 of the largest),
+    int8 runs, transformers reads the Hugging Face folder and llama.cpp the GGUF file with our
+    logits (1e-4). The PEFT folder, put by peft.PeftModel on the Hugging Face export of the
+    base, gives our logits (1e-4), where the base alone does not."""
+    work, _, _ = lora_runs
+    tok = Tokenizer(os.path.join(work, 'data', 'synth', f'tok{VOCAB}.model'))
+    text = open(os.path.join(work, 'data', 'synth', 'stories.txt'), encoding='utf-8').read()[:400]
+    ids = tok.encode(text, bos=True)[:100]
+    x = torch.tensor([ids])
+    logits = str(tmp_path / 'l.bin')
+    for name in ('out_lora_sft', 'out_lora_dpo'):
+        ckpt = os.path.join(work, name, 'ckpt.pt')
+        model, _ = load_model(ckpt)
+        with torch.no_grad():
+            want = model.eval()(x, torch.full_like(x, -1))[0][0]
+        (tmp_path / name).mkdir()
+        f32 = export(work, ckpt, tmp_path / name / 'model.bin')
+        for prompt in ("Once upon a time", "<|im_start|>user\nTell me a story about a fox.<|im_end|>\n"
+                                           "<|im_start|>assistant\n"):
+            n = len(tok.encode(prompt, bos=True))
+            p = py('sample.py', f'--checkpoint={ckpt}', '--device=cpu', '--temperature=0',
+                   f'--start={prompt}', f'--max_new_tokens={256 - n + 1}', cwd=work).stdout
+            assert run_c(runc, f32, '-t', '0', '-n', '256', '-i', prompt).stdout.decode() == p, name
+        run_c(runc, f32, '-t', '0', '-n', str(len(ids)), '-i', tok.decode(ids), '-L', logits)
+        got = np.fromfile(logits, dtype=np.float32).reshape(-1, VOCAB)
+        assert np.abs(got - want.numpy()).max() / want.abs().max().item() < 1e-4
+        q80 = export(work, ckpt, tmp_path / name / 'model_q80.bin', '--version=2')
+        assert run_c(runc, q80, '-t', '0', '-n', '40', '-i', 'Once').returncode == 0
+
+    transformers, peft = consumer('transformers'), consumer('peft')
+    hf = export(work, ckpt, tmp_path / 'hf', '--version=hf')
+    with torch.no_grad():
+        assert (transformers.LlamaForCausalLM.from_pretrained(hf).eval()(x).logits[0] - want).abs().max() < 1e-4
+    gguf = export(work, ckpt, tmp_path / 'model.gguf', '--version=gguf')
+    llm = llama_cpp_model(consumer('llama_cpp'), gguf)
+    llm.eval(ids)
+    assert np.abs(np.array(llm.scores[:len(ids)]) - want.numpy()).max() < 1e-4
+    # PEFT: the DPO adapter on the Hugging Face export of its base, the SFT LoRA checkpoint
+    base_hf = export(work, os.path.join(work, 'out_lora_sft', 'ckpt.pt'), tmp_path / 'base_hf', '--version=hf')
+    adapter = export(work, ckpt, tmp_path / 'peft', '--version=peft')
+    assert sorted(os.listdir(adapter)) == ['adapter_config.json', 'adapter_model.safetensors']
+    with torch.no_grad():
+        base = transformers.LlamaForCausalLM.from_pretrained(base_hf).eval()
+        assert (base(x).logits[0] - want).abs().max() > 1e-3  # the adapter is needed
+        tuned = peft.PeftModel.from_pretrained(base, adapter).eval()
+        assert (tuned(x).logits[0] - want).abs().max() < 1e-4
+
+
+def test_lora_checkpoint_needs_its_own_base(lora_runs, tmp_path):
+    """A LoRA checkpoint whose base holds other weights (here: a base path that names another
+    checkpoint), or is gone, is refused by sample.py, export.py and a resume in one line, and
+    nothing is written. A project moved whole still finds its base from the checkpoint's
+    folder, from anywhere. Slips with the LoRA flags are one line too."""
+    work, _, _ = lora_runs
+    ck = torch.load(os.path.join(work, 'out_lora_sft', 'ckpt.pt'), weights_only=True)
+    cases = {'wrong': (os.path.join(work, 'out_sft', 'ckpt.pt'), 'holds other weights'),
+             'gone': (os.path.join(work, 'no_such', 'ckpt.pt'), 'which is not there')}
+    for name, (base, words) in cases.items():
+        (tmp_path / name).mkdir()
+        torch.save(dict(ck, lora=dict(ck['lora'], base=base, base_from_here='nothing')),
+                   tmp_path / name / 'ckpt.pt')
+        before = snapshot(tmp_path)
+        ckpt = str(tmp_path / name / 'ckpt.pt')
+        for r in (py('sample.py', f'--checkpoint={ckpt}', '--device=cpu', '--max_new_tokens=4', cwd=work,
+                     check=False),
+                  py('export.py', str(tmp_path / name / 'model.bin'), f'--checkpoint={ckpt}', cwd=work,
+                     check=False),
+                  py('export.py', str(tmp_path / name / 'peft'), f'--checkpoint={ckpt}', '--version=peft',
+                     cwd=work, check=False),
+                  py('train.py', '--task=sft', '--init_from=resume', f'--out_dir={tmp_path / name}',
+                     *LORA_TUNE, '--lora_rank=8', cwd=work, check=False)):
+            assert one_error_line(r)[0] and words in r.stderr, r.stderr
+        assert snapshot(tmp_path) == before
+    moved = tmp_path / 'moved'
+    for d in ('out_tiny', 'out_lora_sft'):
+        (moved / d).mkdir(parents=True)
+        shutil.copy(os.path.join(work, d, 'ckpt.pt'), moved / d / 'ckpt.pt')
+    args = ['--device=cpu', '--temperature=0', '--start=Once upon a time', '--max_new_tokens=30']
+    here = py('sample.py', '--checkpoint=out_lora_sft/ckpt.pt', *args, cwd=work).stdout
+    assert py('sample.py', f'--checkpoint={moved / "out_lora_sft" / "ckpt.pt"}', *args, cwd=ROOT).stdout == here
+    sft = os.path.join(work, 'out_sft', 'ckpt.pt')
+    for flags, words in ((['--task=rm', f'--init_from={sft}', '--lora_rank=8'], 'not rm'),
+                         (['--task=sft', f'--init_from={sft}', '--lora_rank=8', '--lora_targets=wq,gate'],
+                          'lora_targets'),
+                         (['--task=sft', f'--init_from={sft}', '--lora_rank=-1'], 'lora_rank')):
+        r = py('train.py', *flags, '--out_dir=out_no', *LORA_TUNE, cwd=work, check=False)
+        assert one_error_line(r)[0] and words in r.stderr, r.stderr
+    r = py('export.py', str(tmp_path / 'peft'), f'--checkpoint={sft}', '--version=peft', cwd=work, check=False)
+    assert one_error_line(r)[0] and 'not a LoRA checkpoint' in r.stderr
+    assert not os.path.exists(os.path.join(work, 'out_no')) and not os.path.exists(tmp_path / 'peft')
+
+
+def test_lora_on_experts_merges_into_version_3(moe_run, runc, tmp_path):
+    """Adapters on every expert's w1, w2, w3 and on attention of the trained mixture of
+    experts, in a LoRA checkpoint as train.py writes one: export.py merges them into version 3,
+    which run.c runs with the PyTorch model's logits (1e-4 of the largest) and greedy tokens;
+    PEFT, which cannot reach transformers' fused experts, is refused in one line."""
+    from checkpoint import read_checkpoint, weights_sha256
+    from model import LORA_TARGETS, lora_weights
+    work, ckpt, _ = moe_run
+    base, c = load_model(ckpt)
+    m = with_random_adapters(base, LORA_TARGETS, rank=2, alpha=4.0)
+    torch.save({'model': lora_weights(m), 'model_args': c['model_args'], 'tokenizer': c['tokenizer'],
+                'task': 'sft', 'lora': dict(rank=2, alpha=4.0, dropout=0.0, targets=list(LORA_TARGETS),
+                                            base=ckpt, base_from_here='nothing',
+                                            base_sha256=weights_sha256(ckpt, read_checkpoint(ckpt)))},
+               tmp_path / 'lora.pt')
+    tok = Tokenizer(c['tokenizer'])
+    ids = tok.encode("Once upon a time, a little fox wanted a red kite.", bos=True)
+    with torch.no_grad():
+        want = m(torch.tensor([ids]), torch.full((1, len(ids)), -1))[0][0].numpy()
+        assert np.abs(want - base.eval()(torch.tensor([ids]), torch.full((1, len(ids)), -1))[0][0].numpy()).max() > 1e-2
+    f32 = export(work, tmp_path / 'lora.pt', tmp_path / 'moe.bin', '--version=3')
+    logits = str(tmp_path / 'l.bin')
+    run_c(runc, f32, '-t', '0', '-n', str(len(ids)), '-i', tok.decode(ids), '-L', logits)
+    got = np.fromfile(logits, dtype=np.float32).reshape(-1, VOCAB)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    p = py('sample.py', f'--checkpoint={tmp_path / "lora.pt"}', '--device=cpu', '--temperature=0',
+           '--start=Once upon a time', '--max_new_tokens=124', cwd=work).stdout
+    assert run_c(runc, f32, '-t', '0', '-n', '128', '-i', 'Once upon a time').stdout.decode() == p
+    r = py('export.py', str(tmp_path / 'peft'), f'--checkpoint={tmp_path / "lora.pt"}', '--version=peft',
+           cwd=work, check=False)
+    assert one_error_line(r)[0] and 'experts' in r.stderr
