@@ -17,6 +17,9 @@ bounded by the bytes the file holds, so a small damaged file cannot claim gigaby
 
 check_model() holds every checkpoint to its model_args: sane numbers, and each weight the
 shape they imply; load_model() (sample.py, train.py) and export.py both call it.
+
+A LoRA checkpoint holds only adapters, and names its base checkpoint by path and by a hash of
+its weights; the last section finds the base, checks the hash and fits the adapters to it.
 """
 
 import atexit

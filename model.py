@@ -7,9 +7,9 @@ The model reads first as the reference: one forward pass, which training runs an
 KV cache passes through when generating. Generation's fast path on the CPU, FastDecoder
 (the same steps on the weights laid out for one token at a time), is apart in the last
 section and computes the same. LoRA (fine-tuning a low-rank update of chosen weights instead
-of the weights) has its own section, before the KV cache. The parameter names are llama2.c's (tok_embeddings,
-layers.N.attention.wq, ...), so its tools and ours read the same checkpoints. This file
-imports nothing of ours.
+of the weights) has its own section, before the KV cache. The parameter names are llama2.c's
+(tok_embeddings, layers.N.attention.wq, ...), so its tools and ours read the same checkpoints.
+This file imports nothing of ours.
 """
 
 import math
