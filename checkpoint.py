@@ -609,3 +609,46 @@ def load_lora(path, first, device):
             nonfinite_weights(path, name)
     model.load_state_dict(adapters, strict=False)  # fit_adapters: every adapter is there
     return model, ckpt
+
+
+# the LoRA flags, which train.py and train_rl.py check alike (configurator.check)
+LORA_CHECKS = {
+    'lora_rank': (lambda v: 0 <= v <= 4096, "0 (full fine-tuning) to 4096"),
+    'lora_alpha': (lambda v: 0 < v < 1e6, "above 0"),
+    'lora_dropout': (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    'lora_targets': (lambda v: v and set(v.split(',')) <= set(LORA_TARGETS),
+                     "a comma-separated list of " + ",".join(LORA_TARGETS)),
+}
+
+
+def start_lora(model, path, ckpt, resume, out_dir, asked):
+    """A fine-tuning run's LoRA settings, for its checkpoint, once its model (loaded from path)
+    is ready to train: None for full fine-tuning, where a LoRA checkpoint's adapters become
+    part of the weights; else new adapters on the model, every other weight frozen, naming
+    path and its hash as their base; or, resumed, the run's own, which must be what is asked.
+    asked: the --lora_* flags, dict(rank, alpha, dropout, targets='wq,wk,...')."""
+    from model import add_lora, merge_lora
+    asked = dict(asked, targets=[t for t in LORA_TARGETS if t in asked['targets'].split(',')])
+    lora = ckpt.get('lora') if resume else None  # the run's, as it was saved
+    if resume and (lora or {}).get('rank', 0) != asked['rank']:
+        die(f"{path} is a " + (f"LoRA run (r={lora['rank']})" if lora else "full fine-tuning run")
+            + f": resume it with --lora_rank={lora['rank'] if lora else 0}")
+    if lora and any(lora[k] != asked[k] for k in ('alpha', 'dropout', 'targets')):
+        die(f"{path} is a LoRA run with --lora_alpha={lora['alpha']} --lora_dropout="
+            f"{lora['dropout']} --lora_targets={','.join(lora['targets'])}: resume it with those")
+    if lora:  # load_model put the run's adapters on
+        return lora
+    merge_lora(model)
+    if not asked['rank']:
+        return None
+    add_lora(model, **asked)
+    return dict(asked, base=path, base_from_here=os.path.relpath(path, out_dir),
+                base_sha256=weights_sha256(path, read_checkpoint(path)))
+
+
+def lora_note(model, lora):
+    """For a run's first log line: how many of the parameters train, when LoRA is on"""
+    n = sum(p.numel() for p in model.parameters())
+    k = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f", of which {k:,} train ({k / n:.2%}: LoRA r={lora['rank']} on "
+            f"{','.join(lora['targets'])})") if lora else ""

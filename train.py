@@ -31,11 +31,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import rlhf
-from checkpoint import (RunLog, Trackers, claim_out_dir, load_model, read_checkpoint,
-                        resumed_log, run_out_dir, save_run, weights_sha256)
+from checkpoint import (LORA_CHECKS, RunLog, Trackers, claim_out_dir, load_model, lora_note,
+                        resumed_log, run_out_dir, save_run, start_lora)
 from configurator import check, check_device, configure, die
-from model import (LORA_TARGETS, ModelArgs, RewardModel, Transformer, add_lora, lora_weights,
-                   merge_lora, without_adapters)
+from model import ModelArgs, RewardModel, Transformer, lora_weights, without_adapters
 from preprocess import ChatRows, PreferencePairs, PretokWindows, dataset_name, recipe
 from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT, Tokenizer
 
@@ -127,11 +126,7 @@ check(globals(), {
     'dropout': fraction, 'beta1': fraction, 'beta2': fraction,
     'learning_rate': rate, 'min_lr': rate, 'weight_decay': rate, 'grad_clip': rate,
     'beta': (lambda v: math.isfinite(v) and v >= 0, "0 or more"), 'peak_flops': rate,
-    'rpo_alpha': rate,
-    'lora_rank': (lambda v: 0 <= v <= 4096, "0 (full fine-tuning) to 4096"),
-    'lora_alpha': (lambda v: 0 < v < 1e6, "above 0"), 'lora_dropout': fraction,
-    'lora_targets': (lambda v: v and set(v.split(',')) <= set(LORA_TARGETS),
-                     "a comma-separated list of " + ",".join(LORA_TARGETS)),
+    'rpo_alpha': rate, **LORA_CHECKS,
     'dtype': (lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'),
               "auto, float32, bfloat16 or float16"),
     'swanlab_mode': (lambda v: v in ('online', 'offline', 'local'), "online, offline or local"),
@@ -148,7 +143,6 @@ if lora_rank and task not in ('sft', 'dpo'):
     die(f"--lora_rank fine-tunes adapters on a trained model: for --task=sft or dpo (RL: "
         f"train_rl.py), not {task}" + (" (a reward model's new head must train whole)"
                                        if task == 'rm' else ""))
-lora_targets = [t for t in LORA_TARGETS if t in lora_targets.split(',')]
 lr_decay_iters = lr_decay_iters or max_iters
 # where this run writes: never the folder of the checkpoint it starts from, unless it resumes
 out_dir = config['out_dir'] = run_out_dir(out_dir, task, init_from, default='out' if (
@@ -253,21 +247,9 @@ else:
     if isinstance(model, RewardModel) and task != 'rm':
         die(f"{path} is a reward model: it scores answers, it does not write them — "
             f"--task={task} needs a language model (the sft checkpoint)")
-    lora = ckpt.get('lora') if init_from == 'resume' else None  # the run's, as it was saved
-    if init_from == 'resume' and (lora or {}).get('rank', 0) != lora_rank:
-        die(f"{path} is a " + (f"LoRA run (r={lora['rank']})" if lora else "full fine-tuning run")
-            + f": resume it with --lora_rank={lora['rank'] if lora else 0}")
-    if lora and (lora['alpha'], lora['dropout'], lora['targets']) != (lora_alpha, lora_dropout,
-                                                                       lora_targets):
-        die(f"{path} is a LoRA run with --lora_alpha={lora['alpha']} --lora_dropout="
-            f"{lora['dropout']} --lora_targets={','.join(lora['targets'])}: resume it with those")
-    if not lora:  # starting from a LoRA checkpoint: its adapters become part of the weights
-        merge_lora(model)
-    if lora_rank and not lora:  # new adapters on the model this run starts from, frozen
-        lora = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
-                    base=init_from, base_from_here=os.path.relpath(init_from, out_dir),
-                    base_sha256=weights_sha256(init_from, read_checkpoint(init_from)))
-        add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+    # LoRA: adapters on the model this run starts from (a resumed run's own), the rest frozen
+    lora = start_lora(model, path, ckpt, init_from == 'resume', out_dir, dict(
+        rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets))
     if task == 'rm' and not isinstance(model, RewardModel):  # put the scalar head on
         lm, model = model, RewardModel(model.params, rm_likelihood)
         model.load_state_dict(lm.state_dict(), strict=False)
@@ -475,16 +457,13 @@ log = RunLog(log_path, ['iter', 'train_loss', 'val_loss', 'lr', 'tokens_per_sec'
              resume=(resume_log, iter_num) if init_from == 'resume' else None) if master else None
 
 
-n_params = sum(p.numel() for p in raw_model.parameters())
-n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
 if master:
     print(f"{task} on {data_folder}: {tokens_per_iter:,} tokens per iteration = "
           f"{gradient_accumulation_steps} accumulation steps x {world_size} processes x "
           f"{batch_size} x {max_seq_len}; "
-          f"{n_params:,} parameters"
+          f"{sum(p.numel() for p in raw_model.parameters()):,} parameters"
           + (f" ({raw_model.active_params():,} active per token)" if moe else "")
-          + (f", of which {n_train:,} train ({n_train / n_params:.2%}: LoRA r={lora['rank']} on "
-             f"{','.join(lora['targets'])})" if lora else "")
+          + lora_note(raw_model, lora)
           + f"; {device} {dtype}"
           + (f"; MFU of {peak() / 1e12:.0f} TFLOP/s" if peak() else ""))
     ignored = [f"--{k}={config[k]}" for k in SHAPE if init_from != 'scratch'
