@@ -488,11 +488,11 @@ def load_model(path, device='cpu'):
 # -----------------------------------------------------------------------------
 # LoRA checkpoints: the adapters, their settings, and which base they were trained on
 #
-# A LoRA run (train.py --lora_rank=r) saves as 'model' only the adapters (layers.0.attention.
-# wq.lora_A, ...), and as 'lora' {rank, alpha, dropout, targets, base, base_from_here,
-# base_sha256}: the base checkpoint's path as given to --init_from, the same path relative to
-# the LoRA checkpoint's folder, and a hash of the base's weights. Whoever reads it (sample.py,
-# train.py's resume, export.py) finds the base, checks the hash and puts the adapters on it.
+# A LoRA run (train.py or train_rl.py --lora_rank=r) saves as 'model' only the adapters
+# (layers.0.attention.wq.lora_A, ...), and as 'lora' {rank, alpha, dropout, targets, base,
+# base_from_here, base_sha256}: the base checkpoint's path as given to --init_from, the same
+# path relative to the LoRA checkpoint's folder, and a hash of the base's weights. Whoever reads
+# it (sample.py, a resume, export.py) finds the base, checks the hash and puts the adapters on.
 
 LORA_TARGETS = ('wq', 'wk', 'wv', 'wo', 'w1', 'w2', 'w3')  # as model.py's
 
@@ -516,7 +516,7 @@ def weights_sha256(path, ckpt):
 
 
 def check_lora(path, ckpt):
-    """A LoRA checkpoint's settings and adapters, held to what train.py writes; returns (the
+    """A LoRA checkpoint's settings and adapters, held to what a LoRA run writes; returns (the
     settings, the adapters by name). Their shapes are checked against the base (fit_adapters)."""
     def bad(why):
         die(f"{path}: {why} — the LoRA checkpoint is damaged, or not one of ours")

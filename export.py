@@ -8,7 +8,7 @@ $ python export.py out/hf --checkpoint=out/ckpt.pt --version=hf        # a trans
 $ python export.py out/model.gguf --checkpoint=out/ckpt.pt --version=gguf --dtype=q8_0  # llama.cpp
 $ python export.py out_sft/peft --checkpoint=out_sft/ckpt.pt --version=peft  # a LoRA, for PEFT
 
-A LoRA checkpoint (train.py --lora_rank) is merged into its base, W + (alpha / r) B A, for
+A LoRA checkpoint (--lora_rank in training) is merged into its base, W + (alpha / r) B A, for
 every format, so run.c, transformers and llama.cpp run the fine-tuned model as any other;
 --version=peft writes the adapter alone instead, for PEFT on top of the base's hf export.
 
@@ -510,7 +510,7 @@ def main():
     if version == 'peft':
         if 'lora' not in ckpt:
             die(f"--version=peft writes a LoRA adapter, and {checkpoint} is a whole model, not "
-                "a LoRA checkpoint (train.py --lora_rank) — export it with --version=hf")
+                "a LoRA checkpoint (trained with --lora_rank) — export it with --version=hf")
         lora, pairs, _, p = lora_weights(ckpt, checkpoint)
         if p.n_experts and {'w1', 'w2', 'w3'} & set(lora['targets']):
             die(f"{checkpoint} has adapters on the experts, which transformers' Mixtral holds "

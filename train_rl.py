@@ -17,7 +17,9 @@ nothing, so requests are drawn until batch_size groups differ (DAPO's dynamic sa
 from the classes of request where the model sometimes succeeds: the first step measures each
 class, and the edge of competence is drawn most. The batch is then used for ppo_epochs
 updates, each held within 1 +- clip of the policy that sampled it, with a KL penalty to the
-SFT model. Ctrl-C saves a checkpoint and stops.
+SFT model. --lora_rank=8 trains small adapters instead of every weight (as train.py's SFT and
+DPO do); the KL's reference is then the model under the adapters. Ctrl-C saves a checkpoint
+and stops.
 """
 
 import copy
@@ -34,10 +36,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import rlhf
 import synth
-from checkpoint import (RunLog, Trackers, claim_out_dir, load_model, resumed_log, run_out_dir,
-                        save_run)
+from checkpoint import (LORA_CHECKS, RunLog, Trackers, claim_out_dir, load_model, lora_note,
+                        resumed_log, run_out_dir, save_run, start_lora)
 from configurator import check, check_device, configure, die
-from model import RewardModel
+from model import RewardModel, lora_weights, without_adapters
 from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT, checkpoint_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -79,6 +81,11 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
+# LoRA: train a low-rank update of some weights, the base frozen (model.py)
+lora_rank = 0            # r of each adapter; 0 = every weight trains
+lora_alpha = 16.0        # the update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0       # dropout on the adapters' input
+lora_targets = 'wq,wk,wv,wo'  # the layers that get adapters, of wq,wk,wv,wo,w1,w2,w3
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
@@ -97,7 +104,7 @@ check(globals(), {
        ('wish_weight', 'rm_weight', 'beta', 'learning_rate', 'weight_decay', 'grad_clip')},
     'swanlab_mode': (lambda v: v in ('online', 'offline', 'local'), "online, offline or local"),
     'beta1': (lambda v: 0 <= v < 1, "at least 0 and below 1"),
-    'beta2': (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    'beta2': (lambda v: 0 <= v < 1, "at least 0 and below 1"), **LORA_CHECKS,
 })
 check_device(device)
 out_dir = config['out_dir'] = run_out_dir(out_dir, 'rl', init_from, default='out_rl')
@@ -125,14 +132,19 @@ if isinstance(model, RewardModel):
         "language model (the sft checkpoint)")
 tok = checkpoint_tokenizer(path, ckpt)
 iter_num, resume_log, weights = 0, None, None
-ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the model RL starts from
+if init_from == 'resume' and (ckpt.get('task') != 'rl' or type(ckpt.get('iter_num')) is not int):
+    die(f"{path} is not an RL run to resume ({ckpt.get('task', 'pretrain')}) — start one "
+        f"with --init_from=path/to/sft/ckpt.pt")
+# LoRA: adapters on the model RL starts from (a resumed run's own), the rest frozen
+lora = start_lora(model, path, ckpt, init_from == 'resume', out_dir, dict(
+    rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets))
+# the model RL starts from, frozen: with LoRA the base under the adapters (its tensors, no copy)
+ref_model = without_adapters(model) if lora else copy.deepcopy(model).eval().requires_grad_(False)
 if init_from == 'resume':
-    if ckpt.get('task') != 'rl' or type(ckpt.get('iter_num')) is not int:
-        die(f"{path} is not an RL run to resume ({ckpt.get('task', 'pretrain')}) — start one "
-            f"with --init_from=path/to/sft/ckpt.pt")
     iter_num, resume_log, weights = ckpt['iter_num'], resumed_log(ckpt), ckpt.get('weights')
     try:
-        ref_model.load_state_dict(ckpt['ref_model'])
+        if not lora:  # (a LoRA run's reference is its base, which load_model found and checked)
+            ref_model.load_state_dict(ckpt['ref_model'])
     except (KeyError, RuntimeError, TypeError) as e:
         die(f"{path}: its reference model does not fit ({str(e)[:80]}) — the checkpoint is "
             "damaged; start again from the sft checkpoint")
@@ -332,13 +344,18 @@ if weights is None:  # measured once, kept in the checkpoint: a resumed run draw
 if master:
     n = sum(p.numel() for p in model.parameters())
     print(f"rl from {start['source']}: {batch_size} groups x {group_size} answers per step x "
-          f"{world_size} processes, {ppo_epochs} updates each; {n:,} parameters; {device}")
+          f"{world_size} processes, {ppo_epochs} updates each; {n:,} parameters"
+          f"{lora_note(model, lora)}; {device}")
     trackers = Trackers(config, out_dir)  # wandb, swanlab: what log.csv gets, if asked for
 
 
 def save():
-    save_run(ckpt_path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                             ref_model=ref_model.state_dict(), model_args=start['model_args'],
+    # LoRA: the adapters alone, and the base's path and hash (checkpoint.py), which is the
+    # reference too; else the whole model and the reference
+    weights_and_ref = (dict(model=lora_weights(model), lora=lora) if lora else
+                       dict(model=model.state_dict(), ref_model=ref_model.state_dict()))
+    save_run(ckpt_path, dict(weights_and_ref, optimizer=optimizer.state_dict(),
+                             model_args=start['model_args'],
                              iter_num=iter_num, config=config, tokenizer=start['tokenizer'],
                              task='rl', weights=weights, chat_template=dict(
                                  message=CHAT_TEMPLATE, generation_prompt=GENERATION_PROMPT)), log)
