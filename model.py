@@ -482,6 +482,7 @@ def without_adapters(model):
     copied, and the adapters' training never moves them)."""
     with torch.device('meta'):  # the structure only: the weights come from model
         base = Transformer(model.params)
+    base.requires_grad_(False)  # load_state_dict(assign=True) gives model's tensors this flag
     weights = {k: v for k, v in model.state_dict(keep_vars=True).items()
                if not k.endswith(('.lora_A', '.lora_B'))}
     base.load_state_dict(weights, assign=True)
