@@ -3012,7 +3012,8 @@ def with_random_adapters(base, targets, rank=4, alpha=8.0, seed=1):
     return m.eval()
 
 
-@pytest.mark.parametrize('experts', [{}, dict(n_experts=4, n_experts_per_tok=2)], ids=['dense', 'moe'])
+@pytest.mark.parametrize('experts', [{}, dict(n_experts=4, n_experts_per_tok=2)],
+                         ids=['dense', 'moe'])
 def test_lora_starts_at_the_base_merges_and_generates(experts):
     """B = 0: the model with adapters on every target computes the base exactly. With B != 0
     (as after training) it computes something else, its merged weights W + (alpha/r) B A give
@@ -3039,7 +3040,8 @@ def test_lora_starts_at_the_base_merges_and_generates(experts):
         assert {id(p) for p in ref.parameters()} <= {id(p) for p in m.parameters()}  # no copy
         slow = x[:, :6]
         for _ in range(40):  # no cache: the whole sequence every step
-            slow = torch.cat([slow, m(slow, torch.zeros_like(slow))[0][:, -1].argmax(-1, keepdim=True)], 1)
+            nxt = m(slow, torch.zeros_like(slow))[0][:, -1].argmax(-1, keepdim=True)
+            slow = torch.cat([slow, nxt], 1)
         for fast in (False, True):
             assert torch.equal(m.generate(x[:, :6], 40, temperature=0, fast=fast), slow), fast
         cache = KVCache(m, 2, 40)
@@ -3075,7 +3077,8 @@ def test_lora_step_trains_only_the_adapters():
 
 
 LORA_TUNE = ['--dataset=synth', f'--vocab_size={VOCAB}', *CPU, '--batch_size=16',
-             '--gradient_accumulation_steps=1', '--warmup_iters=5', '--eval_iters=10', '--log_interval=1']
+             '--gradient_accumulation_steps=1', '--warmup_iters=5', '--eval_iters=10',
+             '--log_interval=1']
 
 
 @pytest.fixture(scope='session')
@@ -3138,14 +3141,20 @@ def test_lora_resume_continues_identically(tiny):
     work, base = tiny
     py('preprocess.py', 'sft', '--dataset=synth', f'--vocab_size={VOCAB}', cwd=work)
     common = ['--task=sft', '--init_from=out_tiny/ckpt.pt', *LORA_TUNE, '--lora_rank=4',
-              '--lora_targets=wq,wv,w2', '--learning_rate=1e-2', '--eval_interval=6', '--eval_iters=2',
-              '--lr_decay_iters=12']
+              '--lora_targets=wq,wv,w2', '--learning_rate=1e-2', '--eval_interval=6',
+              '--eval_iters=2', '--lr_decay_iters=12']
     py('train.py', *common, '--out_dir=out_lora_straight', '--max_iters=12', cwd=work)
     py('train.py', *common, '--out_dir=out_lora_split', '--max_iters=6', cwd=work)
-    py('train.py', *common, '--out_dir=out_lora_split', '--max_iters=12', '--init_from=resume', cwd=work)
-    a, b = (read_log(os.path.join(work, d, 'log.csv')) for d in ('out_lora_straight', 'out_lora_split'))
-    la, lb = ([float(r['train_loss']) for r in rows if r['train_loss']] for rows in (a, b))
+    py('train.py', *common, '--out_dir=out_lora_split', '--max_iters=12', '--init_from=resume',
+       cwd=work)
+    a, b = (read_log(os.path.join(work, d, 'log.csv'))
+            for d in ('out_lora_straight', 'out_lora_split'))
+    la, lb = ([float(r['train_loss']) for r in rows if not r['val_loss']] for rows in (a, b))
     assert len(la) == 12 and np.allclose(la, lb, rtol=1e-4, atol=1e-6)
+    ea, eb = ([(int(r['iter']), float(r['val_loss'])) for r in rows if r['val_loss']]
+              for rows in (a, b))
+    assert [i for i, _ in ea] == [i for i, _ in eb] == [0, 6, 12]
+    assert np.allclose([v for _, v in ea], [v for _, v in eb], rtol=1e-4, atol=1e-6)
     fa, fb = (torch.load(os.path.join(work, d, 'ckpt.pt'), weights_only=True)
               for d in ('out_lora_straight', 'out_lora_split'))
     assert fa['iter_num'] == fb['iter_num'] == 12 and fa['model'].keys() == fb['model'].keys()
@@ -3153,9 +3162,10 @@ def test_lora_resume_continues_identically(tiny):
     for k in fa['model']:
         assert torch.allclose(fa['model'][k], fb['model'][k], atol=1e-5), k
     # a resume must keep the run's LoRA settings
-    for flags, words in ((['--lora_rank=0'], '--lora_rank=4'), (['--lora_alpha=8'], '--lora_alpha=16')):
-        r = py('train.py', *common, '--out_dir=out_lora_split', '--max_iters=14', '--init_from=resume',
-               *flags, cwd=work, check=False)
+    for flags, words in ((['--lora_rank=0'], '--lora_rank=4'),
+                         (['--lora_alpha=8'], '--lora_alpha=16')):
+        r = py('train.py', *common, '--out_dir=out_lora_split', '--max_iters=14',
+               '--init_from=resume', *flags, cwd=work, check=False)
         assert one_error_line(r)[0] and words in r.stderr, r.stderr
 
 
@@ -3178,8 +3188,8 @@ def test_lora_exports_run_in_run_c_transformers_peft_and_llama_cpp(lora_runs, ru
             want = model.eval()(x, torch.full_like(x, -1))[0][0]
         (tmp_path / name).mkdir()
         f32 = export(work, ckpt, tmp_path / name / 'model.bin')
-        for prompt in ("Once upon a time", "<|im_start|>user\nTell me a story about a fox.<|im_end|>\n"
-                                           "<|im_start|>assistant\n"):
+        for prompt in ("Once upon a time", "<|im_start|>user\nTell me a story about a fox."
+                                           "<|im_end|>\n<|im_start|>assistant\n"):
             n = len(tok.encode(prompt, bos=True))
             p = py('sample.py', f'--checkpoint={ckpt}', '--device=cpu', '--temperature=0',
                    f'--start={prompt}', f'--max_new_tokens={256 - n + 1}', cwd=work).stdout
@@ -3193,13 +3203,15 @@ def test_lora_exports_run_in_run_c_transformers_peft_and_llama_cpp(lora_runs, ru
     transformers, peft = consumer('transformers'), consumer('peft')
     hf = export(work, ckpt, tmp_path / 'hf', '--version=hf')
     with torch.no_grad():
-        assert (transformers.LlamaForCausalLM.from_pretrained(hf).eval()(x).logits[0] - want).abs().max() < 1e-4
+        hf_logits = transformers.LlamaForCausalLM.from_pretrained(hf).eval()(x).logits[0]
+        assert (hf_logits - want).abs().max() < 1e-4
     gguf = export(work, ckpt, tmp_path / 'model.gguf', '--version=gguf')
     llm = llama_cpp_model(consumer('llama_cpp'), gguf)
     llm.eval(ids)
     assert np.abs(np.array(llm.scores[:len(ids)]) - want.numpy()).max() < 1e-4
     # PEFT: the DPO adapter on the Hugging Face export of its base, the SFT LoRA checkpoint
-    base_hf = export(work, os.path.join(work, 'out_lora_sft', 'ckpt.pt'), tmp_path / 'base_hf', '--version=hf')
+    base_hf = export(work, os.path.join(work, 'out_lora_sft', 'ckpt.pt'), tmp_path / 'base_hf',
+                     '--version=hf')
     adapter = export(work, ckpt, tmp_path / 'peft', '--version=peft')
     assert sorted(os.listdir(adapter)) == ['adapter_config.json', 'adapter_model.safetensors']
     with torch.no_grad():
@@ -3224,12 +3236,12 @@ def test_lora_checkpoint_needs_its_own_base(lora_runs, tmp_path):
                    tmp_path / name / 'ckpt.pt')
         before = snapshot(tmp_path)
         ckpt = str(tmp_path / name / 'ckpt.pt')
-        for r in (py('sample.py', f'--checkpoint={ckpt}', '--device=cpu', '--max_new_tokens=4', cwd=work,
-                     check=False),
-                  py('export.py', str(tmp_path / name / 'model.bin'), f'--checkpoint={ckpt}', cwd=work,
-                     check=False),
-                  py('export.py', str(tmp_path / name / 'peft'), f'--checkpoint={ckpt}', '--version=peft',
+        for r in (py('sample.py', f'--checkpoint={ckpt}', '--device=cpu', '--max_new_tokens=4',
                      cwd=work, check=False),
+                  py('export.py', str(tmp_path / name / 'model.bin'), f'--checkpoint={ckpt}',
+                     cwd=work, check=False),
+                  py('export.py', str(tmp_path / name / 'peft'), f'--checkpoint={ckpt}',
+                     '--version=peft', cwd=work, check=False),
                   py('train.py', '--task=sft', '--init_from=resume', f'--out_dir={tmp_path / name}',
                      *LORA_TUNE, '--lora_rank=8', cwd=work, check=False)):
             assert one_error_line(r)[0] and words in r.stderr, r.stderr
@@ -3240,17 +3252,20 @@ def test_lora_checkpoint_needs_its_own_base(lora_runs, tmp_path):
         shutil.copy(os.path.join(work, d, 'ckpt.pt'), moved / d / 'ckpt.pt')
     args = ['--device=cpu', '--temperature=0', '--start=Once upon a time', '--max_new_tokens=30']
     here = py('sample.py', '--checkpoint=out_lora_sft/ckpt.pt', *args, cwd=work).stdout
-    assert py('sample.py', f'--checkpoint={moved / "out_lora_sft" / "ckpt.pt"}', *args, cwd=ROOT).stdout == here
+    there = py('sample.py', f'--checkpoint={moved / "out_lora_sft" / "ckpt.pt"}', *args, cwd=ROOT)
+    assert there.stdout == here
     sft = os.path.join(work, 'out_sft', 'ckpt.pt')
     for flags, words in ((['--task=rm', f'--init_from={sft}', '--lora_rank=8'], 'not rm'),
-                         (['--task=sft', f'--init_from={sft}', '--lora_rank=8', '--lora_targets=wq,gate'],
-                          'lora_targets'),
+                         (['--task=sft', f'--init_from={sft}', '--lora_rank=8',
+                           '--lora_targets=wq,gate'], 'lora_targets'),
                          (['--task=sft', f'--init_from={sft}', '--lora_rank=-1'], 'lora_rank')):
         r = py('train.py', *flags, '--out_dir=out_no', *LORA_TUNE, cwd=work, check=False)
         assert one_error_line(r)[0] and words in r.stderr, r.stderr
-    r = py('export.py', str(tmp_path / 'peft'), f'--checkpoint={sft}', '--version=peft', cwd=work, check=False)
+    r = py('export.py', str(tmp_path / 'peft'), f'--checkpoint={sft}', '--version=peft', cwd=work,
+           check=False)
     assert one_error_line(r)[0] and 'not a LoRA checkpoint' in r.stderr
-    assert not os.path.exists(os.path.join(work, 'out_no')) and not os.path.exists(tmp_path / 'peft')
+    assert not os.path.exists(os.path.join(work, 'out_no'))
+    assert not os.path.exists(tmp_path / 'peft')
 
 
 def test_lora_on_experts_merges_into_version_3(moe_run, runc, tmp_path):
@@ -3263,16 +3278,16 @@ def test_lora_on_experts_merges_into_version_3(moe_run, runc, tmp_path):
     work, ckpt, _ = moe_run
     base, c = load_model(ckpt)
     m = with_random_adapters(base, LORA_TARGETS, rank=2, alpha=4.0)
-    torch.save({'model': lora_weights(m), 'model_args': c['model_args'], 'tokenizer': c['tokenizer'],
-                'task': 'sft', 'lora': dict(rank=2, alpha=4.0, dropout=0.0, targets=list(LORA_TARGETS),
-                                            base=ckpt, base_from_here='nothing',
-                                            base_sha256=weights_sha256(ckpt, read_checkpoint(ckpt)))},
-               tmp_path / 'lora.pt')
+    lora = dict(rank=2, alpha=4.0, dropout=0.0, targets=list(LORA_TARGETS), base=ckpt,
+                base_from_here='nothing', base_sha256=weights_sha256(ckpt, read_checkpoint(ckpt)))
+    torch.save({'model': lora_weights(m), 'model_args': c['model_args'],
+                'tokenizer': c['tokenizer'], 'task': 'sft', 'lora': lora}, tmp_path / 'lora.pt')
     tok = Tokenizer(c['tokenizer'])
     ids = tok.encode("Once upon a time, a little fox wanted a red kite.", bos=True)
+    x, y = torch.tensor([ids]), torch.full((1, len(ids)), -1)
     with torch.no_grad():
-        want = m(torch.tensor([ids]), torch.full((1, len(ids)), -1))[0][0].numpy()
-        assert np.abs(want - base.eval()(torch.tensor([ids]), torch.full((1, len(ids)), -1))[0][0].numpy()).max() > 1e-2
+        want = m(x, y)[0][0].numpy()
+        assert np.abs(want - base.eval()(x, y)[0][0].numpy()).max() > 1e-2
     f32 = export(work, tmp_path / 'lora.pt', tmp_path / 'moe.bin', '--version=3')
     logits = str(tmp_path / 'l.bin')
     run_c(runc, f32, '-t', '0', '-n', str(len(ids)), '-i', tok.decode(ids), '-L', logits)
@@ -3281,6 +3296,6 @@ def test_lora_on_experts_merges_into_version_3(moe_run, runc, tmp_path):
     p = py('sample.py', f'--checkpoint={tmp_path / "lora.pt"}', '--device=cpu', '--temperature=0',
            '--start=Once upon a time', '--max_new_tokens=124', cwd=work).stdout
     assert run_c(runc, f32, '-t', '0', '-n', '128', '-i', 'Once upon a time').stdout.decode() == p
-    r = py('export.py', str(tmp_path / 'peft'), f'--checkpoint={tmp_path / "lora.pt"}', '--version=peft',
-           cwd=work, check=False)
+    r = py('export.py', str(tmp_path / 'peft'), f'--checkpoint={tmp_path / "lora.pt"}',
+           '--version=peft', cwd=work, check=False)
     assert one_error_line(r)[0] and 'experts' in r.stderr
