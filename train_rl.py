@@ -135,7 +135,9 @@ iter_num, resume_log, weights = 0, None, None
 if init_from == 'resume' and (ckpt.get('task') != 'rl' or type(ckpt.get('iter_num')) is not int):
     die(f"{path} is not an RL run to resume ({ckpt.get('task', 'pretrain')}) — start one "
         f"with --init_from=path/to/sft/ckpt.pt")
-# LoRA: adapters on the model RL starts from (a resumed run's own), the rest frozen
+# LoRA: adapters on the model RL starts from (a resumed run's own), the rest frozen; their
+# random A is drawn from the seed, so that a run can be repeated
+torch.manual_seed(seed)
 lora = start_lora(model, path, ckpt, init_from == 'resume', out_dir, dict(
     rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets))
 # the model RL starts from, frozen: with LoRA the base under the adapters (its tensors, no copy)
