@@ -3074,6 +3074,7 @@ def test_lora_step_trains_only_the_adapters():
     assert all(not torch.equal(after[k], v) for k, v in adapters.items() if k.endswith('lora_B'))
     with torch.no_grad():
         assert torch.equal(without_adapters(m)(x, y)[0], base.eval()(x, y)[0])
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == set(adapters)  # still
 
 
 LORA_TUNE = ['--dataset=synth', f'--vocab_size={VOCAB}', *CPU, '--batch_size=16',
@@ -3167,6 +3168,71 @@ def test_lora_resume_continues_identically(tiny):
         r = py('train.py', *common, '--out_dir=out_lora_split', '--max_iters=14',
                '--init_from=resume', *flags, cwd=work, check=False)
         assert one_error_line(r)[0] and words in r.stderr, r.stderr
+
+
+def test_lora_rl_starts_as_full_rl_and_resumes_identically(tuned):
+    """train_rl.py --lora_rank=4 from the SFT checkpoint: the log line counts the adapters
+    (r (in + out) for each of wq, wk, wv, wo). B = 0, so its first step is full RL's with the
+    same seed, to the digit (the classes measured, the answers sampled and scored, the loss),
+    and its KL to the reference is 0 (the reference is the SFT model, before any update: one
+    PPO epoch). 4 steps straight and 2 + 2 with a resume between log the same steps and end
+    with the same adapters, which moved. The checkpoint holds the adapters and names the SFT
+    checkpoint by path and hash, with no reference model; the SFT checkpoint is unchanged to
+    the byte; a resume with other LoRA flags is one line."""
+    from checkpoint import read_checkpoint, weights_sha256
+    work, sft, _ = tuned
+    sft_before = snapshot(os.path.dirname(sft))
+    rl = [*RL, '--ppo_epochs=1', '--eval_interval=2', '--init_from=out_sft/ckpt.pt']
+    lora = ['--lora_rank=4', '--learning_rate=2e-3']
+    py('train_rl.py', *rl, '--out_dir=out_rl_full1', '--max_iters=1', cwd=work)
+    out = py('train_rl.py', *rl, *lora, '--out_dir=out_lora_rl', '--max_iters=4', cwd=work).stdout
+    py('train_rl.py', *rl, *lora, '--out_dir=out_lora_rl2', '--max_iters=2', cwd=work)
+    py('train_rl.py', *RL, '--ppo_epochs=1', '--eval_interval=2', *lora, '--init_from=resume',
+       '--out_dir=out_lora_rl2', '--max_iters=4', cwd=work)
+    base, _ = load_model(sft)
+    r_in_out = sum(4 * sum(w.shape) for name, w in base.named_parameters()
+                   if name.split('.')[-2] in ('wq', 'wk', 'wv', 'wo'))
+    total = sum(p.numel() for p in base.parameters()) + r_in_out
+    assert f"{total:,} parameters, of which {r_in_out:,} train ({r_in_out / total:.2%}: " \
+           "LoRA r=4 on wq,wk,wv,wo)" in out
+    full, a, b = (read_log(os.path.join(work, d, 'log.csv'))
+                  for d in ('out_rl_full1', 'out_lora_rl', 'out_lora_rl2'))
+    first = ['iter', 'reward', 'follows', 'wish', 'answer_len', 'kept', 'drawn', 'loss', 'kl']
+    steps = lambda rows: [r for r in rows if r['loss']]
+    assert [steps(full)[0][c] for c in first] == [steps(a)[0][c] for c in first]
+    assert float(steps(a)[0]['kl']) == 0 and int(steps(a)[0]['kept']) > 0
+    assert [r['instruct'] for r in full if r['instruct']][0] == \
+           [r['instruct'] for r in a if r['instruct']][0]  # iteration 0's eval, greedy
+    assert len(steps(a)) == 4 and [(r['iter'], r['reward'], r['kept'], r['answer_len'])
+                                   for r in steps(a)] == [(r['iter'], r['reward'], r['kept'],
+                                                           r['answer_len']) for r in steps(b)]
+    for col in ('loss', 'kl', 'clipped'):
+        la, lb = ([float(r[col]) for r in steps(rows)] for rows in (a, b))
+        assert np.allclose(la, lb, rtol=1e-4, atol=1e-6), col
+    ff, fa, fb = (torch.load(os.path.join(work, d, 'ckpt.pt'), weights_only=True)
+                  for d in ('out_rl_full1', 'out_lora_rl', 'out_lora_rl2'))
+    assert fa['weights'] == fb['weights'] == ff['weights']
+    assert fa['iter_num'] == fb['iter_num'] == 4 and fa['task'] == 'rl' and 'ref_model' not in fa
+    assert sum(v.numel() for v in fa['model'].values()) == r_in_out
+    for k in fa['model']:
+        assert torch.allclose(fa['model'][k], fb['model'][k], atol=1e-5), k
+    assert any(v.abs().max() > 0 for k, v in fa['model'].items() if k.endswith('lora_B'))
+    rel = os.path.join('out_sft', 'ckpt.pt')
+    assert fa['lora'] == dict(rank=4, alpha=16.0, dropout=0.0, targets=['wq', 'wk', 'wv', 'wo'],
+                              base=rel, base_from_here=os.path.join('..', rel),
+                              base_sha256=weights_sha256(sft, read_checkpoint(sft)))
+    assert snapshot(os.path.dirname(sft)) == sft_before
+    r = py('sample.py', '--checkpoint=out_lora_rl/ckpt.pt', '--device=cpu', '--temperature=0',
+           '--start=Once upon a time', '--max_new_tokens=20', cwd=work)
+    assert r.stdout.startswith('Once upon a time')
+    run_before = snapshot(os.path.join(work, 'out_lora_rl'))
+    for flags, words in ((['--lora_rank=0'], '--lora_rank=4'),
+                         (['--lora_rank=4', '--lora_targets=wq,w2'], '--lora_targets=wq,wk,wv,wo'),
+                         (['--lora_rank=4', '--lora_dropout=1'], 'lora_dropout')):
+        r = py('train_rl.py', *RL, *flags, '--init_from=resume', '--out_dir=out_lora_rl',
+               '--max_iters=6', cwd=work, check=False)
+        assert one_error_line(r)[0] and words in r.stderr, r.stderr
+    assert snapshot(os.path.join(work, 'out_lora_rl')) == run_before
 
 
 def test_lora_exports_run_in_run_c_transformers_peft_and_llama_cpp(lora_runs, runc, tmp_path):
