@@ -124,7 +124,7 @@ def main():
             p, se = rate(rows, key)
             g, gse = rate(rows)
             print(f"ceiling: SFT's best of {key[8:]} answers at temperature 1 follows {p:.1%} ± "
-                  f"{se:.1%}, greedy {g:.1%} on the same {len(rows)} requests")
+                  f"{se:.1%} (greedy {g:.1%}, the same {len(rows)})")
     logs = {n: read_log(os.path.join(f, 'log.csv')) for f, n in zip(folders, labels)}
     rl = [r for r in logs.get('RL', []) if r.get('kl')]
     if rl:
