@@ -213,7 +213,7 @@ if folder:
     sys.path.insert(0, folder)
 import numpy as np, llama_cpp as L
 ids = [int(i) for i in (open(ids[1:]).read() if ids.startswith('@') else ids).split()]  # @file: ids in it
-if 'amx' in open('/proc/cpuinfo').read():  # its AMX kernels crash in the first decode (issue 20824)
+if 'amx' in open('/proc/cpuinfo').read():  # its AMX kernels crash in the first decode (a llama.cpp bug)
     defaults = L.llama_cpp.llama_model_default_params
     def plain_kernels():
         p = defaults()

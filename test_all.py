@@ -1708,7 +1708,7 @@ def llama_cpp_model(llama_cpp, path, **kw):
     """A GGUF file loaded in llama.cpp: float32 KV cache (its default is f16), logits of every
     position kept, and its plain CPU kernels: on a CPU with AMX (Intel Sapphire Rapids on) a
     native build repacks q8_0 weights for its AMX kernels, which crash in the first decode
-    (llama.cpp issue 20824; here on our files too). Llama() has no argument for it."""
+    (a llama.cpp bug, reported upstream; here on our files too). Llama() has no argument for it."""
     defaults = llama_cpp.llama_cpp.llama_model_default_params
 
     def plain_kernels():
