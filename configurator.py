@@ -113,6 +113,29 @@ def read_config_file(path, keys):
     return {k: v for k, v in scope.items() if not k.startswith('_')}
 
 
+class StopOnCtrlC:
+    """A training loop's Ctrl-C: the first asks it to finish its step, save and exit; a second
+    stops at once. Under DDP every rank must stop at the same step, or the next all-reduce
+    hangs, so requested() asks them all."""
+
+    def __init__(self):
+        self.pressed = False
+        signal.signal(signal.SIGINT, self.press)
+
+    def press(self, signum, frame):
+        self.pressed = True
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    def requested(self, ddp=False, device='cpu'):
+        if ddp:
+            import torch
+            import torch.distributed as dist
+            flag = torch.tensor(float(self.pressed), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.pressed = bool(flag.item())
+        return self.pressed
+
+
 def on_interrupt(what):
     """Ctrl-C ends the script with one line that says what was kept, not a traceback, and
     exit status 130 (128 + SIGINT); temporaries are still removed (finally blocks run)."""

@@ -1517,19 +1517,9 @@ def test_hf_export(request, tmp_path):
         # which SentencePiece's decode shows too; ours drops it, so text round-trips
         assert hft.decode(ids[1:]) == (tok.sp.decode(ids) if '<|im' in s else tok.decode(ids)), s
     # a chat renders to our template and tokenizes to the ids the SFT data holds
-    msgs = [{
-        'role': 'system',
-        'content': 'Be kind.'
-    }, {
-        'role': 'user',
-        'content': '你好 there!\n  Hi?'
-    }, {
-        'role': 'assistant',
-        'content': 'Fine 😀'
-    }, {
-        'role': 'user',
-        'content': ' 3 + 4 '
-    }]
+    msgs = [{'role': 'system', 'content': 'Be kind.'},
+            {'role': 'user', 'content': '你好 there!\n  Hi?'},
+            {'role': 'assistant', 'content': 'Fine 😀'}, {'role': 'user', 'content': ' 3 + 4 '}]
     chat = hft.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert chat == hft.bos_token + render_chat(msgs, add_generation_prompt=True)
     assert hft(chat, add_special_tokens=False)['input_ids'] == tok.encode_chat(msgs, True)[0]
@@ -1748,23 +1738,10 @@ def test_llama_cpp_tokenizes_as_we_do(tiny, tmp_path):
     vocab = llama_cpp.Llama(path, vocab_only=True, verbose=False)
     for s in ENCODE_TEXTS + HF_TEXTS:
         assert vocab.tokenize(s.encode(), add_bos=True, special=True) == tok.encode(s, bos=True), s
-    chats = [[{
-        'role': 'user',
-        'content': 'Tell me a story about a fox.'
-    }],
-             [{
-                 'role': 'system',
-                 'content': 'Be kind.'
-             }, {
-                 'role': 'user',
-                 'content': '你好 there!\n  Hi?'
-             }, {
-                 'role': 'assistant',
-                 'content': 'Fine 😀'
-             }, {
-                 'role': 'user',
-                 'content': ' 3 + 4 '
-             }]]
+    chats = [[{'role': 'user', 'content': 'Tell me a story about a fox.'}],
+             [{'role': 'system', 'content': 'Be kind.'},
+              {'role': 'user', 'content': '你好 there!\n  Hi?'},
+            {'role': 'assistant', 'content': 'Fine 😀'}, {'role': 'user', 'content': ' 3 + 4 '}]]
     for msgs in chats:
         text = tok.sp.id_to_piece(tok.bos_id) + render_chat(msgs, add_generation_prompt=True)
         assert vocab.tokenize(text.encode(), add_bos=False,

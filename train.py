@@ -21,7 +21,6 @@ argument too (nanoGPT style). Ctrl-C saves a checkpoint and stops.
 import copy
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -33,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import rlhf
 from checkpoint import (LORA_CHECKS, RunLog, Trackers, claim_out_dir, load_model, lora_note,
                         resumed_log, run_out_dir, save_run, start_lora)
-from configurator import check, check_device, configure, die
+from configurator import StopOnCtrlC, check, check_device, configure, die
 from model import ModelArgs, RewardModel, Transformer, lora_weights, without_adapters
 from preprocess import ChatRows, PreferencePairs, PretokWindows, dataset_name, recipe
 from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT, Tokenizer
@@ -479,16 +478,7 @@ def track(metrics):
         trackers.log(metrics, iter_num)
 
 
-stop = False  # Ctrl-C: finish the step, save, exit
-
-
-def on_sigint(signum, frame):
-    global stop
-    stop = True
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
-
-
-signal.signal(signal.SIGINT, on_sigint)
+ctrl_c = StopOnCtrlC()  # Ctrl-C: finish the step, save, exit
 batches = iter(torch.utils.data.DataLoader(
     BatchStream(splits['train'], start=iter_num * gradient_accumulation_steps),
     batch_size=None, num_workers=num_workers))
@@ -560,11 +550,7 @@ while True:
     iter_num += 1
     local_iter += 1
 
-    if ddp:  # every rank must stop at the same step, or the next all-reduce hangs
-        flag = torch.tensor(float(stop), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
-    if stop:
+    if ctrl_c.requested(ddp, device):
         if master:
             print(f"interrupted: saving at iteration {iter_num}")
             save_checkpoint()

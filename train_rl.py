@@ -25,7 +25,6 @@ and stops.
 import copy
 import math
 import os
-import signal
 import time
 from contextlib import nullcontext
 
@@ -38,7 +37,7 @@ import rlhf
 import synth
 from checkpoint import (LORA_CHECKS, RunLog, Trackers, claim_out_dir, load_model, lora_note,
                         resumed_log, run_out_dir, save_run, start_lora)
-from configurator import check, check_device, configure, die
+from configurator import StopOnCtrlC, check, check_device, configure, die
 from model import RewardModel, lora_weights, without_adapters
 from tokenizer import CHAT_TEMPLATE, GENERATION_PROMPT, checkpoint_tokenizer
 
@@ -364,16 +363,7 @@ def save():
     print(f"saved {ckpt_path} at iteration {iter_num}")
 
 
-stop = False  # Ctrl-C: finish the step, save, exit
-
-
-def on_sigint(signum, frame):
-    global stop
-    stop = True
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
-
-
-signal.signal(signal.SIGINT, on_sigint)
+ctrl_c = StopOnCtrlC()  # Ctrl-C: finish the step, save, exit
 resumed_here = init_from == 'resume'  # its eval and save are in the checkpoint already
 while True:
     for group in optimizer.param_groups:
@@ -408,11 +398,7 @@ while True:
         log.add([iter_num] + [f"{stats[c]:.6g}" if c in stats else '' for c in columns[1:]])
         trackers.log({('lr' if k == 'lr' else f'train/{k}'): v for k, v in stats.items()}, iter_num)
     iter_num += 1
-    if ddp:  # every rank must stop at the same step, or the next all-reduce hangs
-        flag = torch.tensor(float(stop), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
-    if stop:
+    if ctrl_c.requested(ddp, device):
         if master:
             print(f"interrupted: saving at iteration {iter_num}")
             save()
