@@ -1457,7 +1457,7 @@ int main(int argc, char **argv) {
 //
 // What the code above calls (declared at its top): the weights in 2 MB pages, the int8 layout,
 // quantize, matmul's tiles and their float32 and int8 kernels, and attention's kernels. GCC
-// and Clang vector types keep the float32 code portable; x86 intrinsics are used only where
+// and Clang vector types keep the code portable; x86 intrinsics are used only where
 // the compiler targets AVX-512 VNNI. test_all.py checks that a token gets the same bits alone
 // or in a block of any size, with one thread or two, and the same text from the plain build.
 
@@ -1494,27 +1494,28 @@ static void *read_weights(int fd, const char *path, uint64_t offset, uint64_t si
     return p;
 }
 
-// --- int8 rows in the order of the VNNI dot product
+// --- int8 rows in the order of a lane-wise dot product
 //
-// vpdpbusd multiplies 32 pairs of bytes and adds them in fours into 8 int32 lanes. In the
-// file's order a group of 32 values fills all 8 lanes, which must then be summed (or scaled
-// lane by lane) before the next group: more instructions than the products themselves. So a
-// row's groups are taken 8 at a time, and 8 packed groups hold values 4k..4k+3 of each
-// of its groups in turn: then 32 bytes are 4 values of 8 groups, and each lane sums one
-// group. The last ng % 8 groups of a row stay in the file's order. The weights are
-// rearranged once at load (pack_int8), the activations as they are quantized.
+// The int8 kernel multiplies 32 pairs of bytes and adds them in fours into 8 int32 lanes (one
+// vpdpbusd with AVX-512 VNNI, a few shifts and multiplies elsewhere). In the file's order a
+// group of 32 values fills all 8 lanes, which must then be summed (or scaled lane by lane)
+// before the next group: more instructions than the products themselves. So a row's groups
+// are taken 8 at a time, and 8 packed groups hold values 4k..4k+3 of each of its groups in
+// turn: then 32 bytes are 4 values of 8 groups, and each lane sums one group. The last
+// ng % 8 groups of a row stay in the file's order, and so do rows of group sizes that are no
+// multiple of 32. The weights are rearranged once at load (pack_int8), the activations as
+// they are quantized.
 //
-// Decoding reads 4 rows at a time too (x once for 4 rows), and for that the rows are also
+// Decoding reads several rows at a time too (x once for them), and for that the rows are also
 // interleaved in fours, 32 bytes of each in turn (a slab of 4 rows), so that memory is still
 // read in one stream: 4 rows read side by side from 4 places are slower from DRAM.
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define HAVE_VNNI 1
-#define Q8_PACKED(gs) ((gs) % 32 == 0)
 #else
 #define HAVE_VNNI 0
-#define Q8_PACKED(gs) 0 // without VNNI the scalar loops read the file's order
 #endif
+#define Q8_PACKED(gs) ((gs) % 32 == 0)
 
 // where value k of group g of row r lies, from the start of its slab of `slab` rows (1 or
 // 4), for rows of ng groups of gs values
@@ -1715,154 +1716,147 @@ ALWAYS_INLINE void dot_f32(float *out, const float *const *w, const float *x, in
                             + (j < n ? dot_tail(w[r] + j, x + (size_t)t * n + j, n - j) : 0.0f);
 }
 
-#if HAVE_VNNI
-// One operand of vpdpbusd must be unsigned: w + 128 is w with its top bit flipped, read as
-// unsigned, and sum((w + 128) x) = sum(w x) + 128 sum(x), so 128 sum(x) is taken off. 256-bit
-// vectors: Zen 4 splits a 512-bit one in two anyway.
+// --- int8 kernels
+//
+// The int8 vectors are IB bytes (32 with AVX, else 16) seen as int16 or int32 lanes; a
+// 32-byte piece of packed rows is QH of them.
+#define IB (VW >= 8 ? 32 : 16)
+#define QH (32 / IB)
+typedef int16_t i16v __attribute__((vector_size(IB)));
+typedef uint16_t u16v __attribute__((vector_size(IB)));
+typedef int32_t i32v __attribute__((vector_size(IB)));
+typedef uint32_t u32v __attribute__((vector_size(IB)));
+typedef float f32q __attribute__((vector_size(IB))); // a float for each int32 lane
 
-// isum[r][t] += piece p (32 bytes) of row r . the 32 bytes of token t at xp + t n
-ALWAYS_INLINE void q8_piece(__m256i (*isum)[4], const Tile *b, size_t p, const int8_t *xp,
+#if HAVE_VNNI
+// acc + the products of w and x in fours, one int32 lane per four: vpdpbusd, whose first
+// operand is unsigned. w + 128 is w with its top bit flipped, read as unsigned, and
+// sum((w + 128) x) = sum(w x) + 128 sum(x), so Q8_BIAS sum(x) is taken off later. 256-bit
+// vectors: Zen 4 splits a 512-bit one in two anyway.
+#define Q8_BIAS 128
+ALWAYS_INLINE i32v dot4(i32v acc, i16v w, i16v x) {
+    return (i32v)_mm256_dpbusd_epi32((__m256i)acc, (__m256i)w ^ _mm256_set1_epi8((char)0x80),
+                                     (__m256i)x);
+}
+#define FMA(a, b, c) (f32q) _mm256_fmadd_ps(a, b, c)
+#else
+// The same in portable vector code: int16 lanes that hold two values each, the low byte
+// (sign-extended) and the high byte. A product of two int8 values fits in int16
+// (|w x| <= 128 * 127), and so does the sum of two; then the two int16 halves of each int32
+// lane are added. Shifts, not conversions: some targets' compilers split a widening
+// conversion into 128-bit pieces.
+#define Q8_BIAS 0
+// the low half of each lane, sign-extended (shifted left as unsigned: no overflow)
+ALWAYS_INLINE i16v low8(i16v v) { return (i16v)((u16v)v << 8) >> 8; }
+ALWAYS_INLINE i32v low16(i32v v) { return (i32v)((u32v)v << 16) >> 16; }
+ALWAYS_INLINE i32v dot4(i32v acc, i16v w, i16v x) {
+    i32v p = (i32v)(low8(w) * low8(x) + (w >> 8) * (x >> 8));
+    return acc + low16(p) + (p >> 16);
+}
+#define FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
+// isum[r][t] += piece p (32 bytes) of row r . the 32 bytes of token t at xp + t n, lane by lane
+ALWAYS_INLINE void q8_piece(i32v (*isum)[4][QH], const Tile *b, size_t p, const int8_t *xp,
                             size_t n, int NR, int NT) {
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
-    __m256i wu[4];
-    for (int r = 0; r < NR; r++)
-        wu[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b->w_int8[r] + p * b->pitch)),
-                                 flip);
-    for (int t = 0; t < NT; t++) {
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xp + t * n));
-        for (int r = 0; r < NR; r++) isum[r][t] = _mm256_dpbusd_epi32(isum[r][t], wu[r], xv);
+    for (int h = 0; h < QH; h++) {
+        i16v w[4];
+        for (int r = 0; r < NR; r++) memcpy(&w[r], b->w_int8[r] + p * b->pitch + h * IB, IB);
+        for (int t = 0; t < NT; t++) {
+            i16v x;
+            memcpy(&x, xp + t * n + h * IB, IB);
+            for (int r = 0; r < NR; r++) isum[r][t][h] = dot4(isum[r][t][h], w[r], x);
+        }
     }
 }
 
 // The 8 packed groups g .. g + 7 of the tile: acc[r][t] lane i +=
 // (w_r . x_t over group g + i) * w_scale[r][g + i] * xq_scale[t][g + i].
-ALWAYS_INLINE void q8_packed8(__m256 (*acc)[4], const Tile *b, int g, int gs, int NR, int NT) {
+ALWAYS_INLINE void q8_packed8(f32q (*acc)[4][QH], const Tile *b, int g, int gs, int NR, int NT) {
     int ng = b->ng;
     size_t n = (size_t)ng * gs, at = (size_t)g * gs;
-    __m256i isum[4][4];
-    for (int r = 0; r < NR; r++)
-        for (int t = 0; t < NT; t++) isum[r][t] = _mm256_setzero_si256();
+    i32v isum[4][4][QH] = {{{{0}}}};
+#pragma GCC unroll 4 // (all gs / 4 of them at once, the compiler runs out of registers)
     for (int k = 0; k < gs / 4; k++) // values 4k..4k+3 of each group
         q8_piece(isum, b, at / 32 + k, b->xq + at + 32 * k, n, NR, NT);
-    for (int t = 0; t < NT; t++) {
-        __m256i sum = _mm256_loadu_si256((const __m256i *)(b->xq_sum + t * ng + g));
-        __m256i corr = _mm256_slli_epi32(sum, 7); // 128 sum(x)
-        __m256 xsv = _mm256_loadu_ps(b->xq_scale + t * ng + g);
-        for (int r = 0; r < NR; r++)
-            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r][t], corr)),
-                                        _mm256_mul_ps(_mm256_loadu_ps(b->w_scale[r] + g), xsv),
-                                        acc[r][t]);
-    }
+    for (int t = 0; t < NT; t++)
+        for (int h = 0; h < QH; h++) {
+            int at_g = g + h * IB / 4; // the first group of these lanes
+            i32v sum;
+            f32q xs, ws;
+            memcpy(&sum, b->xq_sum + t * ng + at_g, IB);
+            memcpy(&xs, b->xq_scale + t * ng + at_g, IB);
+            for (int r = 0; r < NR; r++) {
+                memcpy(&ws, b->w_scale[r] + at_g, IB);
+                i32v dot = isum[r][t][h] - Q8_BIAS * sum;
+                acc[r][t][h] = FMA(__builtin_convertvector(dot, f32q), ws * xs, acc[r][t][h]);
+            }
+        }
 }
 
 // One group g in the file's order (the last ng % 8 of a row): its sum is spread over the 8
 // lanes, each lane scaled by w_scale[r][g] * xq_scale[t][g].
-ALWAYS_INLINE void q8_group(__m256 (*acc)[4], const Tile *b, int g, int gs, int NR, int NT) {
+ALWAYS_INLINE void q8_group(f32q (*acc)[4][QH], const Tile *b, int g, int gs, int NR, int NT) {
     int ng = b->ng;
     size_t n = (size_t)ng * gs, at = (size_t)g * gs;
-    __m256i isum[4][4];
-    for (int r = 0; r < NR; r++)
-        for (int t = 0; t < NT; t++)
-            isum[r][t] = _mm256_setr_epi32(-128 * b->xq_sum[t * ng + g], 0, 0, 0, 0, 0, 0, 0);
+    i32v isum[4][4][QH] = {{{{0}}}};
     for (int k = 0; k < gs; k += 32) q8_piece(isum, b, (at + k) / 32, b->xq + at + k, n, NR, NT);
     for (int r = 0; r < NR; r++)
         for (int t = 0; t < NT; t++) {
-            __m256 scale = _mm256_set1_ps(b->w_scale[r][g] * b->xq_scale[t * ng + g]);
-            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][t]), scale, acc[r][t]);
+            isum[r][t][0][0] -= Q8_BIAS * b->xq_sum[t * ng + g];
+            f32q scale = (f32q){0} + b->w_scale[r][g] * b->xq_scale[t * ng + g];
+            for (int h = 0; h < QH; h++)
+                acc[r][t][h] = FMA(__builtin_convertvector(isum[r][t][h], f32q), scale,
+                                   acc[r][t][h]);
         }
 }
-#endif
 
-// w . x over one group of gs int8 values (in the file's order), exact in int32, in vectors of
-// the target's width (IB bytes: 32 with AVX, else 16) seen as int16 lanes that hold two values
-// each: the low byte, sign-extended, and the high byte. A product of two int8 values fits in
-// int16 (|w x| <= 128 * 127), and so does the sum of two; the int32 lanes of those sums are
-// split the same way. Shifts, not conversions: some targets' compilers split a widening
-// conversion into 128-bit pieces. Which value of a pair is which does
-// not matter to the sum.
-#define IB (VW >= 8 ? 32 : 16)
-typedef int16_t i16v __attribute__((vector_size(IB)));
-typedef uint16_t u16v __attribute__((vector_size(IB)));
-typedef int32_t i32v __attribute__((vector_size(IB)));
-typedef uint32_t u32v __attribute__((vector_size(IB)));
-typedef int32_t i32x4 __attribute__((vector_size(16)));
-
-// the low half of each lane, sign-extended (shifted left as unsigned: no overflow)
-ALWAYS_INLINE i16v low8(i16v v) { return (i16v)((u16v)v << 8) >> 8; }
-ALWAYS_INLINE i32v low16(i32v v) { return (i32v)((u32v)v << 16) >> 16; }
-
-ALWAYS_INLINE int32_t dot_group(const int8_t *w, const int8_t *x, int gs) {
-    if (gs % 32) { // other group sizes: the plain loop
-        int32_t sum = 0;
-        for (int k = 0; k < gs; k++) sum += w[k] * x[k];
-        return sum;
-    }
-    i32v acc = {0};
-    for (int k = 0; k < gs; k += IB) {
-        i16v wv, xv;
-        memcpy(&wv, w + k, IB), memcpy(&xv, x + k, IB);
-        i32v p = (i32v)(low8(wv) * low8(xv) + (wv >> 8) * (xv >> 8)); // (the same bits)
-        acc += low16(p) + (p >> 16);
-    }
-#if IB == 32
-    i32x4 h = __builtin_shufflevector(acc, acc, 0, 1, 2, 3) +
-              __builtin_shufflevector(acc, acc, 4, 5, 6, 7);
+// the 8 lanes of a packed row's sums added in one order: i and i + 4, then i and i + 2, then
+// the two left
+ALWAYS_INLINE float lane8_sum(const f32q *a) {
+#if QH == 1
+    f32x4 h = __builtin_shufflevector(a[0], a[0], 0, 1, 2, 3) +
+              __builtin_shufflevector(a[0], a[0], 4, 5, 6, 7);
 #else
-    i32x4 h = acc;
+    f32x4 h = a[0] + a[1];
 #endif
-    h += __builtin_shufflevector(h, h, 2, 3, 0, 1);
-    return h[0] + h[1];
+    f32x2 p = __builtin_shufflevector(h, h, 0, 1) + __builtin_shufflevector(h, h, 2, 3);
+    return p[0] + p[1];
 }
 
-// w . x for one row and one token in the file's order: per group an exact integer dot product,
-// scaled by the weight's and the activation's scale, added in group order
-ALWAYS_INLINE float q8_row(const int8_t *w, const float *w_scale, const int8_t *x,
-                           const float *x_scale, int ng, int gs) {
+// w . x for one row and one token in the file's order (group sizes that are no multiple of 32):
+// per group an exact integer dot product, scaled by the weight's and the activation's scale,
+// added in group order. Not inlined: one copy of its code, so that a token gets the same float
+// operations (in the same order, even with -ffast-math) alone or in a block.
+static __attribute__((noinline)) float q8_row(const int8_t *w, const float *w_scale,
+                                              const int8_t *x, const float *x_scale, int ng,
+                                              int gs) {
     float val = 0.0f;
     for (int g = 0; g < ng; g++) {
-        int32_t isum = dot_group(w + (size_t)g * gs, x + (size_t)g * gs, gs);
+        int32_t isum = 0;
+        for (int k = 0; k < gs; k++) isum += w[(size_t)g * gs + k] * x[(size_t)g * gs + k];
         val += (float)isum * w_scale[g] * x_scale[g];
     }
     return val;
-}
-
-// q8_row, not inlined: one copy of its code, so that a token gets the same float operations
-// (in the same order, even with -ffast-math) alone or in a block. The group sizes 32 and 64
-// (the exporters' choices) as constants, so that the compiler unrolls each group.
-static __attribute__((noinline)) float q8_row_any(const int8_t *w, const float *w_scale,
-                                                  const int8_t *x, const float *x_scale, int ng,
-                                                  int gs) {
-    if (gs == 32) return q8_row(w, w_scale, x, x_scale, ng, 32);
-    if (gs == 64) return q8_row(w, w_scale, x, x_scale, ng, 64);
-    return q8_row(w, w_scale, x, x_scale, ng, gs);
 }
 
 // w (NR, n) . x (NT, n) -> out (NR, NT) for int8 weights and activations: an exact integer
 // dot product per group, scaled by the weight's and the activation's scale
 ALWAYS_INLINE void dot_q8(float *out, const Tile *b, int gs, int NR, int NT) {
     int ng = b->ng, n = ng * gs;
-#if HAVE_VNNI
     if (Q8_PACKED(gs)) { // packed rows: 8 groups at a time, each in its own lane (q8_packed8)
-        __m256 acc[4][4];
-        for (int r = 0; r < NR; r++)
-            for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+        f32q acc[4][4][QH] = {{{{0}}}};
         int g = 0;
         for (; g + 8 <= ng; g += 8) q8_packed8(acc, b, g, gs, NR, NT);
         for (; g < ng; g++) q8_group(acc, b, g, gs, NR, NT);
         for (int r = 0; r < NR; r++)
-            for (int t = 0; t < NT; t++) { // the 8 lanes' sum (in a fixed order: prefill == decode)
-                __m256 a = acc[r][t];
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                out[r * NT + t] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-            }
+            for (int t = 0; t < NT; t++) out[r * NT + t] = lane8_sum(acc[r][t]);
         return;
     }
-#endif
     for (int r = 0; r < NR; r++) // the file's order
         for (int t = 0; t < NT; t++)
-            out[r * NT + t] = q8_row_any(b->w_int8[r], b->w_scale[r], b->xq + (size_t)t * n,
-                                         b->xq_scale + t * ng, ng, gs);
+            out[r * NT + t] = q8_row(b->w_int8[r], b->w_scale[r], b->xq + (size_t)t * n,
+                                     b->xq_scale + t * ng, ng, gs);
 }
 
 // One tile -> o (NR, NT). For int8 the group sizes 32 and 64 (the exporters' choices) as

@@ -2033,8 +2033,9 @@ def test_run_c_encoder_matches_sentencepiece(work, runc, tmp_path):
 
 def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
     """Prefill blocks == token by token and 2 threads == 1 (bit-identical logits) in three
-    builds: plain -O3 (scalar int8), -O3 -march=native -fopenmp (AVX-512 VNNI int8 where the
-    CPU has it), and make runomp's -Ofast -march=native -fopenmp. Across builds: the same text,
+    builds: plain -O3 (SSE2 int8), -O3 -march=native -fopenmp (AVX-512 VNNI int8 where the
+    CPU has it), and make runomp's -Ofast -march=native -fopenmp (and on an AVX-512 CPU the
+    same built for AVX2). Across builds: the same text,
     and float32 logits within 1e-5 (-O3) or 1e-4 (-Ofast) of the plain build's largest logit:
     only the order of float operations differs. For int8 such differences move a few
     activations across a rounding boundary to the next int8 step, and that shows in later
@@ -2043,7 +2044,7 @@ def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
     builds read different tokens. int8 files with groups of 32 (trained: dim 96, 3
     groups a row, hidden 256, 8) and of 64 (random: dim 128, 2 groups, hidden 576, 9; heads of
     64, so attention's 4-vector sums) take
-    each VNNI path: rows of whole blocks of 8 groups, blocks and a rest, and only a rest, in
+    each packed path: rows of whole blocks of 8 groups, blocks and a rest, and only a rest, in
     slabs of 4 rows; a third (dim 160, kv_dim 10) has row counts that are not all multiples of
     4, so its rows are not interleaved and decoding reads one row at a time."""
     ckpt, model_bin = exported['trained']
@@ -2057,8 +2058,10 @@ def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
     odd = random_checkpoint(str(tmp_path / 'odd.pt'), tok_bytes, VOCAB, dim=160, n_layers=1,
                             n_heads=16, n_kv_heads=1)
     q80_odd = export(exported['work'], odd, tmp_path / 'odd_q80.bin', '--version=2')
-    builds = {'plain': runc}
-    for name, flags in (('native', ['-O3']), ('runomp', ['-Ofast'])):
+    builds, variants = {'plain': runc}, [('native', ['-O3']), ('runomp', ['-Ofast'])]
+    if 'avx512f' in open('/proc/cpuinfo').read():  # and the AVX2 code that most laptops run
+        variants.append(('avx2', ['-Ofast', '-mno-avx512f', '-mno-avxvnni']))
+    for name, flags in variants:
         builds[name] = str(tmp_path / name)
         subprocess.run([
             'gcc', *flags, '-fopenmp', '-march=native', '-o', builds[name],
@@ -2085,7 +2088,8 @@ def test_run_c_fast_paths_equal_plain_ones(exported, runc, tmp_path):
             logits = np.frombuffer(outs[0][1], np.float32).reshape(n_pre + n_new, -1)
             first[name] = (outs[0][0], logits)
         text, plain = first['plain']
-        for name, tol in zip(('native', 'runomp'), tols):
+        for name, flags in variants:
+            tol = tols['-Ofast' in flags]
             logits = first[name][1]
             n = min(len(plain), len(logits))  # from row n_pre - 1 on, each argmax is the next token
             differ = np.nonzero(plain[n_pre - 1:n].argmax(1) != logits[n_pre - 1:n].argmax(1))[0]
@@ -2263,9 +2267,9 @@ SPILL_TARGETS = {'x86-64-sse2': ('gcc', 'objdump', ['-march=x86-64']),
 
 
 # run.c's functions that hold decoding's loops: a row at a time (tile_1x1), int8 rows in slabs
-# of 4 (tile_Rx1), the int8 rows in the file's order, attention's sums. (Prefill's 4 x 4 int8
+# of 4 (tile_Rx1), the int8 rows in the file's order (q8_row), attention's sums. (Prefill's 4 x 4 int8
 # tile on VNNI keeps more sums than there are registers: it spills a few and is still faster.)
-KERNELS = ('tile_1x1', 'tile_Rx1', 'q8_row_any', 'attention_scores', 'attention_values')
+KERNELS = ('tile_1x1', 'tile_Rx1', 'q8_row', 'attention_scores', 'attention_values')
 
 
 def innermost_loops(objdump, obj, functions):
@@ -2278,7 +2282,9 @@ def innermost_loops(objdump, obj, functions):
     for fn, body in re.findall(r'^[0-9a-f]+ <([^>]+)>:\n(.*?)(?=\n\n|\Z)', text, re.M | re.S):
         if fn.split('._omp_fn')[0] not in functions:
             continue
-        insns = re.findall(r'^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$', body, re.M)
+        # (spaces and tabs, not \s: after an instruction without operands, nop, \s would take
+        # the next line as its operands)
+        insns = re.findall(r'^[ \t]*([0-9a-f]+):[ \t]+(\S+)[ \t]*(.*)$', body, re.M)
         at = {int(a, 16): i for i, (a, _, _) in enumerate(insns)}
         spans = []
         for i, (a, op, args) in enumerate(insns):
