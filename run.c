@@ -1738,7 +1738,6 @@ ALWAYS_INLINE i32v dot4(i32v acc, i16v w, i16v x) {
     return (i32v)_mm256_dpbusd_epi32((__m256i)acc, (__m256i)w ^ _mm256_set1_epi8((char)0x80),
                                      (__m256i)x);
 }
-#define FMA(a, b, c) (f32q) _mm256_fmadd_ps(a, b, c)
 #else
 // The same in portable vector code: int16 lanes that hold two values each, the low byte
 // (sign-extended) and the high byte. A product of two int8 values fits in int16
@@ -1753,8 +1752,24 @@ ALWAYS_INLINE i32v dot4(i32v acc, i16v w, i16v x) {
     i32v p = (i32v)(low8(w) * low8(x) + (w >> 8) * (x >> 8));
     return acc + low16(p) + (p >> 16);
 }
-#define FMA(a, b, c) ((a) * (b) + (c))
 #endif
+
+// a b + c lane by lane, rounded once where the target has FMA: fmaf, which the compiler turns
+// into the vector instruction and which -ffast-math cannot reorder. The int8 kernels' products
+// have three factors (an integer sum, a weight scale, an activation scale), which -ffast-math
+// would otherwise order and fuse differently in each inlined copy: a token would get other
+// bits alone than in a block. (Without FMA, as make run builds for x86-64, a b + c; -ffast-math
+// builds for such a target may then differ in the last bits.)
+ALWAYS_INLINE f32q fma_lanes(f32q a, f32q b, f32q c) {
+#if HAVE_VNNI // (the compiler's own vectorizing of the lanes below would use 512-bit registers)
+    return (f32q)_mm256_fmadd_ps(a, b, c);
+#elif defined(__FMA__) || defined(__aarch64__)
+    for (int i = 0; i < IB / 4; i++) c[i] = __builtin_fmaf(a[i], b[i], c[i]);
+    return c;
+#else
+    return a * b + c;
+#endif
+}
 
 // isum[r][t] += piece p (32 bytes) of row r . the 32 bytes of token t at xp + t n, lane by lane
 ALWAYS_INLINE void q8_piece(i32v (*isum)[4][QH], const Tile *b, size_t p, const int8_t *xp,
@@ -1789,7 +1804,7 @@ ALWAYS_INLINE void q8_packed8(f32q (*acc)[4][QH], const Tile *b, int g, int gs, 
             for (int r = 0; r < NR; r++) {
                 memcpy(&ws, b->w_scale[r] + at_g, IB);
                 i32v dot = isum[r][t][h] - Q8_BIAS * sum;
-                acc[r][t][h] = FMA(__builtin_convertvector(dot, f32q), ws * xs, acc[r][t][h]);
+                acc[r][t][h] = fma_lanes(__builtin_convertvector(dot, f32q), ws * xs, acc[r][t][h]);
             }
         }
 }
@@ -1806,8 +1821,8 @@ ALWAYS_INLINE void q8_group(f32q (*acc)[4][QH], const Tile *b, int g, int gs, in
             isum[r][t][0][0] -= Q8_BIAS * b->xq_sum[t * ng + g];
             f32q scale = (f32q){0} + b->w_scale[r][g] * b->xq_scale[t * ng + g];
             for (int h = 0; h < QH; h++)
-                acc[r][t][h] = FMA(__builtin_convertvector(isum[r][t][h], f32q), scale,
-                                   acc[r][t][h]);
+                acc[r][t][h] = fma_lanes(__builtin_convertvector(isum[r][t][h], f32q), scale,
+                                         acc[r][t][h]);
         }
 }
 
@@ -1861,18 +1876,38 @@ ALWAYS_INLINE void dot_q8(float *out, const Tile *b, int gs, int NR, int NT) {
 
 // One tile -> o (NR, NT). For int8 the group sizes 32 and 64 (the exporters' choices) as
 // constants too, so that the compiler unrolls each group.
-ALWAYS_INLINE void dot_tile(float *o, const Tile *b, int gs, int NR, int NT) {
-    if (!gs) dot_f32(o, b->w_f32, b->x, b->n, NR, NT);
-    else if (gs == 32) dot_q8(o, b, 32, NR, NT);
+ALWAYS_INLINE void dot_q8_sized(float *o, const Tile *b, int gs, int NR, int NT) {
+    if (gs == 32) dot_q8(o, b, 32, NR, NT);
     else if (gs == 64) dot_q8(o, b, 64, NR, NT);
     else dot_q8(o, b, gs, NR, NT);
 }
 
+ALWAYS_INLINE void dot_tile(float *o, const Tile *b, int gs, int NR, int NT) {
+    if (!gs) dot_f32(o, b->w_f32, b->x, b->n, NR, NT);
+    else dot_q8_sized(o, b, gs, NR, NT);
+}
+
+// Prefill's shapes are faster inlined into matmul's loop, but their int8 code in functions of
+// its own: beside it, the compiler gives the float32 loop too few registers (it reloads its
+// operands from memory instead).
+static __attribute__((noinline)) void q8_tile_RxT(float *o, const Tile *b, int gs) {
+    dot_q8_sized(o, b, gs, TILE_R, TILE_T);
+}
+static __attribute__((noinline)) void q8_tile_1xT(float *o, const Tile *b, int gs) {
+    dot_q8_sized(o, b, gs, 1, TILE_T);
+}
+ALWAYS_INLINE void tile_RxT(float *o, const Tile *b, int gs) {
+    if (gs) q8_tile_RxT(o, b, gs);
+    else dot_f32(o, b->w_f32, b->x, b->n, TILE_R, TILE_T);
+}
+ALWAYS_INLINE void tile_1xT(float *o, const Tile *b, int gs) {
+    if (gs) q8_tile_1xT(o, b, gs);
+    else dot_f32(o, b->w_f32, b->x, b->n, 1, TILE_T);
+}
+
 // Decoding's tile shapes in functions of their own: inlined into matmul's loop beside the
 // prefill shapes, the compiler runs out of registers for some of their sums and keeps those on
-// the stack (test_all.py disassembles these two). Prefill's shapes are faster inlined.
-ALWAYS_INLINE void tile_RxT(float *o, const Tile *b, int gs) { dot_tile(o, b, gs, TILE_R, TILE_T); }
-ALWAYS_INLINE void tile_1xT(float *o, const Tile *b, int gs) { dot_tile(o, b, gs, 1, TILE_T); }
+// the stack (test_all.py disassembles these two).
 static __attribute__((noinline)) void tile_Rx1(float *o, const Tile *b, int gs) {
     dot_tile(o, b, gs, TILE_R, 1);
 }
