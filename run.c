@@ -1754,16 +1754,17 @@ ALWAYS_INLINE i32v dot4(i32v acc, i16v w, i16v x) {
 }
 #endif
 
-// a b + c lane by lane, rounded once where the target has FMA: fmaf, which the compiler turns
-// into the vector instruction and which -ffast-math cannot reorder. The int8 kernels' products
-// have three factors (an integer sum, a weight scale, an activation scale), which -ffast-math
-// would otherwise order and fuse differently in each inlined copy: a token would get other
-// bits alone than in a block. (Without FMA, as make run builds for x86-64, a b + c; -ffast-math
-// builds for such a target may then differ in the last bits.)
+// a b + c lane by lane. The int8 kernels' products have three factors (an integer sum, a
+// weight scale, an activation scale), which -ffast-math would order and fuse differently in
+// each inlined copy: a token would get other bits alone than in a block. So -ffast-math
+// builds that have FMA take fmaf, which the compiler turns into the vector instruction and
+// cannot reorder; others compute a b + c as written (unfused: the plain build's bits are the
+// same on x86-64 and aarch64). (An -ffast-math build without FMA, make runfast on x86-64, may
+// still differ in the last bits.)
 ALWAYS_INLINE f32q fma_lanes(f32q a, f32q b, f32q c) {
 #if HAVE_VNNI // (the compiler's own vectorizing of the lanes below would use 512-bit registers)
     return (f32q)_mm256_fmadd_ps(a, b, c);
-#elif defined(__FMA__) || defined(__aarch64__)
+#elif defined(__FAST_MATH__) && (defined(__FMA__) || defined(__aarch64__))
     for (int i = 0; i < IB / 4; i++) c[i] = __builtin_fmaf(a[i], b[i], c[i]);
     return c;
 #else

@@ -2237,7 +2237,8 @@ def test_run_c_builds_without_warnings(cc, tmp_path):
 
 def test_run_c_aarch64_prints_what_x86_prints(exported, runc, tmp_path):
     """run.c built for aarch64 (the portable path: no x86 kernels) and run under qemu prints
-    the same text as the x86-64 build at -t 0: float32 and int8 files, and llama2.c's model."""
+    the same text and the same logits, bit for bit, as the x86-64 build at -t 0: float32 and
+    int8 files, and llama2.c's model."""
     if not (shutil.which('aarch64-linux-gnu-gcc') and shutil.which('qemu-aarch64')):
         pytest.skip("aarch64-linux-gnu-gcc or qemu-aarch64 not installed (.ci/run installs them)")
     build('runarm')
@@ -2251,11 +2252,14 @@ def test_run_c_aarch64_prints_what_x86_prints(exported, runc, tmp_path):
         cases.append((os.path.join(FIXTURES,
                                    'stories260K.bin'), os.path.join(FIXTURES, 'tok512.bin'), ''))
     for model, tok_bin, prompt in cases:
-        args = [model, '-z', tok_bin, '-t', '0', '-n', '200', '-i', prompt]
-        x86 = run_c(runc, *args).stdout
-        r = subprocess.run(['qemu-aarch64', arm, *args], capture_output=True, timeout=600)
+        args = [model, '-z', tok_bin, '-t', '0', '-n', '200', '-i', prompt, '-L']
+        x86 = run_c(runc, *args, str(tmp_path / 'x86.bin')).stdout
+        r = subprocess.run(['qemu-aarch64', arm, *args, str(tmp_path / 'arm.bin')],
+                           capture_output=True, timeout=600)
         assert r.returncode == 0, r.stderr.decode(errors='replace')
         assert r.stdout == x86 and len(x86) > 50, (model, prompt)
+        same_bits = (tmp_path / 'arm.bin').read_bytes() == (tmp_path / 'x86.bin').read_bytes()
+        assert same_bits, (model, prompt)  # every logit, not only the text
 
 
 # The CPU classes the spill check builds run.c's kernels for: (compiler, disassembler, flags)
