@@ -92,6 +92,14 @@ def train(cwd, out, *extra):
     return py('train.py', *args, cwd=cwd)
 
 
+def train_cmd(out, *extra):
+    """The command of a tiny train.py run on the synth corpus, for a test that starts (and
+    stops or kills) it itself"""
+    return [sys.executable, os.path.join(ROOT, 'train.py'), '--dataset=synth',
+            f'--vocab_size={VOCAB}', *TINY, *CPU, '--gradient_accumulation_steps=1',
+            '--log_interval=1', f'--out_dir={out}', *extra]
+
+
 def read_log(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -760,12 +768,7 @@ def test_two_runs_on_one_out_dir(work):
     """A second train.py on an out_dir in use stops at once, naming the process that holds
     it; the first run's checkpoint and log are its own; once it ends, the lock is free."""
     out = os.path.join(work, 'out_twice')
-    args = [
-        sys.executable,
-        os.path.join(ROOT, 'train.py'), '--dataset=synth', f'--vocab_size={VOCAB}', *TINY, *CPU,
-        '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_interval=10', '--eval_iters=1',
-        '--log_interval=1', f'--out_dir={out}'
-    ]
+    args = train_cmd(out, '--batch_size=4', '--eval_interval=10', '--eval_iters=1')
     first = subprocess.Popen(args + ['--max_iters=30'], cwd=work, text=True, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
     while not first.stdout.readline().startswith('iter 0'):
@@ -787,12 +790,7 @@ def test_sigkill_during_saves_never_corrupts(work):
     """Kill train.py with SIGKILL while it writes checkpoints (every iteration), many
     times; each time the checkpoint on disk loads, and resuming continues from it."""
     out = os.path.join(work, 'out_kill')
-    args = [
-        sys.executable,
-        os.path.join(ROOT, 'train.py'), '--dataset=synth', f'--vocab_size={VOCAB}', *TINY, *CPU,
-        '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_interval=1', '--eval_iters=1',
-        '--log_interval=1', f'--out_dir={out}'
-    ]
+    args = train_cmd(out, '--batch_size=4', '--eval_interval=1', '--eval_iters=1')
     kills_mid_save, trials, last_iter = 0, int(os.environ.get('KILL_TRIALS',
                                                               6)), 0  # more: KILL_TRIALS=40
     for trial in range(trials):
@@ -832,12 +830,9 @@ def test_sigkill_during_saves_never_corrupts(work):
 
 def test_sigint_saves_and_exits(work):
     out = os.path.join(work, 'out_int')
-    p = subprocess.Popen([
-        sys.executable,
-        os.path.join(ROOT, 'train.py'), '--dataset=synth', f'--vocab_size={VOCAB}', *TINY, *CPU,
-        '--batch_size=4', '--gradient_accumulation_steps=1', '--max_iters=100000',
-        '--eval_interval=100000', '--log_interval=1', f'--out_dir={out}'
-    ], cwd=work, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(train_cmd(out, '--batch_size=4', '--max_iters=100000',
+                                   '--eval_interval=100000'),
+                         cwd=work, stdout=subprocess.PIPE, text=True)
     for line in p.stdout:
         if line.startswith('iter 3 |'):
             p.send_signal(signal.SIGINT)
@@ -3616,12 +3611,7 @@ def test_log_matches_its_checkpoint(work):
     train(work, 'out_log_straight', *common)
     out = os.path.join(work, 'out_log_kill')
     shutil.rmtree(out, ignore_errors=True)
-    args = [
-        sys.executable,
-        os.path.join(ROOT, 'train.py'), '--dataset=synth', f'--vocab_size={VOCAB}', *TINY, *CPU,
-        '--gradient_accumulation_steps=1', '--learning_rate=3e-3', '--min_lr=3e-4',
-        '--log_interval=1', f'--out_dir={out}', *common
-    ]
+    args = train_cmd(out, '--learning_rate=3e-3', '--min_lr=3e-4', *common)
     rng = random.Random(0)
     for trial in range(4):
         resume = ['--init_from=resume'] if os.path.exists(os.path.join(out, 'ckpt.pt')) else []
